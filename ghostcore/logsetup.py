@@ -1,0 +1,50 @@
+"""Logging handlers for the daemons' ``app`` modules (the only callers): text or one JSON object per line.
+
+Library modules only ``logging.getLogger(__name__)`` and pass context through ``extra={"node": ..., "peer":
+...}``; these formatters append that context. Nothing here ever sees a secret because nothing logs one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_CONTEXT_KEYS = ("node", "peer", "session", "user", "method")
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        ctx = " ".join(f"{k}={getattr(record, k)}" for k in _CONTEXT_KEYS if hasattr(record, k))
+        return f"{base} {ctx}" if ctx else base
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k in _CONTEXT_KEYS:
+            if hasattr(record, k):
+                out[k] = getattr(record, k)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpc's own chatter at INFO is noise for operators.
+    logging.getLogger("grpc").setLevel(logging.WARNING)

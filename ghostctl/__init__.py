@@ -1,0 +1,1 @@
+"""ghostctl: one CLI for every role (node status and peers; users, nodes, auth keys, API keys)."""
