@@ -1,7 +1,7 @@
 """Config loading for every ghost* program: TOML -> frozen dataclasses, strictly.
 
 Each program declares its config as nested frozen dataclasses (one per TOML table). ``load`` reads the
-file with ``tomllib`` (``tomli`` before 3.11), rejects unknown keys and wrong types with the key path in
+file with ``tomllib``, rejects unknown keys and wrong types with the key path in
 the message (``server.bind: expected host:port, got "x"``), and applies the precedence
 defaults < file < environment < flags. Environment names are derived from the schema: prefix, table and
 key upper-cased and joined by ``_`` (``GHOSTMESH_SERVER_BIND``). Flags are passed in as a dotted-path dict
@@ -15,20 +15,16 @@ raise ``ConfigError`` naming their key path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-import sys
+import tomllib  # stdlib since 3.11, our floor; tomli is the same parser for older Pythons we don't support
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ghostcore.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - the fallback the brief asks for
-    import tomli as tomllib
 
 T = TypeVar("T")
 
@@ -88,19 +84,15 @@ def _convert(value: Any, tp: Any, where: str, *, is_duration: bool, from_env: bo
         return value
     if tp is int:
         if from_env and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = int(value)
-            except ValueError:
-                pass
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if from_env and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -131,8 +123,9 @@ def build(cls: type[T], data: Mapping[str, Any], path: str = "", *, from_env: bo
         if _is_dataclass_type(tp):
             kwargs[name] = build(tp, data[name], where, from_env=from_env)
         else:
-            kwargs[name] = _convert(data[name], tp, where, is_duration=bool(f.metadata.get("duration")),
-                                    from_env=from_env)
+            kwargs[name] = _convert(
+                data[name], tp, where, is_duration=bool(f.metadata.get("duration")), from_env=from_env
+            )
     try:
         return cls(**kwargs)
     except ConfigError:

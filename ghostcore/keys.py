@@ -29,7 +29,9 @@ def _decode_b64_key(text: str, what: str) -> bytes:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != KEY_LEN or len(stripped) != 44:
-        raise InvalidArgument(f"invalid {what}: expected 32 bytes in base64 (44 characters, as `wg genkey` prints)")
+        raise InvalidArgument(
+            f"invalid {what}: expected 32 bytes in base64 (44 characters, as `wg genkey` prints)"
+        )
     return raw
 
 

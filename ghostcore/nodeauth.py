@@ -45,7 +45,9 @@ def _mac(key: bytes, method: str, ts_ms: int, node_key: PublicKey) -> bytes:
     return hmac.new(key, msg, sha256).digest()
 
 
-def make_metadata(node: PrivateKey, server: PublicKey, method: str, now_ms: int) -> tuple[tuple[str, str], ...]:
+def make_metadata(
+    node: PrivateKey, server: PublicKey, method: str, now_ms: int
+) -> tuple[tuple[str, str], ...]:
     """Metadata a node attaches to a call of ``method`` (the full gRPC method path)."""
     pub = node.public_key()
     mac = _mac(_proof_key(node, server), method, now_ms, pub)
@@ -67,20 +69,26 @@ def parse_metadata(md: dict[str, str]) -> NodeProof:
     """Extract a proof from call metadata; InvalidArgument/AuthError with a one-line reason if malformed."""
     key_text, ts_text, proof_text = md.get(MD_NODE_KEY), md.get(MD_TS), md.get(MD_PROOF)
     if not key_text or not ts_text or not proof_text:
-        raise AuthError("missing node credentials (x-ghost-node-key, x-ghost-ts, x-ghost-proof); upgrade ghostlink")
+        raise AuthError(
+            "missing node credentials (x-ghost-node-key, x-ghost-ts, x-ghost-proof); upgrade ghostlink"
+        )
     node_key = PublicKey.from_base64(key_text)
     try:
         ts_ms = int(ts_text)
         mac = base64.b64decode(proof_text, validate=True)
     except (ValueError, binascii.Error):
-        raise InvalidArgument("malformed node credentials: x-ghost-ts must be an integer, x-ghost-proof base64") from None
+        raise InvalidArgument(
+            "malformed node credentials: x-ghost-ts must be an integer, x-ghost-proof base64"
+        ) from None
     return NodeProof(node_key, ts_ms, mac)
 
 
 def verify(server: PrivateKey, proof: NodeProof, method: str, now_ms: int) -> PublicKey:
     """Check a proof; return the proven node key, or raise AuthError."""
     if abs(now_ms - proof.ts_ms) > MAX_SKEW_MS:
-        raise AuthError("node credentials are stale: the node's clock is off by more than 60 s, or this is a replay")
+        raise AuthError(
+            "node credentials are stale: the node's clock is off by more than 60 s, or this is a replay"
+        )
     expected = _mac(_proof_key(server, proof.node_key), method, proof.ts_ms, proof.node_key)
     if not hmac.compare_digest(expected, proof.mac):
         raise AuthError(f"node key {proof.node_key.short()}… failed its proof of possession")

@@ -1,0 +1,164 @@
+"""What every ghostctl command gets: the targets, the gRPC stubs, the call wrapper and the output sink.
+
+Two endpoints exist:
+
+* the node: ghostlink's local unix socket (``--socket``, LocalNode service), root-only, no credentials;
+* the server: ghostmesh's admin endpoint (``--server``), either ``unix:/path`` (root-only socket, no
+  credentials) or ``host:port`` over TCP, where every call carries ``authorization: Bearer <api key>``.
+  A bare ``host`` gets ghostmesh's default port 7777.
+
+``Context.call`` applies the deadline (``--timeout``) and credentials and turns every ``grpc.RpcError``
+into a ``GhostError`` via ``ghostctl.errors.rpc_failure``, with a hint saying what to do when the target
+cannot be reached. Channels are plain synchronous ``grpc.insecure_channel``s: one call per command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO, TypeVar
+
+import grpc
+
+from ghostcore import errors as e
+from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc, local_pb2_grpc
+from ghostctl import output
+from ghostctl.errors import rpc_failure
+
+DEFAULT_SOCKET = "/var/run/ghostlink/ghostlink.sock"
+DEFAULT_SERVER = "unix:/var/run/ghostmesh/admin.sock"
+DEFAULT_PORT = 7777
+DEFAULT_TIMEOUT = 5.0
+
+NODE_HINT = "is ghostlink running on this node? pass --socket PATH or set GHOSTCTL_SOCKET"
+SERVER_HINT = (
+    "is ghostmesh running? pass --server unix:/path/admin.sock or --server host:port (GHOSTCTL_SERVER)"
+)
+
+_clock = time.time  # the wall clock for humanised times; tests replace it
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+@dataclass(frozen=True)
+class ServerTarget:
+    """Where ghostmesh's admin API is: ``grpc_target`` for the channel, ``socket_path`` when unix."""
+
+    grpc_target: str
+    socket_path: str | None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.socket_path is not None
+
+    @property
+    def display(self) -> str:
+        return self.grpc_target
+
+
+def parse_server(text: str) -> ServerTarget:
+    """``unix:/path`` or ``host:port`` (``[v6]:port``; a bare host gets port 7777). InvalidArgument if bad."""
+    s = text.strip()
+    if s.startswith("unix:"):
+        path = s[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            raise e.InvalidArgument(f"--server {text!r}: a unix socket needs an absolute path (unix:/path)")
+        return ServerTarget(f"unix:{path}", path)
+    if not s or "/" in s or " " in s:
+        raise e.InvalidArgument(f"--server {text!r}: expected unix:/path or host:port")
+    if s.startswith("["):
+        host, _, port = s[1:].partition("]")
+        if not host or (port and not port.startswith(":")):
+            raise e.InvalidArgument(f"--server {text!r}: expected [ipv6]:port")
+        port = port[1:] if port else str(DEFAULT_PORT)
+        host = f"[{host}]"
+    elif s.count(":") == 0:
+        host, port = s, str(DEFAULT_PORT)
+    elif s.count(":") == 1:
+        host, _, port = s.partition(":")
+    else:
+        raise e.InvalidArgument(f"--server {text!r}: write IPv6 addresses as [addr]:port")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise e.InvalidArgument(f"--server {text!r}: expected host:port with a port in 1-65535")
+    return ServerTarget(f"{host}:{port}", None)
+
+
+def _check_socket(path: str, what: str, hint: str) -> None:
+    """Fail early and clearly for a missing socket or one we may not open (root-only)."""
+    if not os.path.exists(path):
+        raise e.Unavailable(f"cannot reach {what} at unix:{path} (no such socket); {hint}")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise e.PermissionDenied(
+            f"permission denied on {path}; run ghostctl as root (the socket is root-only)"
+        )
+
+
+@dataclass
+class Context:
+    """Settings from the global flags plus helpers the command modules call."""
+
+    output_mode: str = "table"
+    socket_path: str = DEFAULT_SOCKET
+    server: str = DEFAULT_SERVER
+    api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr
+    timeout: float = DEFAULT_TIMEOUT
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    now: float = field(default_factory=lambda: _clock())  # noqa: PLW0108 - late-bound for tests
+    _channels: list[grpc.Channel] = field(default_factory=list)
+    _admin_tcp: bool = False
+
+    @property
+    def json(self) -> bool:
+        return self.output_mode == "json"
+
+    def emit(self, doc: Any, render: Callable[[], str]) -> None:
+        """Print ``doc`` as JSON, or the human rendering (computed only in table mode)."""
+        text = output.to_json(doc) if self.json else render()
+        self.stdout.write(text + "\n")
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+
+    # -- stubs ---------------------------------------------------------------------------------------
+
+    def local(self) -> tuple[local_pb2_grpc.LocalNodeStub, str]:
+        _check_socket(self.socket_path, "ghostlink", NODE_HINT)
+        ch = grpc.insecure_channel(f"unix:{self.socket_path}")
+        self._channels.append(ch)
+        return local_pb2_grpc.LocalNodeStub(ch), f"ghostlink at unix:{self.socket_path}"
+
+    def admin(self) -> tuple[admin_pb2_grpc.AdminStub, str]:
+        target = parse_server(self.server)
+        if target.socket_path is not None:
+            _check_socket(target.socket_path, "ghostmesh", SERVER_HINT)
+        elif not self.api_key:
+            raise e.AuthError(
+                f"--server {target.display} is a TCP endpoint and needs an API key: pass --api-key or set "
+                "GHOSTCTL_API_KEY (create one with 'ghostctl apikeys create' on the server)"
+            )
+        ch = grpc.insecure_channel(target.grpc_target)
+        self._channels.append(ch)
+        self._admin_tcp = not target.is_unix
+        return admin_pb2_grpc.AdminStub(ch), f"ghostmesh at {target.display}"
+
+    # -- calls ---------------------------------------------------------------------------------------
+
+    def call(
+        self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req, where: str, *, node: bool = False
+    ) -> Resp:
+        """One unary call with the deadline and (admin over TCP) the API key; errors become GhostErrors."""
+        metadata: tuple[tuple[str, str], ...] = ()
+        if not node and self._admin_tcp and self.api_key:
+            metadata = (("authorization", f"Bearer {self.api_key}"),)
+        try:
+            return method(request, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise rpc_failure(exc, where, NODE_HINT if node else SERVER_HINT) from None

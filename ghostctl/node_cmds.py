@@ -1,0 +1,115 @@
+"""Node commands, answered by the local ghostlink over its root-only unix socket (LocalNode service).
+
+``ghostctl status``  this node: name, overlay addresses, server, connected or not, backend, interface,
+                     map serial, last error.
+``ghostctl peers``   one row per peer: NAME, ADDRESSES, ENDPOINT, HANDSHAKE, RX, TX, ONLINE.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ghostcore.pb.ghostmesh.v1 import local_pb2
+from ghostctl import output
+from ghostctl.context import Context
+
+PEER_HEADERS = ("NAME", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX", "ONLINE")
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser("status", parents=[common], help="this node's state (from the local ghostlink)")
+    p.set_defaults(func=run_status)
+    p = sub.add_parser("peers", parents=[common], help="this node's peers and their WireGuard sessions")
+    p.set_defaults(func=run_peers)
+
+
+def status_doc(st: local_pb2.LocalStatus) -> dict[str, Any]:
+    return {
+        "name": st.name,
+        "node_id": st.node_id,
+        "user": st.user,
+        "node_key": st.node_key,
+        "addresses": list(st.addresses),
+        "server": st.server,
+        "connected": st.connected,
+        "map_serial": st.map_serial,
+        "interface": st.interface,
+        "backend": st.backend,
+        "listen_port": st.listen_port,
+        **output.time_fields("last_map", st.last_map_unix),
+        "last_error": st.last_error,
+        **output.time_fields("expires", st.expires_unix),
+    }
+
+
+def render_status(st: local_pb2.LocalStatus, now: float) -> str:
+    iface = st.interface
+    if iface and st.listen_port:
+        iface = f"{iface} (udp port {st.listen_port})"
+    serial = str(st.map_serial) if st.map_serial else "none yet"
+    if st.last_map_unix:
+        serial += f" (last map {output.ago(st.last_map_unix, now)})"
+    return output.key_values(
+        [
+            ("name", st.name),
+            ("node id", str(st.node_id) if st.node_id else ""),
+            ("user", st.user),
+            ("node key", st.node_key),
+            ("addresses", ", ".join(st.addresses)),
+            ("server", st.server),
+            ("connected", output.yes_no(st.connected)),
+            ("backend", st.backend),
+            ("interface", iface),
+            ("map serial", serial),
+            ("expires", output.until(st.expires_unix, now)),
+            ("last error", st.last_error),
+        ]
+    )
+
+
+def run_status(ctx: Context, args: argparse.Namespace) -> int:
+    stub, where = ctx.local()
+    st = ctx.call(stub.Status, local_pb2.LocalStatusRequest(), where, node=True)
+    ctx.emit(status_doc(st), lambda: render_status(st, ctx.now))
+    return 0
+
+
+def peer_doc(p: local_pb2.LocalPeer) -> dict[str, Any]:
+    return {
+        "node_id": p.node_id,
+        "name": p.name,
+        "node_key": p.node_key,
+        "addresses": list(p.addresses),
+        "endpoint": p.endpoint,
+        **output.time_fields("latest_handshake", p.latest_handshake_unix),
+        "rx_bytes": p.rx_bytes,
+        "tx_bytes": p.tx_bytes,
+        "online": p.online,
+    }
+
+
+def render_peers(peers: list[local_pb2.LocalPeer], now: float) -> str:
+    rows = [
+        (
+            p.name,
+            output.joined(p.addresses),
+            p.endpoint,
+            output.ago(p.latest_handshake_unix, now),
+            output.human_bytes(p.rx_bytes),
+            output.human_bytes(p.tx_bytes),
+            output.yes_no(p.online),
+        )
+        for p in peers
+    ]
+    return output.table(PEER_HEADERS, rows)
+
+
+def run_peers(ctx: Context, args: argparse.Namespace) -> int:
+    stub, where = ctx.local()
+    resp = ctx.call(stub.Peers, local_pb2.LocalPeersRequest(), where, node=True)
+    peers = sorted(resp.peers, key=lambda p: (p.name, p.node_id))
+    ctx.emit([peer_doc(p) for p in peers], lambda: render_peers(peers, ctx.now))
+    return 0
