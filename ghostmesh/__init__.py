@@ -1,1 +1,1 @@
-"""ghostmesh: the coordination server (users, auth keys, node registry, IP allocation, peer maps, admin API)."""
+"""ghostmesh: the coordination server (users, auth keys, node registry, IP allocation, peer maps, admin)."""

@@ -1,0 +1,1 @@
+"""gRPC servicers of ghostmesh: Coordination (nodes) and Admin (ghostctl / API clients)."""

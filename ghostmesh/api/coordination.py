@@ -1,0 +1,186 @@
+"""The Coordination servicer: what ghostlink nodes call (``proto/ghostmesh/v1/coordination.proto``).
+
+Every RPC but GetServerInfo carries a node proof (``ghostcore.nodeauth``) bound to the full method path,
+verified with the server's X25519 private key: the caller provably holds the private key of the node key
+it claims, so a node key cannot be used (or taken over) by anyone else.
+
+Sync sends the full map, then waits on its stream's event (set by :class:`ghostmesh.hub.Hub` when a change
+touches it), sleeps ``mapper.batch_delay`` to coalesce bursts and flushes one delta. It ends with
+NOT_FOUND when its node is deleted, UNAUTHENTICATED when its key expires, UNAVAILABLE at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+
+from ghostcore import nodeauth
+from ghostcore.errors import AuthError, GhostError, InvalidArgument, NotFound, Unavailable
+from ghostcore.keys import PrivateKey
+from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostmesh.api.errors import abort_with, grpc_errors
+from ghostmesh.hub import Hub
+from ghostmesh.mapper import node_to_pb
+from ghostmesh.store.base import NodeRec
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "ghostmesh.v1.Coordination"
+SERVICE = f"/{SERVICE_NAME}/"
+MAX_SIGNAL_BYTES = 4096
+VERSION = "0.1.0"
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _metadata(context: Ctx) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def _serialize_update(update: pb.MapUpdate | bytes) -> bytes:
+    return update if isinstance(update, bytes) else update.SerializeToString()
+
+
+def add_coordination_to_server(servicer: CoordinationServicer, server: grpc.aio.Server) -> None:
+    """Register the Coordination service, as ``add_CoordinationServicer_to_server`` does, except that Sync
+    may yield ready-encoded ``MapUpdate`` bytes (the mapper's cached peer entries) as well as messages.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo,
+            request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=pb.ServerInfo.SerializeToString,
+        ),
+        "Register": grpc.unary_unary_rpc_method_handler(
+            servicer.Register,
+            request_deserializer=pb.RegisterRequest.FromString,
+            response_serializer=pb.RegisterResponse.SerializeToString,
+        ),
+        "Sync": grpc.unary_stream_rpc_method_handler(
+            servicer.Sync,
+            request_deserializer=pb.SyncRequest.FromString,
+            response_serializer=_serialize_update,
+        ),
+        "ReportStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportStatus,
+            request_deserializer=pb.StatusReport.FromString,
+            response_serializer=pb.StatusAck.SerializeToString,
+        ),
+        "Signal": grpc.unary_unary_rpc_method_handler(
+            servicer.Signal,
+            request_deserializer=pb.SignalRequest.FromString,
+            response_serializer=pb.SignalAck.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class CoordinationServicer:
+    """Implements ``ghostmesh.v1.Coordination``; register with :func:`add_coordination_to_server`.
+
+    Not a subclass of the generated ``CoordinationServicer``: its Sync yields bytes too (see above).
+    """
+
+    def __init__(self, hub: Hub, server_key: PrivateKey) -> None:
+        self.hub = hub
+        self.state = hub.state
+        self.server_key = server_key
+
+    def _prove(self, context: Ctx, method: str) -> str:
+        """The node key the caller proved it holds (base64), or AuthError / InvalidArgument."""
+        proof = nodeauth.parse_metadata(_metadata(context))
+        key = nodeauth.verify(self.server_key, proof, SERVICE + method, int(time.time() * 1000))
+        return key.base64()
+
+    def _node(self, context: Ctx, method: str) -> NodeRec:
+        """The registered, unexpired node making this call."""
+        key = self._prove(context, method)
+        node = self.state.node_by_key(key)
+        if node is None:
+            raise NotFound(f"node key {key[:8]}… is not registered; join with an auth key first")
+        if node.expired(self.hub.now()):
+            raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
+        return node
+
+    @grpc_errors
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Ctx) -> pb.ServerInfo:
+        return pb.ServerInfo(version=VERSION, server_key=self.server_key.public_key().base64())
+
+    @grpc_errors
+    async def Register(self, request: pb.RegisterRequest, context: Ctx) -> pb.RegisterResponse:
+        key = self._prove(context, "Register")
+        node, changes = self.state.register(key, request.auth_key, request.hostname, self.hub.now())
+        self.hub.dispatch(changes)
+        if changes:
+            log.info("node registered", extra={"node": node.name})
+        return pb.RegisterResponse(node=node_to_pb(node, self.state.is_online(node.id)))
+
+    async def Sync(self, request: pb.SyncRequest, context: Ctx) -> AsyncIterator[bytes]:
+        try:
+            # aclosing: when the client goes away while this outer generator is suspended, the inner one
+            # is closed at once (its finally marks the node offline), not whenever GC gets to it.
+            async with contextlib.aclosing(self._sync(context)) as updates:
+                async for update in updates:
+                    yield update
+        except GhostError as err:
+            await abort_with(context, err, "Sync")
+
+    async def _sync(self, context: Ctx) -> AsyncGenerator[bytes, None]:
+        node = self._node(context, "Sync")
+        if self.hub.stopping:
+            raise Unavailable("server is shutting down; reconnect shortly")
+        sid, full, wake = self.hub.open_stream(node.id)  # full: the encoded full map
+        log.info("stream opened", extra={"node": node.name})
+        try:
+            yield full
+            while True:
+                await wake.wait()
+                if self.hub.stopping:
+                    raise Unavailable("server is shutting down; reconnect shortly")
+                if self.hub.batch_delay > 0:
+                    await asyncio.sleep(self.hub.batch_delay)  # let a burst pile up into one update
+                wake.clear()
+                session = self.hub.mapper.session(sid)
+                if session is None or self.hub.stopping:
+                    raise Unavailable("server is shutting down; reconnect shortly")
+                if session.ended == "deleted":
+                    raise NotFound(f"node {node.name} was deleted")
+                if session.ended == "expired":
+                    raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
+                update = self.hub.mapper.flush_bytes(sid)
+                if update is not None:
+                    yield update
+        finally:
+            self.hub.close_stream(sid, node.id)
+            log.info("stream closed", extra={"node": node.name})
+
+    @grpc_errors
+    async def ReportStatus(self, request: pb.StatusReport, context: Ctx) -> pb.StatusAck:
+        node = self._node(context, "ReportStatus")
+        self.hub.dispatch(self.state.report_status(node.id, list(request.endpoints), self.hub.now()))
+        return pb.StatusAck()
+
+    @grpc_errors
+    async def Signal(self, request: pb.SignalRequest, context: Ctx) -> pb.SignalAck:
+        node = self._node(context, "Signal")
+        if len(request.payload) > MAX_SIGNAL_BYTES:
+            raise InvalidArgument(f"signal payload too large: at most {MAX_SIGNAL_BYTES} bytes")
+        target = self.state.node(request.to_node_id)
+        if target is None or target.expired(self.hub.now()):
+            raise NotFound(f"node {request.to_node_id} not found")
+        sids = self.hub.mapper.queue_signal(target.id, node.id, request.payload)
+        if not sids:
+            raise Unavailable(f"node {target.name} is offline; try again when it is connected")
+        self.hub.wake(sids)
+        return pb.SignalAck()

@@ -1,0 +1,104 @@
+"""The ``ghostmesh`` command: run the coordination server, or check a config file.
+
+::
+
+    ghostmesh --config FILE [--bind HOST:PORT] [--state-dir DIR] [--admin-socket PATH] [--log-level L]
+    ghostmesh config check --config FILE
+
+Flags override the file and ``GHOSTMESH_*`` environment variables. Any GhostError at startup prints
+``ghostmesh: <message>`` to stderr and exits 1, without a traceback. SIGTERM / SIGINT stop gracefully
+(streams closed, database closed). uvloop is used when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from ghostcore.errors import GhostError
+from ghostcore.logsetup import configure
+from ghostmesh.config import MeshConfig, load_config
+from ghostmesh.server import start_server
+
+log = logging.getLogger("ghostmesh")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ghostmesh", description="ghost* coordination server")
+    p.add_argument("--config", type=Path, help="ghostmesh.toml (default: built-in defaults)")
+    p.add_argument("--bind", help="TCP listen address HOST:PORT (server.bind)")
+    p.add_argument("--state-dir", help="directory for the database (server.state_dir)")
+    p.add_argument("--admin-socket", help="root-only admin unix socket path (server.admin_socket)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    sub = p.add_subparsers(dest="cmd")
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
+    check = cfg_sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("--config", dest="check_config", type=Path, help="the file to check")
+    return p
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        uvloop: Any = importlib.import_module("uvloop")
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+async def _serve(cfg: MeshConfig) -> None:
+    running = await start_server(cfg)
+    print(
+        f"ghostmesh: listening on {running.host}:{running.port} admin socket {running.admin_socket}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await running.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "config":
+            path = args.check_config or args.config
+            if path is None:
+                print("ghostmesh: config check needs --config FILE", file=sys.stderr)
+                return 2
+            load_config(path)
+            print(f"ok: {path}")
+            return 0
+        flags = {
+            "server.bind": args.bind,
+            "server.state_dir": args.state_dir,
+            "server.admin_socket": args.admin_socket,
+            "log.level": args.log_level,
+        }
+        cfg = load_config(args.config, flags=flags)
+        configure(cfg.log.level, cfg.log.format)
+        _run(_serve(cfg))
+        return 0
+    except GhostError as err:
+        print(f"ghostmesh: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""ghostmesh's configuration schema: ``ghostmesh.toml`` as frozen dataclasses.
+
+Loaded with :func:`ghostcore.config.load` (defaults < file < ``GHOSTMESH_*`` environment < flags). Each
+table's ``__post_init__`` validates values beyond their type and raises ``ConfigError`` naming the key
+path. Two keys from the original spec, ``server.auth_method = "oidc"`` and ``server.acl_file``, are
+accepted by the schema (so a file written for the spec parses) but refused with a clear message until
+OIDC and ACL support land: silently ignoring an ACL file would open the mesh wider than the operator
+asked for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ghostcore.config import duration, load
+from ghostcore.errors import ConfigError
+from ghostcore.ipalloc import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, parse_prefix
+
+ENV_PREFIX = "GHOSTMESH"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_hostport(text: str, where: str) -> tuple[str, int]:
+    """``"0.0.0.0:7777"`` / ``"[::]:7777"`` -> (host, port); ConfigError naming ``where`` otherwise."""
+    bad = ConfigError(f'{where}: expected host:port (e.g. "0.0.0.0:7777" or "[::]:7777"), got {text!r}')
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise bad
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise bad
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    elif ":" in host:
+        raise bad  # a bare IPv6 address must be bracketed
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port must be 0..65535, got {port}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "0.0.0.0:7777"
+    auth_method: str = "authkey"
+    acl_file: str = ""
+    admin_socket: str = "/var/run/ghostmesh/admin.sock"
+    state_dir: str = "/var/lib/ghostmesh"
+    max_message_bytes: int = 262144
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.bind, "server.bind")
+        if self.auth_method == "oidc":
+            raise ConfigError('server.auth_method: "oidc" is not supported yet; use "authkey"')
+        if self.auth_method != "authkey":
+            raise ConfigError(f'server.auth_method: expected "authkey", got {self.auth_method!r}')
+        if self.acl_file:
+            raise ConfigError(
+                "server.acl_file: ACL policies are not supported yet; remove the key to run with every node "
+                "reaching every node"
+            )
+        if not self.admin_socket:
+            raise ConfigError("server.admin_socket: must be a file path for the root-only admin socket")
+        if not self.state_dir:
+            raise ConfigError("server.state_dir: must be a directory path")
+        if not 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
+            raise ConfigError(
+                f"server.max_message_bytes: expected 1024..67108864, got {self.max_message_bytes}"
+            )
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    type: str = "sqlite"
+    path: str = ""  # empty: <server.state_dir>/ghostmesh.db
+
+    def __post_init__(self) -> None:
+        if self.type != "sqlite":
+            raise ConfigError(f'database.type: only "sqlite" is supported for now, got {self.type!r}')
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    ipv4_prefix: str = DEFAULT_IPV4_PREFIX
+    ipv6_prefix: str = DEFAULT_IPV6_PREFIX
+
+    def __post_init__(self) -> None:
+        v4 = parse_prefix(self.ipv4_prefix, "network.ipv4_prefix")
+        if not isinstance(v4, ipaddress.IPv4Network):
+            raise ConfigError(f"network.ipv4_prefix: expected an IPv4 prefix, got {self.ipv4_prefix!r}")
+        v6 = parse_prefix(self.ipv6_prefix, "network.ipv6_prefix")
+        if not isinstance(v6, ipaddress.IPv6Network):
+            raise ConfigError(f"network.ipv6_prefix: expected an IPv6 prefix, got {self.ipv6_prefix!r}")
+        for where, net in (("network.ipv4_prefix", v4), ("network.ipv6_prefix", v6)):
+            if net.num_addresses < 4:
+                raise ConfigError(f"{where}: prefix {net} is too small to hand out node addresses")
+
+
+@dataclass(frozen=True)
+class NodesConfig:
+    key_expiry: float = duration(180 * 86400.0)  # 0: never
+    ephemeral_grace: float = duration(30.0)
+    keepalive: int = 25  # seconds of WireGuard persistent keepalive nodes use with peers
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.keepalive <= 65535:
+            raise ConfigError(f"nodes.keepalive: expected 0..65535 seconds, got {self.keepalive}")
+
+
+@dataclass(frozen=True)
+class AuthKeysConfig:
+    default_expiration: float = duration(3600.0)
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    batch_delay: float = duration(0.05)
+
+    def __post_init__(self) -> None:
+        if self.batch_delay > 10:
+            raise ConfigError(
+                f"mapper.batch_delay: at most 10s (nodes wait this long for changes), got {self.batch_delay}"
+            )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in _LOG_LEVELS:
+            raise ConfigError(f"log.level: expected one of {', '.join(_LOG_LEVELS)}, got {self.level!r}")
+        if self.format not in ("text", "json"):
+            raise ConfigError(f'log.format: expected "text" or "json", got {self.format!r}')
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    nodes: NodesConfig = field(default_factory=NodesConfig)
+    authkeys: AuthKeysConfig = field(default_factory=AuthKeysConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def db_path(self) -> Path:
+        if self.database.path:
+            return Path(self.database.path)
+        return Path(self.server.state_dir) / "ghostmesh.db"
+
+
+def load_config(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> MeshConfig:
+    """Load ``path`` (None: defaults only) with ``GHOSTMESH_*`` from ``environ`` (default os.environ)."""
+    env = os.environ if environ is None else environ
+    return load(MeshConfig, path, env_prefix=ENV_PREFIX, environ=env, flags=flags)

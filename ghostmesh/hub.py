@@ -1,0 +1,103 @@
+"""The asyncio glue between the state, the mapper and the open Sync streams.
+
+``Hub.dispatch(changes)`` folds change records into the :class:`~ghostmesh.mapper.Mapper` and wakes only
+the streams they touched (one ``asyncio.Event`` per stream). Each Sync handler waits on its event, sleeps
+``mapper.batch_delay`` so a burst coalesces into one update, then flushes. A timer task calls
+``State.tick`` when the next key expiry or ephemeral grace is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from ghostmesh.changes import Change
+from ghostmesh.mapper import Mapper
+from ghostmesh.state import State
+
+log = logging.getLogger(__name__)
+
+_MAX_TIMER_SLEEP = 60.0  # re-check at least this often, in case a clock jump moved deadlines
+
+
+class Hub:
+    def __init__(
+        self, state: State, mapper: Mapper, batch_delay: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.state = state
+        self.mapper = mapper
+        self.batch_delay = batch_delay
+        self.clock = clock
+        self.stopping = False
+        self._events: dict[int, asyncio.Event] = {}
+        self._ids = itertools.count(1)
+        self._timer_wake = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        return self.clock()
+
+    def dispatch(self, changes: Iterable[Change]) -> None:
+        now = self.now()
+        any_change = False
+        for change in changes:
+            any_change = True
+            for sid in self.mapper.apply(change, now):
+                ev = self._events.get(sid)
+                if ev is not None:
+                    ev.set()
+        if any_change:
+            self._timer_wake.set()  # deadlines may have moved
+
+    def open_stream(self, node_id: int) -> tuple[int, bytes, asyncio.Event]:
+        """Mark the node online (peers hear of it); return its stream id, encoded full map, wake event."""
+        self.dispatch(self.state.connect(node_id, self.now()))
+        sid = next(self._ids)
+        full = self.mapper.open_stream_bytes(sid, node_id)
+        ev = asyncio.Event()
+        self._events[sid] = ev
+        return sid, full, ev
+
+    def close_stream(self, sid: int, node_id: int) -> None:
+        self.mapper.close_stream(sid)
+        self._events.pop(sid, None)
+        if not self.stopping:
+            self.dispatch(self.state.disconnect(node_id, self.now()))
+
+    def wake(self, sids: Iterable[int]) -> None:
+        for sid in sids:
+            ev = self._events.get(sid)
+            if ev is not None:
+                ev.set()
+
+    # -- timers ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._timer_task = asyncio.get_running_loop().create_task(self._run_timers(), name="ghostmesh-timers")
+
+    async def _run_timers(self) -> None:
+        while not self.stopping:
+            due = self.state.next_deadline()
+            delay = _MAX_TIMER_SLEEP if due is None else max(0.0, min(_MAX_TIMER_SLEEP, due - self.now()))
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), timeout=delay)
+            try:
+                self.dispatch(self.state.tick(self.now()))
+            except Exception:  # a store error must not kill the timer loop; log and retry next round
+                log.exception("timer tick failed")
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """End every stream (handlers see ``stopping``) and the timer task."""
+        self.stopping = True
+        for ev in self._events.values():
+            ev.set()
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer_task

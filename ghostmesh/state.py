@@ -1,0 +1,555 @@
+"""The registry facade of ghostmesh: one object through which every mutation goes.
+
+Headscale's pattern (``hscontrol/state``): ``State`` holds the in-memory view of all nodes (loaded from
+the store at start), performs each mutation through the :class:`~ghostmesh.store.base.Store` first (so
+a failed write leaves memory untouched) and returns the :mod:`ghostmesh.changes` records describing what
+changed, which the mapper turns into per-stream deltas. It is synchronous and takes ``now`` from its
+caller, so unit tests drive it with hand-stepped time.
+
+Secrets: auth keys look like ``gmauth_<12 hex id>_<43 char secret>`` and API keys ``gmapi_<id>_<secret>``
+(secret from ``secrets.token_urlsafe(32)``). Only ``sha256(secret)`` is stored and compared with
+``hmac.compare_digest``; the whole key is returned once, at creation. Error messages name the public id
+at most, never the secret.
+
+Time-driven work (node keys expiring, ephemeral nodes whose grace ran out) is done by :meth:`State.tick`;
+:meth:`State.next_deadline` tells the caller when to call it next. Both use heaps, so neither scans all
+nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from ghostcore.errors import AuthError, Conflict, InvalidArgument, NotFound
+from ghostcore.ipalloc import Allocator, parse_prefix
+from ghostcore.keys import PrivateKey, PublicKey
+from ghostmesh.changes import Change, NodeAdded, NodeChanged, NodeRemoved
+from ghostmesh.config import MeshConfig
+from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, Store, UserRec
+
+AUTH_PREFIX = "gmauth_"
+API_PREFIX = "gmapi_"
+KEY_ID_LEN = 12
+KEY_SECRET_LEN = 43  # len(secrets.token_urlsafe(32))
+DEFAULT_USER = "default"
+DEFAULT_API_KEY_EXPIRATION = 90 * 86400.0
+MAX_ENDPOINTS = 16
+SERVER_KEY_KV = "server_private_key"
+
+_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # RFC 1123 section 2.1 host label
+_USER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")
+_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def new_key(prefix: str) -> tuple[str, str, str]:
+    """A fresh ``(id, secret, whole key)``; only ``hash_secret(secret)`` may be stored."""
+    key_id = secrets.token_hex(KEY_ID_LEN // 2)
+    secret = secrets.token_urlsafe(32)
+    return key_id, secret, f"{prefix}{key_id}_{secret}"
+
+
+def split_key(text: str, prefix: str) -> tuple[str, str] | None:
+    """``gmauth_<id>_<secret>`` -> (id, secret); None if it does not have that shape."""
+    text = text.strip()
+    if not text.startswith(prefix):
+        return None
+    rest = text[len(prefix) :]
+    key_id, sep, secret = rest[:KEY_ID_LEN], rest[KEY_ID_LEN : KEY_ID_LEN + 1], rest[KEY_ID_LEN + 1 :]
+    if sep != "_" or not _ID_RE.match(key_id) or len(secret) != KEY_SECRET_LEN:
+        return None
+    return key_id, secret
+
+
+def key_id_of(ref: str, prefix: str) -> str:
+    """Accept an id, ``<prefix><id>`` or a whole key (as ghostctl users may paste) and return the id."""
+    ref = ref.strip()
+    if ref.startswith(prefix):
+        ref = ref[len(prefix) :][:KEY_ID_LEN]
+    if not _ID_RE.match(ref):
+        raise InvalidArgument(
+            f"invalid key id: expected 12 hex digits (as listed), optionally after {prefix}"
+        )
+    return ref
+
+
+def sanitize_name(hostname: str) -> str:
+    """A hostname as a DNS label: lower case, [a-z0-9-], at most 63 chars, not all digits."""
+    name = re.sub(r"[^a-z0-9-]+", "-", hostname.strip().lower().split(".")[0])
+    name = re.sub(r"-{2,}", "-", name).strip("-")[:63].strip("-")
+    if not name:
+        return "node"
+    if name.isdigit():
+        name = f"node-{name}"[:63]  # an all-digit name would be taken for a node id
+    return name
+
+
+def validate_name(name: str) -> str:
+    if not _LABEL_RE.match(name) or name.isdigit():
+        raise InvalidArgument(
+            f"invalid node name {name[:70]!r}: use 1-63 lower-case letters, digits and '-', not all digits, "
+            "not starting or ending with '-'"
+        )
+    return name
+
+
+def validate_endpoint(text: str) -> str:
+    """``ip:port`` or ``[ip6]:port``; returns it normalised."""
+    bad = InvalidArgument(f"invalid endpoint {text[:60]!r}: expected ip:port or [ip6]:port")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise bad
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            return f"[{ipaddress.IPv6Address(host[1:-1])}]:{int(port_text)}"
+        return f"{ipaddress.IPv4Address(host)}:{int(port_text)}"
+    except ValueError:
+        raise bad from None
+
+
+def load_server_key(store: Store) -> PrivateKey:
+    """The server's X25519 key: generated on first start, then read from the store's kv table."""
+    stored = store.get_kv(SERVER_KEY_KV)
+    if stored is None:
+        stored = store.set_kv_if_absent(SERVER_KEY_KV, PrivateKey.generate().base64().encode("ascii"))
+    return PrivateKey.from_base64(stored.decode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    ipv4_prefix: str = "100.64.0.0/10"
+    ipv6_prefix: str = "fd7a:115c:a1e0::/48"
+    key_expiry: float = 180 * 86400.0  # 0: never
+    ephemeral_grace: float = 30.0
+    authkey_expiration: float = 3600.0
+
+    @classmethod
+    def from_mesh(cls, cfg: MeshConfig) -> StateConfig:
+        return cls(
+            ipv4_prefix=cfg.network.ipv4_prefix,
+            ipv6_prefix=cfg.network.ipv6_prefix,
+            key_expiry=cfg.nodes.key_expiry,
+            ephemeral_grace=cfg.nodes.ephemeral_grace,
+            authkey_expiration=cfg.authkeys.default_expiration,
+        )
+
+
+class State:
+    """In-memory registry backed by a Store. Not thread-safe: one event loop drives it."""
+
+    def __init__(self, store: Store, cfg: StateConfig, now: float) -> None:
+        self.store = store
+        self.cfg = cfg
+        self._nodes: dict[int, NodeRec] = {}
+        self._by_key: dict[str, int] = {}
+        self._by_name: dict[str, int] = {}
+        self._streams: dict[int, int] = {}  # node id -> open Sync streams
+        self._expiry_heap: list[tuple[float, int]] = []
+        self._ephemeral_due: dict[int, float] = {}
+        self._ephemeral_heap: list[tuple[float, int]] = []
+        self._v4 = Allocator(parse_prefix(cfg.ipv4_prefix, "network.ipv4_prefix"))
+        self._v6 = Allocator(parse_prefix(cfg.ipv6_prefix, "network.ipv6_prefix"))
+        for node in store.list_nodes():
+            self._index(node)
+            self._v4.mark_used(ipaddress.ip_address(node.ipv4))
+            self._v6.mark_used(ipaddress.ip_address(node.ipv6))
+            if node.expires and not node.expired(now):
+                heapq.heappush(self._expiry_heap, (node.expires, node.id))
+            if node.ephemeral:
+                # Nobody is connected right after a start: ephemeral nodes get a fresh grace to come back.
+                self._schedule_ephemeral(node.id, now)
+
+    # -- lookups ---------------------------------------------------------------------------------------
+
+    def _index(self, node: NodeRec) -> None:
+        old = self._nodes.get(node.id)
+        if old is not None:
+            self._by_key.pop(old.node_key, None)
+            self._by_name.pop(old.name, None)
+        self._nodes[node.id] = node
+        self._by_key[node.node_key] = node.id
+        self._by_name[node.name] = node.id
+
+    def _unindex(self, node: NodeRec) -> None:
+        self._nodes.pop(node.id, None)
+        self._by_key.pop(node.node_key, None)
+        self._by_name.pop(node.name, None)
+        self._streams.pop(node.id, None)
+        self._ephemeral_due.pop(node.id, None)
+
+    def nodes(self) -> Iterable[NodeRec]:
+        return self._nodes.values()
+
+    def node(self, node_id: int) -> NodeRec | None:
+        return self._nodes.get(node_id)
+
+    def node_by_key(self, node_key: str) -> NodeRec | None:
+        node_id = self._by_key.get(node_key)
+        return None if node_id is None else self._nodes[node_id]
+
+    def resolve(self, ref: str) -> NodeRec:
+        """A node by name or numeric id; NotFound otherwise."""
+        ref = ref.strip()
+        if not ref:
+            raise InvalidArgument("a node name or id is required")
+        node_id = int(ref) if ref.isdigit() else self._by_name.get(ref)
+        node = None if node_id is None else self._nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {ref[:70]!r} not found; see `ghostctl nodes list`")
+        return node
+
+    def is_online(self, node_id: int) -> bool:
+        return self._streams.get(node_id, 0) > 0
+
+    def list_nodes(self, user: str = "") -> list[NodeRec]:
+        return [n for n in self._nodes.values() if not user or n.user == user]
+
+    # -- users -----------------------------------------------------------------------------------------
+
+    def create_user(self, name: str, now: float) -> UserRec:
+        if not _USER_RE.match(name):
+            raise InvalidArgument(
+                f"invalid user name {name[:70]!r}: use 1-63 lower-case letters, digits, '.', '_' or '-'"
+            )
+        return self.store.create_user(name, now)
+
+    def list_users(self) -> Sequence[UserRec]:
+        return self.store.list_users()
+
+    def delete_user(self, name: str) -> None:
+        if self.store.get_user(name) is None:
+            raise NotFound(f"user {name[:70]!r} not found; see `ghostctl users list`")
+        owned = sum(1 for n in self._nodes.values() if n.user == name)
+        if owned:
+            raise Conflict(f"user {name!r} still owns {owned} node(s); delete them first")
+        self.store.delete_user(name)
+
+    def _ensure_user(self, name: str, now: float) -> str:
+        name = name or DEFAULT_USER
+        if self.store.get_user(name) is None:
+            self.create_user(name, now)
+        return name
+
+    # -- auth keys -------------------------------------------------------------------------------------
+
+    def create_auth_key(
+        self,
+        *,
+        user: str = "",
+        reusable: bool = False,
+        ephemeral: bool = False,
+        expiration: float = 0.0,
+        tags: Sequence[str] = (),
+        now: float,
+    ) -> tuple[AuthKeyRec, str]:
+        """A new pre-auth key and the whole key text (shown once). ``expiration`` 0: the config default."""
+        if expiration < 0:
+            raise InvalidArgument("auth key expiration cannot be negative")
+        for tag in tags:
+            if not _TAG_RE.match(tag):
+                raise InvalidArgument(f"invalid tag {tag[:70]!r}: use letters, digits, ':', '.', '_' or '-'")
+        if user and not _USER_RE.match(user):
+            raise InvalidArgument(f"invalid user name {user[:70]!r}")
+        user = self._ensure_user(user, now)
+        key_id, secret, whole = new_key(AUTH_PREFIX)
+        rec = AuthKeyRec(
+            id=key_id,
+            hash=hash_secret(secret),
+            user=user,
+            reusable=reusable,
+            ephemeral=ephemeral,
+            tags=tuple(tags),
+            created=now,
+            expires=now + (expiration or self.cfg.authkey_expiration),
+        )
+        self.store.insert_auth_key(rec)
+        return rec, whole
+
+    def list_auth_keys(self, user: str = "") -> Sequence[AuthKeyRec]:
+        return self.store.list_auth_keys(user or None)
+
+    def expire_auth_key(self, ref: str) -> AuthKeyRec:
+        key_id = key_id_of(ref, AUTH_PREFIX)
+        rec = self.store.revoke_auth_key(key_id)
+        if rec is None:
+            raise NotFound(f"auth key {AUTH_PREFIX}{key_id} not found; see `ghostctl authkeys list`")
+        return rec
+
+    def check_auth_key(self, text: str, now: float) -> AuthKeyRec:
+        """The usable auth key ``text`` names, or AuthError saying why not (never echoing the secret)."""
+        parts = split_key(text, AUTH_PREFIX)
+        if parts is None:
+            raise AuthError(
+                "auth key is malformed: expected gmauth_<id>_<secret> as `ghostctl authkeys create` prints"
+            )
+        key_id, secret = parts
+        rec = self.store.get_auth_key(key_id)
+        if rec is None or not hmac.compare_digest(rec.hash, hash_secret(secret)):
+            raise AuthError(
+                "auth key is not valid: unknown key or wrong secret; check it or create a new one"
+            )
+        if rec.revoked:
+            raise AuthError(f"auth key {AUTH_PREFIX}{key_id} was revoked; create a new one")
+        if rec.spent():
+            raise AuthError(f"auth key {AUTH_PREFIX}{key_id} was single-use and is spent; create a new one")
+        if rec.expires and rec.expires <= now:
+            raise AuthError(f"auth key {AUTH_PREFIX}{key_id} has expired; create a new one")
+        return rec
+
+    # -- API keys --------------------------------------------------------------------------------------
+
+    def create_api_key(self, expiration: float, now: float) -> tuple[ApiKeyRec, str]:
+        if expiration < 0:
+            raise InvalidArgument("API key expiration cannot be negative")
+        key_id, secret, whole = new_key(API_PREFIX)
+        rec = ApiKeyRec(
+            id=key_id,
+            hash=hash_secret(secret),
+            created=now,
+            expires=now + (expiration or DEFAULT_API_KEY_EXPIRATION),
+        )
+        self.store.insert_api_key(rec)
+        return rec, whole
+
+    def list_api_keys(self) -> Sequence[ApiKeyRec]:
+        return self.store.list_api_keys()
+
+    def expire_api_key(self, ref: str) -> ApiKeyRec:
+        key_id = key_id_of(ref, API_PREFIX)
+        rec = self.store.revoke_api_key(key_id)
+        if rec is None:
+            raise NotFound(f"API key {API_PREFIX}{key_id} not found; see `ghostctl apikeys list`")
+        return rec
+
+    def verify_api_key(self, text: str, now: float) -> ApiKeyRec:
+        parts = split_key(text, API_PREFIX)
+        if parts is None:
+            raise AuthError("API key is malformed: expected gmapi_<id>_<secret>")
+        key_id, secret = parts
+        rec = self.store.get_api_key(key_id)
+        if rec is None or not hmac.compare_digest(rec.hash, hash_secret(secret)):
+            raise AuthError("API key is not valid: unknown key or wrong secret")
+        if rec.revoked:
+            raise AuthError(f"API key {API_PREFIX}{key_id} was revoked")
+        if rec.expires and rec.expires <= now:
+            raise AuthError(f"API key {API_PREFIX}{key_id} has expired")
+        if now - rec.last_used >= 60:  # one write a minute per key is enough for "last used"
+            self.store.touch_api_key(key_id, now)
+        return rec
+
+    # -- registration ----------------------------------------------------------------------------------
+
+    def _unique_name(self, base: str, exclude_id: int = 0) -> str:
+        taken = self._by_name.get(base)
+        if taken is None or taken == exclude_id:
+            return base
+        for i in range(1, 100_000):
+            suffix = f"-{i}"
+            cand = base[: 63 - len(suffix)].rstrip("-") + suffix
+            taken = self._by_name.get(cand)
+            if taken is None or taken == exclude_id:
+                return cand
+        raise Conflict(f"no free node name left for {base!r}")  # pragma: no cover - 100k same-named nodes
+
+    def _expires_from(self, now: float) -> float:
+        return now + self.cfg.key_expiry if self.cfg.key_expiry else 0.0
+
+    def register(
+        self, node_key: str, auth_key: str, hostname: str, now: float
+    ) -> tuple[NodeRec, list[Change]]:
+        """Bind ``node_key`` (proven by the caller) to a node. See the module docstring for the rules.
+
+        - known, unexpired key: the same node, unchanged (no auth key needed);
+        - known, expired key: needs a valid auth key; renews the expiry;
+        - unknown key: needs a valid auth key; allocates addresses and a unique name.
+
+        Nothing is written when this raises.
+        """
+        PublicKey.from_base64(node_key)  # InvalidArgument for anything that is not a WireGuard key
+        if len(hostname) > 255:
+            raise InvalidArgument("hostname too long: at most 255 characters")
+        known = self.node_by_key(node_key)
+        if known is not None and not known.expired(now):
+            return known, []
+        if not auth_key:
+            if known is not None:
+                raise AuthError(f"node {known.name}'s key has expired; register again with an auth key")
+            raise AuthError("this node key is not registered; pass an auth key (--auth) to join")
+        key = self.check_auth_key(auth_key, now)
+        if known is not None:
+            renewed = replace(known, expires=self._expires_from(now), last_seen=now)
+            self.store.update_node(renewed, consume_auth_key=key.id)
+            self._index(renewed)
+            if renewed.expires:
+                heapq.heappush(self._expiry_heap, (renewed.expires, renewed.id))
+            return renewed, [NodeChanged(renewed, self.is_online(renewed.id))]
+        ipv4 = self._v4.allocate()
+        try:
+            ipv6 = self._v6.allocate()
+        except Exception:
+            self._v4.release(ipv4)
+            raise
+        draft = NodeRec(
+            id=0,
+            name=self._unique_name(sanitize_name(hostname)),
+            user=key.user,
+            node_key=node_key,
+            ipv4=str(ipv4),
+            ipv6=str(ipv6),
+            ephemeral=key.ephemeral,
+            tags=key.tags,
+            created=now,
+            expires=self._expires_from(now),
+            last_seen=now,
+            endpoints=(),
+            hostname=hostname,
+            auth_key_id=key.id,
+        )
+        try:
+            node = self.store.insert_node(draft, consume_auth_key=key.id)
+        except Exception:
+            self._v4.release(ipv4)
+            self._v6.release(ipv6)
+            raise
+        self._index(node)
+        if node.expires:
+            heapq.heappush(self._expiry_heap, (node.expires, node.id))
+        if node.ephemeral:
+            self._schedule_ephemeral(node.id, now)  # registered but never connecting counts as gone
+        return node, [NodeAdded(node, False)]
+
+    # -- admin mutations -------------------------------------------------------------------------------
+
+    def rename(self, ref: str, new_name: str) -> tuple[NodeRec, list[Change]]:
+        node = self.resolve(ref)
+        validate_name(new_name)
+        if new_name == node.name:
+            return node, []
+        if new_name in self._by_name:
+            raise Conflict(f"node name {new_name!r} is taken; pick another")
+        renamed = replace(node, name=new_name)
+        self.store.update_node(renamed)
+        self._index(renamed)
+        return renamed, [NodeChanged(renamed, self.is_online(node.id))]
+
+    def expire_node(self, ref: str, now: float) -> tuple[NodeRec, list[Change]]:
+        """Expire a node's key now: it leaves every peer's map; its Sync is refused until it re-registers."""
+        node = self.resolve(ref)
+        if node.expired(now):
+            return node, []
+        expired = replace(node, expires=now)
+        self.store.update_node(expired)
+        self._index(expired)
+        return expired, [NodeRemoved(node.id, "expired")]
+
+    def delete_node(self, ref: str) -> list[Change]:
+        node = self.resolve(ref)
+        return self._delete(node)
+
+    def _delete(self, node: NodeRec) -> list[Change]:
+        self.store.delete_node(node.id)
+        self._unindex(node)
+        self._v4.release(ipaddress.ip_address(node.ipv4))
+        self._v6.release(ipaddress.ip_address(node.ipv6))
+        return [NodeRemoved(node.id, "deleted")]
+
+    # -- presence --------------------------------------------------------------------------------------
+
+    def connect(self, node_id: int, now: float) -> list[Change]:
+        """A Sync stream of ``node_id`` opened."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return []
+        count = self._streams.get(node_id, 0) + 1
+        self._streams[node_id] = count
+        self._ephemeral_due.pop(node_id, None)  # reconnected within the grace: keep it
+        if count > 1:
+            return []
+        seen = replace(node, last_seen=now)
+        self.store.update_node(seen)
+        self._index(seen)
+        return [NodeChanged(seen, True)]
+
+    def disconnect(self, node_id: int, now: float) -> list[Change]:
+        """A Sync stream of ``node_id`` ended."""
+        node = self._nodes.get(node_id)
+        if node is None or node_id not in self._streams:
+            return []
+        count = self._streams[node_id] - 1
+        if count > 0:
+            self._streams[node_id] = count
+            return []
+        del self._streams[node_id]
+        seen = replace(node, last_seen=now)
+        self.store.update_node(seen)
+        self._index(seen)
+        if seen.ephemeral:
+            self._schedule_ephemeral(node_id, now)
+        if seen.expired(now):
+            return []  # peers dropped it already
+        return [NodeChanged(seen, False)]
+
+    def _schedule_ephemeral(self, node_id: int, now: float) -> None:
+        due = now + self.cfg.ephemeral_grace
+        self._ephemeral_due[node_id] = due
+        heapq.heappush(self._ephemeral_heap, (due, node_id))
+
+    def report_status(self, node_id: int, endpoints: Sequence[str], now: float) -> list[Change]:
+        if len(endpoints) > MAX_ENDPOINTS:
+            raise InvalidArgument(f"too many endpoints: at most {MAX_ENDPOINTS}, got {len(endpoints)}")
+        normal = tuple(dict.fromkeys(validate_endpoint(e) for e in endpoints))
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found")
+        updated = replace(node, endpoints=normal, last_seen=now)
+        self.store.update_node(updated)
+        self._index(updated)
+        if normal == node.endpoints or updated.expired(now):
+            return []
+        return [NodeChanged(updated, self.is_online(node_id))]
+
+    # -- timers ----------------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` has work next (None: nothing scheduled)."""
+        while self._expiry_heap:
+            due, node_id = self._expiry_heap[0]
+            node = self._nodes.get(node_id)
+            if node is not None and node.expires == due:
+                break
+            heapq.heappop(self._expiry_heap)  # stale: node deleted, renewed or expired by hand
+        while self._ephemeral_heap:
+            due, node_id = self._ephemeral_heap[0]
+            if self._ephemeral_due.get(node_id) == due:
+                break
+            heapq.heappop(self._ephemeral_heap)
+        candidates = [h[0][0] for h in (self._expiry_heap, self._ephemeral_heap) if h]
+        return min(candidates) if candidates else None
+
+    def tick(self, now: float) -> list[Change]:
+        """Expire nodes whose key expiry passed and delete ephemeral nodes whose grace ran out."""
+        changes: list[Change] = []
+        while self._expiry_heap and self._expiry_heap[0][0] <= now:
+            due, node_id = heapq.heappop(self._expiry_heap)
+            node = self._nodes.get(node_id)
+            if node is not None and node.expires == due:
+                changes.append(NodeRemoved(node_id, "expired"))
+        while self._ephemeral_heap and self._ephemeral_heap[0][0] <= now:
+            due, node_id = heapq.heappop(self._ephemeral_heap)
+            if self._ephemeral_due.get(node_id) != due or self.is_online(node_id):
+                continue
+            node = self._nodes.get(node_id)
+            if node is not None:
+                changes.extend(self._delete(node))
+        return changes

@@ -1,0 +1,1 @@
+"""Persistent storage of ghostmesh: the ``Store`` interface (``base``) and its SQLite backend (``sqlite``)."""

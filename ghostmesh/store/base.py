@@ -1,0 +1,124 @@
+"""The storage interface of ghostmesh and the plain records it deals in.
+
+``Store`` is a ``Protocol`` so a PostgreSQL backend can implement it later without inheriting anything.
+Records are frozen dataclasses with no behaviour; hashes of secrets are excluded from ``repr`` so a record
+logged by mistake shows nothing usable. Times are unix seconds as floats; ``expires == 0`` means never.
+
+Contract every backend keeps:
+
+- every mutation is atomic (one transaction); on error nothing is written;
+- ``insert_node`` / ``update_node`` with ``consume_auth_key`` count one use of that auth key in the same
+  transaction, and refuse (``AuthError``, nothing written) if the key was revoked or is a spent
+  single-use key by the time the transaction runs, so two racing registrations cannot both spend it;
+- uniqueness of node name, node key, IPv4 and IPv6 is enforced by the store (``Conflict``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class UserRec:
+    id: int
+    name: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRec:
+    id: int  # 0 until the store assigns one
+    name: str
+    user: str
+    node_key: str  # WireGuard public key, base64
+    ipv4: str
+    ipv6: str
+    ephemeral: bool
+    tags: tuple[str, ...]
+    created: float
+    expires: float  # 0: never
+    last_seen: float
+    endpoints: tuple[str, ...]
+    hostname: str
+    auth_key_id: str | None
+
+    def expired(self, now: float) -> bool:
+        return self.expires != 0 and self.expires <= now
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKeyRec:
+    id: str  # the public 12-character prefix of the key
+    hash: bytes = field(repr=False)  # sha256 of the secret part
+    user: str = ""
+    reusable: bool = False
+    ephemeral: bool = False
+    tags: tuple[str, ...] = ()
+    created: float = 0.0
+    expires: float = 0.0  # 0: never
+    used_count: int = 0
+    revoked: bool = False
+
+    def spent(self) -> bool:
+        return not self.reusable and self.used_count > 0
+
+    def unusable(self, now: float) -> bool:
+        return self.revoked or self.spent() or (self.expires != 0 and self.expires <= now)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRec:
+    id: str
+    hash: bytes = field(repr=False)
+    created: float = 0.0
+    expires: float = 0.0  # 0: never
+    revoked: bool = False
+    last_used: float = 0.0
+
+    def unusable(self, now: float) -> bool:
+        return self.revoked or (self.expires != 0 and self.expires <= now)
+
+
+class Store(Protocol):
+    """What ghostmesh's state needs from a database. All methods are synchronous and atomic."""
+
+    def close(self) -> None: ...
+
+    # key-value (the server's own X25519 private key lives here)
+    def get_kv(self, key: str) -> bytes | None: ...
+    def set_kv(self, key: str, value: bytes) -> None: ...
+    def set_kv_if_absent(self, key: str, value: bytes) -> bytes:
+        """Store ``value`` unless ``key`` exists; return what is stored afterwards."""
+        ...
+
+    # users
+    def create_user(self, name: str, now: float) -> UserRec: ...
+    def get_user(self, name: str) -> UserRec | None: ...
+    def list_users(self) -> Sequence[UserRec]: ...
+    def delete_user(self, name: str) -> None:
+        """Delete a user and its auth keys; ``Conflict`` if nodes still belong to it."""
+        ...
+
+    # auth keys
+    def insert_auth_key(self, rec: AuthKeyRec) -> None: ...
+    def get_auth_key(self, key_id: str) -> AuthKeyRec | None: ...
+    def list_auth_keys(self, user: str | None = None) -> Sequence[AuthKeyRec]: ...
+    def revoke_auth_key(self, key_id: str) -> AuthKeyRec | None: ...
+
+    # API keys
+    def insert_api_key(self, rec: ApiKeyRec) -> None: ...
+    def get_api_key(self, key_id: str) -> ApiKeyRec | None: ...
+    def list_api_keys(self) -> Sequence[ApiKeyRec]: ...
+    def revoke_api_key(self, key_id: str) -> ApiKeyRec | None: ...
+    def touch_api_key(self, key_id: str, now: float) -> None: ...
+
+    # nodes
+    def list_nodes(self) -> Sequence[NodeRec]: ...
+    def insert_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> NodeRec:
+        """Insert ``rec`` (its id is ignored) and return it with the assigned id."""
+        ...
+
+    def update_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> None: ...
+    def delete_node(self, node_id: int) -> None: ...

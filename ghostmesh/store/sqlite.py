@@ -1,0 +1,404 @@
+"""The embedded SQLite backend of :class:`ghostmesh.store.base.Store`.
+
+- WAL journal (readers never block the writer), ``synchronous=NORMAL`` (durable at checkpoints, the usual
+  WAL trade-off), ``foreign_keys=ON`` (SQLite leaves them off unless asked, per connection).
+- Every mutation runs in one ``BEGIN IMMEDIATE`` transaction (``_tx``): on any error it rolls back, so a
+  failed registration writes nothing.
+- Versioned schema: ``schema_version`` holds the number of migrations applied; ``MIGRATIONS`` is the
+  ordered list, applied at open, each in its own transaction. A database written by a newer ghostmesh
+  (higher version than we know) is refused rather than guessed at.
+
+Calls are synchronous and short (indexed single-row statements); ghostmesh runs them on the event loop
+thread, which keeps every mutation ordered with the in-memory state without locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from ghostcore.errors import AuthError, ConfigError, Conflict, NotFound, Unavailable
+from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, UserRec
+
+# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a shipped entry; append.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE users (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        name    TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL
+    );
+    CREATE TABLE auth_keys (
+        id         TEXT PRIMARY KEY,
+        hash       BLOB NOT NULL,
+        user       TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        reusable   INTEGER NOT NULL,
+        ephemeral  INTEGER NOT NULL,
+        tags       TEXT NOT NULL DEFAULT '[]',
+        created    REAL NOT NULL,
+        expires    REAL NOT NULL,
+        used_count INTEGER NOT NULL DEFAULT 0,
+        revoked    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE api_keys (
+        id        TEXT PRIMARY KEY,
+        hash      BLOB NOT NULL,
+        created   REAL NOT NULL,
+        expires   REAL NOT NULL,
+        revoked   INTEGER NOT NULL DEFAULT 0,
+        last_used REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE nodes (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        name        TEXT NOT NULL UNIQUE,
+        user        TEXT NOT NULL REFERENCES users(name) ON DELETE RESTRICT,
+        node_key    TEXT NOT NULL UNIQUE,
+        ipv4        TEXT NOT NULL UNIQUE,
+        ipv6        TEXT NOT NULL UNIQUE,
+        ephemeral   INTEGER NOT NULL,
+        tags        TEXT NOT NULL DEFAULT '[]',
+        created     REAL NOT NULL,
+        expires     REAL NOT NULL,
+        last_seen   REAL NOT NULL DEFAULT 0,
+        endpoints   TEXT NOT NULL DEFAULT '[]',
+        hostname    TEXT NOT NULL DEFAULT '',
+        auth_key_id TEXT REFERENCES auth_keys(id) ON DELETE SET NULL
+    );
+    CREATE INDEX nodes_user ON nodes(user);
+    CREATE INDEX auth_keys_user ON auth_keys(user);
+    CREATE TABLE kv (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_NODE_COLS = (
+    "id, name, user, node_key, ipv4, ipv6, ephemeral, tags, created, expires, last_seen, endpoints, "
+    "hostname, auth_key_id"
+)
+_AUTH_COLS = "id, hash, user, reusable, ephemeral, tags, created, expires, used_count, revoked"
+_API_COLS = "id, hash, created, expires, revoked, last_used"
+
+
+def _node(row: sqlite3.Row) -> NodeRec:
+    return NodeRec(
+        id=int(row[0]),
+        name=row[1],
+        user=row[2],
+        node_key=row[3],
+        ipv4=row[4],
+        ipv6=row[5],
+        ephemeral=bool(row[6]),
+        tags=tuple(json.loads(row[7])),
+        created=float(row[8]),
+        expires=float(row[9]),
+        last_seen=float(row[10]),
+        endpoints=tuple(json.loads(row[11])),
+        hostname=row[12],
+        auth_key_id=row[13],
+    )
+
+
+def _auth(row: sqlite3.Row) -> AuthKeyRec:
+    return AuthKeyRec(
+        id=row[0],
+        hash=bytes(row[1]),
+        user=row[2],
+        reusable=bool(row[3]),
+        ephemeral=bool(row[4]),
+        tags=tuple(json.loads(row[5])),
+        created=float(row[6]),
+        expires=float(row[7]),
+        used_count=int(row[8]),
+        revoked=bool(row[9]),
+    )
+
+
+def _api(row: sqlite3.Row) -> ApiKeyRec:
+    return ApiKeyRec(
+        id=row[0],
+        hash=bytes(row[1]),
+        created=float(row[2]),
+        expires=float(row[3]),
+        revoked=bool(row[4]),
+        last_used=float(row[5]),
+    )
+
+
+def _conflict(exc: sqlite3.IntegrityError, what: str) -> Conflict:
+    text = str(exc)
+    for col in ("name", "node_key", "ipv4", "ipv6"):
+        if text.endswith(f".{col}"):
+            return Conflict(f"{what}: {col} is already taken")
+    return Conflict(f"{what}: clashes with existing data ({text})")
+
+
+class SqliteStore:
+    """A :class:`~ghostmesh.store.base.Store` in one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (autocommit mode otherwise).
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"database.path: cannot open {self.path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ConfigError(f"database.path: {self.path} is not a usable SQLite database: {exc}") from None
+        except ConfigError:
+            self._db.close()
+            raise
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(f"database {self.path}: {exc}; retry shortly") from None
+        try:
+            yield self._db
+        except sqlite3.OperationalError as exc:
+            self._db.execute("ROLLBACK")
+            # disk full, locked by another process, I/O error: nothing was written, the caller may retry
+            raise Unavailable(f"database {self.path}: {exc}; nothing was written, retry shortly") from None
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            if db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
+                db.execute("INSERT INTO schema_version (version) VALUES (0)")
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise ConfigError(
+                f"database.path: {self.path} has schema version {current}, newer than this ghostmesh "
+                f"supports ({SCHEMA_VERSION}); upgrade ghostmesh or point database.path elsewhere"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            with self._tx() as db:
+                # executescript would COMMIT our transaction; run the statements one by one instead.
+                for stmt in MIGRATIONS[version].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute("UPDATE schema_version SET version = ?", (version + 1,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- kv --------------------------------------------------------------------------------------------
+
+    def get_kv(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set_kv(self, key: str, value: bytes) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+    def set_kv_if_absent(self, key: str, value: bytes) -> bytes:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)", (key, value))
+            return bytes(db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0])
+
+    # -- users -----------------------------------------------------------------------------------------
+
+    def create_user(self, name: str, now: float) -> UserRec:
+        try:
+            with self._tx() as db:
+                cur = db.execute("INSERT INTO users (name, created) VALUES (?, ?)", (name, now))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"user {name!r} exists already") from None
+        return UserRec(int(cur.lastrowid or 0), name, now)
+
+    def get_user(self, name: str) -> UserRec | None:
+        row = self._db.execute("SELECT id, name, created FROM users WHERE name = ?", (name,)).fetchone()
+        return UserRec(int(row[0]), row[1], float(row[2])) if row else None
+
+    def list_users(self) -> Sequence[UserRec]:
+        rows = self._db.execute("SELECT id, name, created FROM users ORDER BY id").fetchall()
+        return [UserRec(int(r[0]), r[1], float(r[2])) for r in rows]
+
+    def delete_user(self, name: str) -> None:
+        try:
+            with self._tx() as db:
+                cur = db.execute("DELETE FROM users WHERE name = ?", (name,))
+                if cur.rowcount == 0:
+                    raise NotFound(f"user {name!r} not found; see `ghostctl users list`")
+        except sqlite3.IntegrityError:
+            raise Conflict(f"user {name!r} still owns nodes; delete them first") from None
+
+    # -- auth keys -------------------------------------------------------------------------------------
+
+    def insert_auth_key(self, rec: AuthKeyRec) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    f"INSERT INTO auth_keys ({_AUTH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        rec.id,
+                        rec.hash,
+                        rec.user,
+                        int(rec.reusable),
+                        int(rec.ephemeral),
+                        json.dumps(list(rec.tags)),
+                        rec.created,
+                        rec.expires,
+                        rec.used_count,
+                        int(rec.revoked),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"auth key {rec.id}: cannot store ({exc})") from None
+
+    def get_auth_key(self, key_id: str) -> AuthKeyRec | None:
+        row = self._db.execute(f"SELECT {_AUTH_COLS} FROM auth_keys WHERE id = ?", (key_id,)).fetchone()  # noqa: S608
+        return _auth(row) if row else None
+
+    def list_auth_keys(self, user: str | None = None) -> Sequence[AuthKeyRec]:
+        if user:
+            rows = self._db.execute(
+                f"SELECT {_AUTH_COLS} FROM auth_keys WHERE user = ? ORDER BY created, id",  # noqa: S608
+                (user,),
+            ).fetchall()
+        else:
+            rows = self._db.execute(f"SELECT {_AUTH_COLS} FROM auth_keys ORDER BY created, id").fetchall()  # noqa: S608
+        return [_auth(r) for r in rows]
+
+    def revoke_auth_key(self, key_id: str) -> AuthKeyRec | None:
+        with self._tx() as db:
+            db.execute("UPDATE auth_keys SET revoked = 1 WHERE id = ?", (key_id,))
+        return self.get_auth_key(key_id)
+
+    # -- API keys --------------------------------------------------------------------------------------
+
+    def insert_api_key(self, rec: ApiKeyRec) -> None:
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO api_keys ({_API_COLS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (rec.id, rec.hash, rec.created, rec.expires, int(rec.revoked), rec.last_used),
+            )
+
+    def get_api_key(self, key_id: str) -> ApiKeyRec | None:
+        row = self._db.execute(f"SELECT {_API_COLS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()  # noqa: S608
+        return _api(row) if row else None
+
+    def list_api_keys(self) -> Sequence[ApiKeyRec]:
+        rows = self._db.execute(f"SELECT {_API_COLS} FROM api_keys ORDER BY created, id").fetchall()  # noqa: S608
+        return [_api(r) for r in rows]
+
+    def revoke_api_key(self, key_id: str) -> ApiKeyRec | None:
+        with self._tx() as db:
+            db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
+        return self.get_api_key(key_id)
+
+    def touch_api_key(self, key_id: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE api_keys SET last_used = ? WHERE id = ?", (now, key_id))
+
+    # -- nodes -----------------------------------------------------------------------------------------
+
+    def list_nodes(self) -> Sequence[NodeRec]:
+        rows = self._db.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY id").fetchall()  # noqa: S608
+        return [_node(r) for r in rows]
+
+    @staticmethod
+    def _consume(db: sqlite3.Connection, key_id: str) -> None:
+        # The check and the count in one statement, inside the node's transaction: two racing
+        # registrations cannot both spend a single-use key.
+        cur = db.execute(
+            "UPDATE auth_keys SET used_count = used_count + 1 "
+            "WHERE id = ? AND revoked = 0 AND (reusable = 1 OR used_count = 0)",
+            (key_id,),
+        )
+        if cur.rowcount != 1:
+            raise AuthError(f"auth key gmauth_{key_id} was revoked or spent meanwhile; create a new one")
+
+    def insert_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> NodeRec:
+        try:
+            with self._tx() as db:
+                if consume_auth_key is not None:
+                    self._consume(db, consume_auth_key)
+                cur = db.execute(
+                    "INSERT INTO nodes (name, user, node_key, ipv4, ipv6, ephemeral, tags, created, expires, "
+                    "last_seen, endpoints, hostname, auth_key_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        rec.name,
+                        rec.user,
+                        rec.node_key,
+                        rec.ipv4,
+                        rec.ipv6,
+                        int(rec.ephemeral),
+                        json.dumps(list(rec.tags)),
+                        rec.created,
+                        rec.expires,
+                        rec.last_seen,
+                        json.dumps(list(rec.endpoints)),
+                        rec.hostname,
+                        rec.auth_key_id,
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise _conflict(exc, f"node {rec.name!r}") from None
+        return replace(rec, id=int(cur.lastrowid or 0))
+
+    def update_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> None:
+        try:
+            with self._tx() as db:
+                if consume_auth_key is not None:
+                    self._consume(db, consume_auth_key)
+                cur = db.execute(
+                    "UPDATE nodes SET name = ?, user = ?, node_key = ?, ipv4 = ?, ipv6 = ?, ephemeral = ?, "
+                    "tags = ?, created = ?, expires = ?, last_seen = ?, endpoints = ?, hostname = ?, "
+                    "auth_key_id = ? WHERE id = ?",
+                    (
+                        rec.name,
+                        rec.user,
+                        rec.node_key,
+                        rec.ipv4,
+                        rec.ipv6,
+                        int(rec.ephemeral),
+                        json.dumps(list(rec.tags)),
+                        rec.created,
+                        rec.expires,
+                        rec.last_seen,
+                        json.dumps(list(rec.endpoints)),
+                        rec.hostname,
+                        rec.auth_key_id,
+                        rec.id,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise NotFound(f"node {rec.id} not found")
+        except sqlite3.IntegrityError as exc:
+            raise _conflict(exc, f"node {rec.name!r}") from None
+
+    def delete_node(self, node_id: int) -> None:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+            if cur.rowcount != 1:
+                raise NotFound(f"node {node_id} not found")
