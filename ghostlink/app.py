@@ -1,0 +1,228 @@
+"""ghostlink's command line: ``join``, ``run`` and ``config check``; wires config, state, backend, daemon
+and the local API together. The only ghostlink module that configures logging or prints to the user.
+
+Every failure is one line on stderr, ``ghostlink: <what>; <what to do>``, and exit status 1. A failed
+join writes nothing (the state directory is written only after the server accepted the registration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ghostcore import logsetup
+from ghostcore.errors import AuthError, ConfigError, GhostError, PermissionDenied
+from ghostcore.keys import PrivateKey, PublicKey
+from ghostlink.config import LinkConfig, load_config
+from ghostlink.control import CoordClient, Daemon
+from ghostlink.engine import NodeInfo
+from ghostlink.localapi import LocalNodeService, start_local_api, stop_local_api
+from ghostlink.net import LinkNet
+from ghostlink.state import SavedNode, StateDir
+from ghostlink.wg.select import choose, make_backend
+from ghostlink.wg.wggo import WireGuardGoBackend
+
+log = logging.getLogger("ghostlink")
+AUTH_ENV = "GHOSTLINK_AUTH_KEY"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"ghostlink: {message}; see `ghostlink --help`\n")
+
+
+def _common(p: argparse.ArgumentParser, *, server: bool) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (see configs/ghostlink.toml)")
+    if server:
+        p.add_argument("--server", help="ghostmesh coordination address HOST:PORT")
+    p.add_argument("--hostname", help="name to register (default: this machine's hostname)")
+    p.add_argument("--state-dir", help="where the node key and registration are kept")
+    p.add_argument("--interface", help="WireGuard interface name (at most 15 characters)")
+    p.add_argument("--listen-port", type=int, help="WireGuard UDP port (0: random)")
+    p.add_argument("--socket", help="local API unix socket for ghostctl")
+    p.add_argument("--backend", choices=("auto", "kernel", "wireguard-go"), help="WireGuard implementation")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ghostlink", description="ghost* node agent: joins a ghostmesh and runs WireGuard")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    join = sub.add_parser("join", help="register with ghostmesh, then run the daemon in the foreground")
+    _common(join, server=True)
+    join.add_argument("--auth", help=f"pre-auth key (or set {AUTH_ENV}, which keeps it out of `ps`)")
+    run = sub.add_parser("run", help="run the daemon from the saved registration (reconnects forever)")
+    _common(run, server=True)
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True, parser_class=_Parser)
+    check = cfg_sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("--config", type=Path, required=True)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "node.server": getattr(args, "server", None),
+        "node.hostname": args.hostname,
+        "node.state_dir": args.state_dir,
+        "wireguard.interface": args.interface,
+        "wireguard.listen_port": args.listen_port,
+        "wireguard.backend": args.backend,
+        "control.socket": args.socket,
+        "log.level": args.log_level,
+    }
+
+
+def _up_line(node: NodeInfo, backend: str, ifname: str) -> str:
+    v4 = next((a for a in node.addresses if ipaddress.ip_address(a).version == 4), "-")
+    v6 = next((a for a in node.addresses if ipaddress.ip_address(a).version == 6), "-")
+    return f"ghostlink: joined as {node.name} ({v4}, {v6}) via {backend} on {ifname}"
+
+
+async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey) -> None:
+    """Bring WireGuard up, serve the local API, run the daemon until SIGTERM/SIGINT; clean up always."""
+    ifname = cfg.wireguard.interface
+    # The kernel probe uses pyroute2's blocking API, which must not run on the event loop's thread.
+    choice = await asyncio.to_thread(choose, cfg.wireguard.backend, cfg.wireguard.wireguard_go)
+    backend = make_backend(choice, ifname, cfg.wireguard.wireguard_go)
+
+    def announce(node: NodeInfo) -> None:
+        print(_up_line(node, backend.name, ifname), file=sys.stderr, flush=True)
+
+    daemon = Daemon(
+        client,
+        backend,
+        LinkNet(ifname),
+        key=key,
+        listen_port=cfg.wireguard.listen_port,
+        mtu=cfg.wireguard.mtu,
+        reconnect_max=cfg.control.reconnect_max,
+        on_up=announce,
+    )
+    if isinstance(backend, WireGuardGoBackend):
+        backend.on_restart = daemon.on_backend_restart
+    sock = Path(cfg.control.socket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    local = None
+    run_task: asyncio.Task[None] | None = None
+    try:
+        await daemon.start()
+        local = await start_local_api(
+            sock, LocalNodeService(daemon, server=client.target, backend_name=backend.name, ifname=ifname)
+        )
+        run_task = asyncio.create_task(daemon.run())
+        stop_task = asyncio.create_task(stop.wait())
+        await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        log.info("stopping")
+    finally:
+        if run_task is not None:
+            run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_task
+        if local is not None:
+            await stop_local_api(local, sock)
+        await backend.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def join(cfg: LinkConfig, auth_key: str) -> None:
+    server = cfg.node.server
+    if not server:
+        raise ConfigError("no server given; pass --server HOST:PORT")
+    # Fail on a missing WireGuard before anything is registered or written.
+    await asyncio.to_thread(choose, cfg.wireguard.backend, cfg.wireguard.wireguard_go)
+    state = StateDir(cfg.node.state_dir)
+    key = state.key_for_join()
+    saved = state.saved_node()
+    client = CoordClient(server, key, timeout=cfg.control.connect_timeout)
+    try:
+        pinned = saved.server_key if saved is not None and saved.server == server else None
+        server_key = await client.pin_server_key(expected=pinned)
+        try:
+            node = await client.register(auth_key, cfg.node.hostname)
+        except PermissionDenied as exc:
+            raise PermissionDenied(f"registration refused: {exc}") from None
+        except AuthError as exc:
+            raise AuthError(f"auth key refused: {exc}") from None
+        state.save(
+            key, SavedNode(server=server, server_key=server_key.base64(), node_id=node.id, name=node.name)
+        )
+        log.info("registered as %s (node %d) with %s", node.name, node.id, server)
+        await _serve(cfg, client, key)
+    finally:
+        await client.close()
+
+
+async def run(cfg: LinkConfig) -> None:
+    state = StateDir(cfg.node.state_dir)
+    key, saved = state.load()
+    server = cfg.node.server or saved.server
+    client = CoordClient(
+        server, key, PublicKey.from_base64(saved.server_key), timeout=cfg.control.connect_timeout
+    )
+    try:
+        await _serve(cfg, client, key)
+    finally:
+        await client.close()
+
+
+def _run_async(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up (the [fast] extra)
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def _fail(message: str) -> int:
+    print(f"ghostlink: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "config":
+        try:
+            load_config(args.config, environ=dict(os.environ))
+        except GhostError as exc:
+            return _fail(str(exc))
+        print(f"ghostlink: {args.config}: ok")
+        return 0
+    if os.geteuid() != 0:
+        return _fail("must run as root to create the WireGuard interface; try sudo")
+    try:
+        cfg = load_config(args.config, environ=dict(os.environ), flags=_flags(args))
+        logsetup.configure(cfg.log.level, cfg.log.format)
+        # pyroute2 logs every netlink message at debug: far too much even for our debug level.
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
+        if args.cmd == "join":
+            auth = args.auth or os.environ.get(AUTH_ENV, "")
+            if not auth:
+                raise ConfigError(f"no auth key given; pass --auth KEY or set {AUTH_ENV}")
+            _run_async(join(cfg, auth))
+        else:
+            _run_async(run(cfg))
+    except GhostError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""ghostlink's configuration schema: frozen dataclasses loaded by ``ghostcore.config.load``.
+
+Precedence is defaults < TOML file < environment (``GHOSTLINK_<TABLE>_<KEY>``) < command-line flags.
+Validation beyond types (interface name length, port range, backend names, host:port) lives in the
+``__post_init__`` of each table and raises ``ConfigError`` naming the key path.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ghostcore.config import duration, load
+from ghostcore.errors import ConfigError
+
+ENV_PREFIX = "GHOSTLINK"
+BACKENDS = ("auto", "kernel", "wireguard-go")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+# Linux IFNAMSIZ is 16 including the terminating NUL (include/uapi/linux/if.h).
+IFNAME_MAX = 15
+
+
+def split_host_port(text: str, where: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ConfigError naming ``where`` otherwise."""
+    bad = ConfigError(f"{where}: {text!r} is not host:port; use e.g. 203.0.113.1:7777 or [2001:db8::1]:7777")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise bad
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise bad
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad
+    return host, int(port_text)
+
+
+def validate_ifname(name: str, where: str = "wireguard.interface") -> str:
+    if not name or len(name) > IFNAME_MAX or any(c in name for c in "/ :\t\n") or name in (".", ".."):
+        raise ConfigError(
+            f"{where}: {name!r} is not a valid interface name; use 1-{IFNAME_MAX} characters "
+            "without '/', ':' or spaces"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    server: str = ""  # host:port of ghostmesh; empty until join (or taken from the saved state)
+    hostname: str = field(default_factory=socket.gethostname)
+    state_dir: str = "/var/lib/ghostlink"
+
+    def __post_init__(self) -> None:
+        if self.server:
+            split_host_port(self.server, "node.server")
+        if not self.state_dir:
+            raise ConfigError("node.state_dir: must not be empty")
+        if len(self.hostname) > 63:
+            raise ConfigError("node.hostname: at most 63 characters")
+
+
+@dataclass(frozen=True)
+class WireGuardConfig:
+    interface: str = "ghost0"
+    listen_port: int = 41641  # 0: let WireGuard pick a random port
+    backend: str = "auto"
+    wireguard_go: str = "wireguard-go"  # binary path or name on PATH
+    mtu: int = 1280
+
+    def __post_init__(self) -> None:
+        validate_ifname(self.interface)
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"wireguard.listen_port: must be 0-65535, got {self.listen_port}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"wireguard.backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
+        if not self.wireguard_go:
+            raise ConfigError("wireguard.wireguard_go: must name the wireguard-go binary")
+        # 1280 is the IPv6 minimum link MTU (RFC 8200 section 5); 65535 the largest a TUN takes.
+        if not 1280 <= self.mtu <= 65535:
+            raise ConfigError(f"wireguard.mtu: must be 1280-65535, got {self.mtu}")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = "/var/run/ghostlink/ghostlink.sock"
+    reconnect_max: float = duration(30.0)
+    connect_timeout: float = duration(5.0)
+
+    def __post_init__(self) -> None:
+        if not self.socket:
+            raise ConfigError("control.socket: must not be empty")
+        if self.reconnect_max <= 0:
+            raise ConfigError("control.reconnect_max: must be positive")
+        if self.connect_timeout <= 0:
+            raise ConfigError("control.connect_timeout: must be positive")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        if self.format not in LOG_FORMATS:
+            raise ConfigError(f"log.format: must be one of {', '.join(LOG_FORMATS)}, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    wireguard: WireGuardConfig = field(default_factory=WireGuardConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(
+    path: Path | None,
+    *,
+    environ: dict[str, str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> LinkConfig:
+    """Load ghostlink's config; ``flags`` maps dotted keys (``"node.server"``) to values (None = unset)."""
+    return load(LinkConfig, path, env_prefix=ENV_PREFIX, environ=environ, flags=flags)

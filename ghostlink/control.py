@@ -1,0 +1,280 @@
+"""The coordination client (grpc.aio) and the node daemon loop.
+
+``CoordClient`` wraps the four Coordination RPCs ghostlink uses. Every call but GetServerInfo carries a
+proof of possession of the node key (``ghostcore.nodeauth.make_metadata``) bound to the call's full
+method path, as ``coordination.proto`` describes.
+
+``Daemon`` owns the reconcile loop (design brief, principles 3 and 5):
+
+* connect, open ``Sync``; each ``MapUpdate`` goes through ``engine``: NetMap -> desired state ->
+  ``plan(applied, desired)``; only the plan is applied to the WireGuard backend and the net layer;
+* after the first map of a stream and whenever the host's endpoints change: ``ReportStatus``;
+* when the stream fails, nothing is torn down: the interface and peers stay exactly as they are, so
+  tunnels keep working on the last map. Reconnects back off (``ghostcore.aio.Backoff``) forever; on
+  reconnect the new full map is diffed against what is applied, so unchanged peers are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from ghostcore.aio import Backoff
+from ghostcore.errors import GhostError, ProtocolError, Unavailable
+from ghostcore.grpcerr import from_rpc_error
+from ghostcore.keys import PrivateKey, PublicKey
+from ghostcore.nodeauth import make_metadata
+from ghostcore.pb.ghostmesh.v1 import coordination_pb2, coordination_pb2_grpc
+from ghostlink import engine
+from ghostlink.net import NetLayer
+from ghostlink.wg.base import WireGuardBackend
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/ghostmesh.v1.Coordination"
+M_REGISTER = f"{SERVICE}/Register"
+M_SYNC = f"{SERVICE}/Sync"
+M_REPORT = f"{SERVICE}/ReportStatus"
+MAX_MESSAGE = 64 * 1024 * 1024  # a full map of 10k peers is a few MiB; bound it anyway
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # Keepalive pings notice a silently vanished server (a partition; a killed server resets the TCP
+    # connection at once). 5 min is the most frequent rate a default gRPC server accepts
+    # (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS); faster pings earn GOAWAY "too_many_pings",
+    # which would drop the Sync stream over and over.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class CoordClient:
+    """One channel to ghostmesh. ``server_key`` is None only before GetServerInfo at join."""
+
+    def __init__(
+        self, target: str, key: PrivateKey, server_key: PublicKey | None = None, timeout: float = 5.0
+    ) -> None:
+        self.target = target
+        self.key = key
+        self.server_key = server_key
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = coordination_pb2_grpc.CoordinationStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+    def _md(self, method: str) -> tuple[tuple[str, str], ...]:
+        if self.server_key is None:
+            raise ProtocolError("internal: the server key is not pinned yet (GetServerInfo first)")
+        return make_metadata(self.key, self.server_key, method, now_ms())
+
+    def _err(self, exc: grpc.RpcError) -> GhostError:
+        return from_rpc_error(exc, self.target)
+
+    async def server_info(self) -> coordination_pb2.ServerInfo:
+        try:
+            info: coordination_pb2.ServerInfo = await self.stub.GetServerInfo(
+                coordination_pb2.GetServerInfoRequest(), timeout=self.timeout, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                detail = (exc.details() or "").splitlines()[0] if exc.details() else ""
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    detail = f"no answer within {self.timeout:g}s"
+                raise Unavailable(
+                    f"cannot reach ghostmesh at {self.target}: {detail}; "
+                    "check --server and that ghostmesh is running"
+                ) from None
+            raise self._err(exc) from None
+        return info
+
+    async def pin_server_key(self, expected: str | None = None) -> PublicKey:
+        """GetServerInfo and pin its key; if ``expected`` (a saved pin) differs, refuse."""
+        info = await self.server_info()
+        try:
+            key = PublicKey.from_base64(info.server_key)
+        except GhostError:
+            raise ProtocolError(f"ghostmesh at {self.target} sent an invalid server key") from None
+        if expected is not None and key.base64() != expected:
+            raise ProtocolError(
+                f"ghostmesh at {self.target} presents key {key.short()}…, not the pinned {expected[:8]}…; "
+                "if the server was reinstalled, remove the state directory and join again"
+            )
+        self.server_key = key
+        return key
+
+    async def register(self, auth_key: str, hostname: str) -> coordination_pb2.Node:
+        try:
+            resp: coordination_pb2.RegisterResponse = await self.stub.Register(
+                coordination_pb2.RegisterRequest(auth_key=auth_key, hostname=hostname),
+                metadata=self._md(M_REGISTER),
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise self._err(exc) from None
+        return resp.node
+
+    def sync(self) -> grpc.aio.UnaryStreamCall[coordination_pb2.SyncRequest, coordination_pb2.MapUpdate]:
+        return self.stub.Sync(coordination_pb2.SyncRequest(), metadata=self._md(M_SYNC))
+
+    async def report_status(self, endpoints: list[str]) -> None:
+        try:
+            await self.stub.ReportStatus(
+                coordination_pb2.StatusReport(endpoints=endpoints),
+                metadata=self._md(M_REPORT),
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise self._err(exc) from None
+
+
+@dataclass
+class DaemonStatus:
+    connected: bool = False
+    last_error: str = ""
+    last_map_unix: int = 0
+    listen_port: int = 0
+
+
+class Daemon:
+    """The node agent's main loop. Backend and net layer are injected (tests pass fakes)."""
+
+    def __init__(
+        self,
+        client: CoordClient,
+        backend: WireGuardBackend,
+        net: NetLayer,
+        *,
+        key: PrivateKey,
+        listen_port: int,
+        mtu: int = 1280,
+        reconnect_max: float = 30.0,
+        endpoint_interval: float = 10.0,
+        on_up: Callable[[engine.NodeInfo], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.backend = backend
+        self.net = net
+        self.key = key
+        self.listen_port = listen_port
+        self.mtu = mtu
+        self.backoff = Backoff(initial=0.5, maximum=reconnect_max)
+        self.endpoint_interval = endpoint_interval
+        self.on_up = on_up
+        self.netmap = engine.NetMap()
+        self.applied = engine.DesiredState()
+        self.status = DaemonStatus()
+        self.reported: list[str] | None = None
+        self.sessions = 0  # Sync streams opened (tests watch reconnects)
+        self._lock = asyncio.Lock()
+        self._announced = False
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bring the interface up (before any map arrives, so the port is bound and reportable)."""
+        await self.backend.up(self.key, self.listen_port, self.mtu)
+        dev = await self.backend.read()
+        self.status.listen_port = dev.listen_port or self.listen_port
+
+    async def on_backend_restart(self) -> None:
+        """wireguard-go was restarted: its new TUN has no addresses or routes; re-add them."""
+        async with self._lock:
+            self.applied = engine.DesiredState(peers=dict(self.applied.peers))
+        await self.reconcile()
+
+    async def reconcile(self) -> engine.Plan:
+        async with self._lock:
+            desired = engine.desired_state(self.netmap)
+            p = engine.plan(self.applied, desired)
+            if p.empty:
+                return p
+            log.debug("applying plan: %s", p.summary())
+            await self.backend.apply(p)
+            await self.net.apply(p)
+            self.applied = engine.applied_after(self.applied, p)
+            return p
+
+    async def report_endpoints(self, force: bool = False) -> None:
+        eps = await self.net.local_endpoints(self.status.listen_port)
+        if force or eps != self.reported:
+            await self.client.report_status(eps)
+            log.info("reported endpoints %s", ",".join(eps) or "(none)")
+            self.reported = eps
+
+    async def _endpoint_watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.endpoint_interval)
+            try:
+                await self.report_endpoints()
+            except GhostError as exc:
+                log.debug("endpoint report failed: %s", exc)  # the session loop reports connection errors
+
+    async def session(self) -> None:
+        """One Sync stream, until it fails. Raises GhostError; never tears down WireGuard state."""
+        self.netmap.begin_stream()
+        self.sessions += 1
+        call = self.client.sync()
+        watcher: asyncio.Task[None] | None = None
+        try:
+            async for update in call:
+                self.netmap.apply(update)
+                self.status.last_map_unix = int(time.time())
+                await self.reconcile()
+                if not self.status.connected:
+                    self.status.connected = True
+                    self.status.last_error = ""
+                    self.backoff.reset()
+                    log.info(
+                        "connected to ghostmesh at %s (map serial %d, %d peers)",
+                        self.client.target,
+                        self.netmap.serial,
+                        len(self.netmap.peers),
+                    )
+                    await self.report_endpoints(force=True)
+                    watcher = asyncio.create_task(self._endpoint_watch())
+                    if not self._announced and self.on_up is not None and self.netmap.self_node is not None:
+                        self._announced = True
+                        self.on_up(self.netmap.self_node)
+            raise Unavailable(f"ghostmesh at {self.client.target} closed the map stream")
+        except grpc.RpcError as exc:
+            raise self.client._err(exc) from None
+        finally:
+            self.status.connected = False
+            call.cancel()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def run(self) -> None:
+        """Sessions forever, with backoff between them, until ``stop()``."""
+        while not self._stop.is_set():
+            try:
+                await self.session()
+            except GhostError as exc:
+                # The same failure repeated every backoff step is logged once at warning, then at debug.
+                level = logging.DEBUG if str(exc) == self.status.last_error else logging.WARNING
+                self.status.last_error = str(exc)
+                log.log(level, "map stream: %s; keeping the last map and WireGuard state, retrying", exc)
+            except (OSError, ValueError) as exc:  # e.g. netlink refused a route: retry the whole sync
+                self.status.last_error = f"applying the map failed: {exc}"
+                log.warning("applying the map failed: %s; retrying", exc, exc_info=True)
+            delay = self.backoff.next()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,245 @@
+"""The node's reconcile core, pure: peer map -> desired state -> plan of differences.
+
+Three steps, all sans-IO (no sockets, no netlink, no clock):
+
+1. ``NetMap.apply(update)`` folds ``coordination_pb2.MapUpdate`` messages into the node's view of the
+   mesh: a ``full`` update replaces everything, a delta upserts / removes peers. Serials must strictly
+   increase within a stream (``coordination.proto``: "1 is the full map"); ``begin_stream()`` resets the
+   expectation on reconnect while keeping the last map, so the mesh keeps running on it meanwhile.
+2. ``desired_state(netmap)`` computes what the WireGuard device, addresses and routes should be.
+3. ``plan(current, desired)`` lists only the differences, per peer and per field, the way Tailscale's
+   ``wgengine.Reconfig`` does: an unchanged peer appears nowhere in a plan, so applying a plan never
+   touches (and never resets the session of) a peer the change does not concern.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ghostcore.errors import InvalidArgument, ProtocolError
+from ghostcore.keys import PublicKey
+from ghostcore.pb.ghostmesh.v1 import coordination_pb2
+
+DEFAULT_KEEPALIVE = 25  # seconds; WireGuard's whitepaper suggests 25 s to keep NAT mappings alive
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """An immutable copy of a ``coordination_pb2.Node`` (protobuf messages are mutable)."""
+
+    id: int
+    name: str
+    user: str
+    node_key: str
+    addresses: tuple[str, ...]
+    allowed_ips: tuple[str, ...]
+    endpoints: tuple[str, ...]
+    online: bool
+    last_seen_unix: int
+    expires_unix: int
+
+    @classmethod
+    def from_pb(cls, n: coordination_pb2.Node) -> NodeInfo:
+        return cls(
+            id=n.id,
+            name=n.name,
+            user=n.user,
+            node_key=n.node_key,
+            addresses=tuple(n.addresses),
+            allowed_ips=tuple(n.allowed_ips),
+            endpoints=tuple(n.endpoints),
+            online=n.online,
+            last_seen_unix=n.last_seen_unix,
+            expires_unix=n.expires_unix,
+        )
+
+
+@dataclass
+class NetMap:
+    """The node's current map of the mesh, built from MapUpdates."""
+
+    self_node: NodeInfo | None = None
+    peers: dict[int, NodeInfo] = field(default_factory=dict)
+    serial: int = 0
+    keepalive: int = DEFAULT_KEEPALIVE
+    has_full: bool = False  # a full map arrived on the current stream
+
+    def begin_stream(self) -> None:
+        """A new Sync stream starts: serials restart at 1; keep the map until the full one replaces it."""
+        self.serial = 0
+        self.has_full = False
+
+    def apply(self, update: coordination_pb2.MapUpdate) -> None:
+        if update.serial <= self.serial:
+            raise ProtocolError(
+                f"map serial went from {self.serial} to {update.serial}; serials must strictly increase"
+            )
+        if not update.full and not self.has_full:
+            raise ProtocolError("the server sent a map delta before the full map on this stream")
+        if update.full:
+            if not update.HasField("self"):
+                raise ProtocolError("a full map must carry the node's own record (self)")
+            self.peers = {}
+            self.has_full = True
+        if update.HasField("self"):
+            self.self_node = NodeInfo.from_pb(update.self)
+        for rid in update.peers_removed:
+            self.peers.pop(rid, None)
+        for p in update.peers_upserted:
+            self.peers[p.id] = NodeInfo.from_pb(p)
+        if update.keepalive_seconds > 0:
+            self.keepalive = update.keepalive_seconds
+        self.serial = update.serial
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """One WireGuard peer as it should be."""
+
+    public_key: str  # base64
+    allowed_ips: tuple[str, ...]  # normalised, sorted
+    endpoint: str | None
+    keepalive: int
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    addresses: frozenset[str] = frozenset()  # "100.64.0.1/32", "fd7a:115c:a1e0::1/128"
+    peers: dict[str, PeerSpec] = field(default_factory=dict)
+    routes: frozenset[str] = frozenset()  # prefixes routed via the WireGuard interface
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    spec: PeerSpec  # the whole desired peer; only ``fields`` differ from what is applied
+    fields: frozenset[str]  # subset of {"allowed_ips", "endpoint", "keepalive"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    peers_add: tuple[PeerSpec, ...] = ()
+    peers_update: tuple[PeerUpdate, ...] = ()
+    peers_remove: tuple[str, ...] = ()
+    addresses_add: tuple[str, ...] = ()
+    addresses_remove: tuple[str, ...] = ()
+    routes_add: tuple[str, ...] = ()
+    routes_remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any(
+            (
+                self.peers_add,
+                self.peers_update,
+                self.peers_remove,
+                self.addresses_add,
+                self.addresses_remove,
+                self.routes_add,
+                self.routes_remove,
+            )
+        )
+
+    def touched_peers(self) -> set[str]:
+        return (
+            {p.public_key for p in self.peers_add}
+            | {u.spec.public_key for u in self.peers_update}
+            | set(self.peers_remove)
+        )
+
+    def summary(self) -> str:
+        """One line for debug logs (keys shortened; no secrets exist in a plan)."""
+
+        def keys(ks: list[str]) -> str:
+            return ",".join(k[:8] for k in ks) or "-"
+
+        upd = ",".join(f"{u.spec.public_key[:8]}({'+'.join(sorted(u.fields))})" for u in self.peers_update)
+        return (
+            f"peers +[{keys([p.public_key for p in self.peers_add])}] ~[{upd or '-'}] "
+            f"-[{keys(list(self.peers_remove))}] "
+            f"addrs +{list(self.addresses_add)} -{list(self.addresses_remove)} "
+            f"routes +{len(self.routes_add)} -{len(self.routes_remove)}"
+        )
+
+
+def _prefix(text: str) -> str:
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+def _host_prefix(addr: str) -> str:
+    ip = ipaddress.ip_address(addr)
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def desired_state(nm: NetMap) -> DesiredState:
+    """What the device should look like for ``nm``. Malformed peers are skipped (the server validates)."""
+    if nm.self_node is None:
+        return DesiredState()
+    addresses = frozenset(_host_prefix(a) for a in nm.self_node.addresses)
+    peers: dict[str, PeerSpec] = {}
+    routes: set[str] = set()
+    for p in sorted(nm.peers.values(), key=lambda n: n.id):
+        try:
+            key = PublicKey.from_base64(p.node_key).base64()
+            allowed = tuple(sorted({_prefix(a) for a in p.allowed_ips}))
+        except (InvalidArgument, ValueError):
+            continue
+        if key == nm.self_node.node_key:
+            continue  # never peer with ourselves, whatever the server says
+        endpoint = p.endpoints[0] if p.endpoints else None
+        peers[key] = PeerSpec(public_key=key, allowed_ips=allowed, endpoint=endpoint, keepalive=nm.keepalive)
+        routes.update(allowed)
+    return DesiredState(addresses=addresses, peers=peers, routes=frozenset(routes))
+
+
+def plan(current: DesiredState, desired: DesiredState) -> Plan:
+    """Only the differences between ``current`` (applied) and ``desired``.
+
+    An endpoint that becomes unknown (None) is not a change: UAPI cannot unset an endpoint, and
+    WireGuard's own roaming (it learns a peer's address from authenticated packets) keeps it right.
+    """
+    add: list[PeerSpec] = []
+    update: list[PeerUpdate] = []
+    for key in sorted(desired.peers):
+        want = desired.peers[key]
+        have = current.peers.get(key)
+        if have is None:
+            add.append(want)
+            continue
+        changed = set()
+        if want.allowed_ips != have.allowed_ips:
+            changed.add("allowed_ips")
+        if want.endpoint is not None and want.endpoint != have.endpoint:
+            changed.add("endpoint")
+        if want.keepalive != have.keepalive:
+            changed.add("keepalive")
+        if changed:
+            update.append(PeerUpdate(spec=want, fields=frozenset(changed)))
+    remove = tuple(sorted(k for k in current.peers if k not in desired.peers))
+    return Plan(
+        peers_add=tuple(add),
+        peers_update=tuple(update),
+        peers_remove=remove,
+        addresses_add=tuple(sorted(desired.addresses - current.addresses)),
+        addresses_remove=tuple(sorted(current.addresses - desired.addresses)),
+        routes_add=tuple(sorted(desired.routes - current.routes)),
+        routes_remove=tuple(sorted(current.routes - desired.routes)),
+    )
+
+
+def applied_after(current: DesiredState, p: Plan) -> DesiredState:
+    """The state once ``p`` has been applied to ``current`` (endpoint None keeps the old endpoint)."""
+    peers = dict(current.peers)
+    for k in p.peers_remove:
+        peers.pop(k, None)
+    for s in p.peers_add:
+        peers[s.public_key] = s
+    for u in p.peers_update:
+        old = peers.get(u.spec.public_key)
+        endpoint = u.spec.endpoint if "endpoint" in u.fields or old is None else old.endpoint
+        peers[u.spec.public_key] = PeerSpec(u.spec.public_key, u.spec.allowed_ips, endpoint, u.spec.keepalive)
+    return DesiredState(
+        addresses=(current.addresses - set(p.addresses_remove)) | set(p.addresses_add),
+        peers=peers,
+        routes=(current.routes - set(p.routes_remove)) | set(p.routes_add),
+    )

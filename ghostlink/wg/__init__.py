@@ -1,0 +1,1 @@
+"""WireGuard backends: the Protocol (``base``), the UAPI codec and client, wireguard-go, kernel, fake."""
