@@ -1,4 +1,5 @@
-"""Logging handlers for the daemons' ``app`` modules (the only callers): text or one JSON object per line.
+"""Logging for the daemons: the ``[log]`` config table, and handlers (text or one JSON object per line)
+that only ``app`` modules install.
 
 Library modules only ``logging.getLogger(__name__)`` and pass context through ``extra={"node": ..., "peer":
 ...}``; these formatters append that context. Nothing here ever sees a secret because nothing logs one.
@@ -10,8 +11,27 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
+
+from ghostcore.errors import ConfigError
 
 _CONTEXT_KEYS = ("node", "peer", "session", "user", "method")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The ``[log]`` table every program's config has."""
+
+    level: str = "info"
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log.level: expected one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        if self.format not in LOG_FORMATS:
+            raise ConfigError(f"log.format: expected one of {', '.join(LOG_FORMATS)}, got {self.format!r}")
 
 
 class _TextFormatter(logging.Formatter):

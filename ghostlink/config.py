@@ -14,11 +14,10 @@ from typing import Any
 
 from ghostcore.config import duration, load
 from ghostcore.errors import ConfigError
+from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTLINK"
 BACKENDS = ("auto", "kernel", "wireguard-go")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 # Linux IFNAMSIZ is 16 including the terminating NUL (include/uapi/linux/if.h).
 IFNAME_MAX = 15
 
@@ -100,18 +99,6 @@ class ControlConfig:
             raise ConfigError("control.reconnect_max: must be positive")
         if self.connect_timeout <= 0:
             raise ConfigError("control.connect_timeout: must be positive")
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: str = "info"
-    format: str = "text"
-
-    def __post_init__(self) -> None:
-        if self.level.lower() not in LOG_LEVELS:
-            raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
-        if self.format not in LOG_FORMATS:
-            raise ConfigError(f"log.format: must be one of {', '.join(LOG_FORMATS)}, got {self.format!r}")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from typing import Any
 from ghostcore.config import duration, load
 from ghostcore.errors import ConfigError
 from ghostcore.ipalloc import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, parse_prefix
+from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTMESH"
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_hostport(text: str, where: str) -> tuple[str, int]:
@@ -129,18 +129,6 @@ class MapperConfig:
             raise ConfigError(
                 f"mapper.batch_delay: at most 10s (nodes wait this long for changes), got {self.batch_delay}"
             )
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: str = "info"
-    format: str = "text"
-
-    def __post_init__(self) -> None:
-        if self.level.lower() not in _LOG_LEVELS:
-            raise ConfigError(f"log.level: expected one of {', '.join(_LOG_LEVELS)}, got {self.level!r}")
-        if self.format not in ("text", "json"):
-            raise ConfigError(f'log.format: expected "text" or "json", got {self.format!r}')
 
 
 @dataclass(frozen=True)
