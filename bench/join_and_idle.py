@@ -62,7 +62,7 @@ def main() -> int:
         time.sleep(3)  # settle: idle means no map traffic
         assert mesh.server is not None
         assert anchor.proc is not None
-        ref = lab.host("pyref").spawn([sys.executable, "-c", "import time; time.sleep(60)"], "pyref")
+        ref = lab.host("pyref").spawn([sys.executable, "-c", "import time; time.sleep(60)"], "python")
         time.sleep(1)
         py_rss = rss_kib(ref.pid)
         mesh_rss, link_rss = rss_kib(mesh.server.pid), rss_kib(anchor.proc.pid)

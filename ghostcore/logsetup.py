@@ -67,5 +67,6 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # grpc's own chatter at INFO is noise for operators.
-    logging.getLogger("grpc").setLevel(logging.WARNING)
+    # Libraries' own chatter (grpc at INFO, every netlink message pyroute2 sees at DEBUG) drowns ours.
+    for noisy in ("grpc", "pyroute2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,6 +9,7 @@ cleans everything up, also on Ctrl-C. Needs root (namespaces, TUN devices).
 from __future__ import annotations
 
 import itertools
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,9 +33,11 @@ def main() -> int:
     if why:
         print(f"demo: {why}; run it as root: sudo scripts/demo.sh", file=sys.stderr)
         return 1
+    artifacts = REPO / "test-artifacts" / "demo"
+    shutil.rmtree(artifacts, ignore_errors=True)  # keep this run's daemon logs only
     with (
         tempfile.TemporaryDirectory(prefix="ghost-demo-") as tmp,
-        Lab("demo", REPO / "test-artifacts" / "demo") as lab,
+        Lab("demo", artifacts) as lab,
     ):
         mesh = Mesh.build(lab, Path(tmp))
         print("demo: starting ghostmesh on 192.0.2.1:7777 (embedded SQLite)")
@@ -56,7 +59,7 @@ def main() -> int:
                 ok &= bool(good)
                 print(f"  {a.name:8} -> {b.name:8} {dst:28} {'ok' if good else 'FAILED'}")
         _show("ghostctl peers   (on alpha)", [GHOSTCTL, "--socket", str(nodes[0].socket), "peers"])
-        print("\ndemo: cleaning up (processes, namespaces, sockets)")
+        print(f"\ndemo: cleaning up (processes, namespaces, sockets); daemon logs stay in {artifacts}")
     print("demo: done" if ok else "demo: some pings failed")
     return 0 if ok else 1
 

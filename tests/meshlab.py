@@ -101,8 +101,7 @@ class Mesh:
 
     def start_server(self, extra_config: str = "") -> Proc:
         config = self.write_server_config(extra_config)
-        n = sum(1 for p in self.lab.procs if "ghostmesh" in p.log_path.name)
-        self.server = self.srv.spawn([GHOSTMESH, "--config", str(config)], f"ghostmesh-{n}.log")
+        self.server = self.srv.spawn([GHOSTMESH, "--config", str(config)], "ghostmesh")
         self.lab.wait_for(
             self._server_answers, timeout=15, interval=0.2, what="ghostmesh answers on its admin socket"
         )
@@ -168,9 +167,8 @@ class Mesh:
             "--listen-port", str(node.listen_port), "--socket", str(node.socket),
             "--backend", "wireguard-go", "--log-level", "debug", *extra,
         ]  # fmt: skip
-        n = sum(1 for p in self.lab.procs if p.log_path.name.startswith(f"ghostlink-{node.name}"))
         env = {"GHOSTLINK_CONTROL_RECONNECT_MAX": "1s"}
-        node.proc = node.host.spawn(argv, f"ghostlink-{node.name}-{n}.log", env=env)
+        node.proc = node.host.spawn(argv, "ghostlink", env=env)
         return node.proc
 
     def wait_connected(self, node: Node, timeout: float = 20) -> dict[str, Any]:

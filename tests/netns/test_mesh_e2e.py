@@ -8,13 +8,14 @@ daemon log is kept under test-artifacts/, and any traceback in any log fails the
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.meshlab import Mesh, Node
+from tests.meshlab import GHOSTLINK, SERVER_IP, SERVER_PORT, Mesh, Node
 from tests.netlab import lab_for
 
 pytestmark = pytest.mark.netns
@@ -193,3 +194,18 @@ def _status_or_empty(mesh: Mesh, node: Node) -> dict[str, object]:
         return node.status(mesh)
     except AssertionError:
         return {}
+
+
+def test_join_as_an_unprivileged_user_is_refused_and_writes_nothing(mesh: Mesh, tmp_path: Path) -> None:
+    """A real process dropped to `nobody` (not a monkeypatched euid): one line, exit 1, no state dir."""
+    key = mesh.authkey("--expiration", "10m")
+    state = tmp_path / "state"
+    tmp_path.chmod(0o777)  # so the refusal comes from ghostlink's own check, not from the filesystem
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", GHOSTLINK, "join",
+            "--server", f"{SERVER_IP}:{SERVER_PORT}", "--auth", key, "--state-dir", str(state)]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 1
+    assert res.stderr == "ghostlink: must run as root to create the WireGuard interface; try sudo\n"
+    assert not state.exists()
+    # The key was not spent by the refused attempt: it still registers a node.
+    mesh.join("n8", "lan_a", key)
