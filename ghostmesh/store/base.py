@@ -43,6 +43,7 @@ class NodeRec:
     endpoints: tuple[str, ...]
     hostname: str
     auth_key_id: str | None
+    pending_key: str | None = None  # key rotation: the new key, proven, until the node proves it switched
 
     def expired(self, now: float) -> bool:
         return self.expires != 0 and self.expires <= now

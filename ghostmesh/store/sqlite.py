@@ -75,6 +75,23 @@ MIGRATIONS: tuple[str, ...] = (
         value BLOB NOT NULL
     );
     """,
+    # 2: key rotation (a node's proven-but-not-yet-switched key) and the signed audit log.
+    """
+    ALTER TABLE nodes ADD COLUMN pending_key TEXT;
+    CREATE UNIQUE INDEX nodes_pending_key ON nodes(pending_key) WHERE pending_key IS NOT NULL;
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        ts_ms     INTEGER NOT NULL,
+        actor     TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        target    TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        remote    TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash      BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -82,7 +99,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Written columns (id is the rowid); _node_row produces values in this order, _node reads "id" + these.
 _NODE_COLUMNS = (
     "name", "user", "node_key", "ipv4", "ipv6", "ephemeral", "tags", "created", "expires", "last_seen",
-    "endpoints", "hostname", "auth_key_id",
+    "endpoints", "hostname", "auth_key_id", "pending_key",
 )  # fmt: skip
 _NODE_COLS = "id, " + ", ".join(_NODE_COLUMNS)
 # Built once from the constant column names above, never from input (hence the S608 waivers).
@@ -110,6 +127,7 @@ def _node(row: sqlite3.Row) -> NodeRec:
         endpoints=tuple(json.loads(row[11])),
         hostname=row[12],
         auth_key_id=row[13],
+        pending_key=row[14],
     )
 
 
@@ -117,7 +135,7 @@ def _node_row(rec: NodeRec) -> tuple[object, ...]:
     return (
         rec.name, rec.user, rec.node_key, rec.ipv4, rec.ipv6, int(rec.ephemeral),
         json.dumps(list(rec.tags)), rec.created, rec.expires, rec.last_seen,
-        json.dumps(list(rec.endpoints)), rec.hostname, rec.auth_key_id,
+        json.dumps(list(rec.endpoints)), rec.hostname, rec.auth_key_id, rec.pending_key,
     )  # fmt: skip
 
 

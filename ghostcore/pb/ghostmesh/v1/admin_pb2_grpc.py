@@ -100,6 +100,36 @@ class AdminStub:
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.ExpireApiKeyRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/ghostmesh.v1.Admin/GetPolicy',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.Policy.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/ghostmesh.v1.Admin/SetPolicy',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.Policy.FromString,
+                _registered_method=True)
+        self.CheckPolicy = channel.unary_unary(
+                '/ghostmesh.v1.Admin/CheckPolicy',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.CheckPolicyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.CheckPolicyResponse.FromString,
+                _registered_method=True)
+        self.TestPolicy = channel.unary_unary(
+                '/ghostmesh.v1.Admin/TestPolicy',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.TestPolicyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.TestPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/ghostmesh.v1.Admin/ListAudit',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.GetAuditKey = channel.unary_unary(
+                '/ghostmesh.v1.Admin/GetAuditKey',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.GetAuditKeyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.AuditKey.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -183,6 +213,46 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicy(self, request, context):
+        """ACL policy (TOML text, the format of acls.toml). Set validates and runs the policy's tests first: a
+        policy that fails either is refused (INVALID_ARGUMENT / FAILED_PRECONDITION) and the old one stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestPolicy(self, request, context):
+        """Evaluate access questions against the policy in force (or the one given) with the current nodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Signed, hash-chained audit log of every control-plane change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +320,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ExpireApiKey,
                     request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ExpireApiKeyRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.Policy.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.SetPolicyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.Policy.SerializeToString,
+            ),
+            'CheckPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckPolicy,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.CheckPolicyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.CheckPolicyResponse.SerializeToString,
+            ),
+            'TestPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestPolicy,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.TestPolicyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.TestPolicyResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'GetAuditKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditKey,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.GetAuditKeyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.AuditKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +703,168 @@ class Admin:
             '/ghostmesh.v1.Admin/ExpireApiKey',
             ghostmesh_dot_v1_dot_admin__pb2.ExpireApiKeyRequest.SerializeToString,
             ghostmesh_dot_v1_dot_admin__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/GetPolicy',
+            ghostmesh_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/SetPolicy',
+            ghostmesh_dot_v1_dot_admin__pb2.SetPolicyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/CheckPolicy',
+            ghostmesh_dot_v1_dot_admin__pb2.CheckPolicyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.CheckPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/TestPolicy',
+            ghostmesh_dot_v1_dot_admin__pb2.TestPolicyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.TestPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/ListAudit',
+            ghostmesh_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/GetAuditKey',
+            ghostmesh_dot_v1_dot_admin__pb2.GetAuditKeyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.AuditKey.FromString,
             options,
             channel_credentials,
             insecure,

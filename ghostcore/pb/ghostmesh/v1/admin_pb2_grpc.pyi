@@ -49,6 +49,17 @@ class AdminStub:
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]
     ExpireApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExpireApiKeyRequest, _admin_pb2.ApiKey]
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.Policy]
+    """ACL policy (TOML text, the format of acls.toml). Set validates and runs the policy's tests first: a
+    policy that fails either is refused (INVALID_ARGUMENT / FAILED_PRECONDITION) and the old one stays.
+    """
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPolicyRequest, _admin_pb2.Policy]
+    CheckPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckPolicyRequest, _admin_pb2.CheckPolicyResponse]
+    TestPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.TestPolicyRequest, _admin_pb2.TestPolicyResponse]
+    """Evaluate access questions against the policy in force (or the one given) with the current nodes."""
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]
+    """Signed, hash-chained audit log of every control-plane change."""
+    GetAuditKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAuditKeyRequest, _admin_pb2.AuditKey]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -66,6 +77,17 @@ class AdminAsyncStub(AdminStub):
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     ExpireApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExpireApiKeyRequest, _admin_pb2.ApiKey]  # type: ignore[assignment]
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.Policy]  # type: ignore[assignment]
+    """ACL policy (TOML text, the format of acls.toml). Set validates and runs the policy's tests first: a
+    policy that fails either is refused (INVALID_ARGUMENT / FAILED_PRECONDITION) and the old one stays.
+    """
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPolicyRequest, _admin_pb2.Policy]  # type: ignore[assignment]
+    CheckPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckPolicyRequest, _admin_pb2.CheckPolicyResponse]  # type: ignore[assignment]
+    TestPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.TestPolicyRequest, _admin_pb2.TestPolicyResponse]  # type: ignore[assignment]
+    """Evaluate access questions against the policy in force (or the one given) with the current nodes."""
+    ListAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """Signed, hash-chained audit log of every control-plane change."""
+    GetAuditKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAuditKeyRequest, _admin_pb2.AuditKey]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -158,5 +180,52 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ExpireApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ApiKey, _abc.Awaitable[_admin_pb2.ApiKey]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _admin_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Policy, _abc.Awaitable[_admin_pb2.Policy]]:
+        """ACL policy (TOML text, the format of acls.toml). Set validates and runs the policy's tests first: a
+        policy that fails either is refused (INVALID_ARGUMENT / FAILED_PRECONDITION) and the old one stays.
+        """
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _admin_pb2.SetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Policy, _abc.Awaitable[_admin_pb2.Policy]]: ...
+
+    @_abc_1.abstractmethod
+    def CheckPolicy(
+        self,
+        request: _admin_pb2.CheckPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CheckPolicyResponse, _abc.Awaitable[_admin_pb2.CheckPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TestPolicy(
+        self,
+        request: _admin_pb2.TestPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TestPolicyResponse, _abc.Awaitable[_admin_pb2.TestPolicyResponse]]:
+        """Evaluate access questions against the policy in force (or the one given) with the current nodes."""
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _admin_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditResponse, _abc.Awaitable[_admin_pb2.ListAuditResponse]]:
+        """Signed, hash-chained audit log of every control-plane change."""
+
+    @_abc_1.abstractmethod
+    def GetAuditKey(
+        self,
+        request: _admin_pb2.GetAuditKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AuditKey, _abc.Awaitable[_admin_pb2.AuditKey]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -193,6 +193,92 @@ class Node(_message.Message):
 Global___Node: _TypeAlias = Node  # noqa: Y015
 
 @_typing.final
+class FilterRule(_message.Message):
+    """Inbound packet filter of one node, compiled from the ACL policy (stateful: replies to flows the node
+    started are always allowed). A packet arriving on the WireGuard interface passes when some rule matches
+    its source, destination+port and protocol; everything else is dropped. No rules: nothing may come in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SRC_FIELD_NUMBER: _builtins.int
+    DST_FIELD_NUMBER: _builtins.int
+    PROTOCOLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def src(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """source prefixes, e.g. "100.64.0.3/32", "fd7a:115c:a1e0::3/128" """
+
+    @_builtins.property
+    def dst(self) -> _containers.RepeatedCompositeFieldContainer[Global___DstRange]:
+        """destination prefix and port range"""
+
+    @_builtins.property
+    def protocols(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"tcp", "udp", "icmp" (ICMP and ICMPv6); empty: any protocol"""
+
+    def __init__(
+        self,
+        *,
+        src: _abc.Iterable[_builtins.str] | None = ...,
+        dst: _abc.Iterable[Global___DstRange] | None = ...,
+        protocols: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst", b"dst", "protocols", b"protocols", "src", b"src"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterRule: _TypeAlias = FilterRule  # noqa: Y015
+
+@_typing.final
+class DstRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_FIELD_NUMBER: _builtins.int
+    FIRST_PORT_FIELD_NUMBER: _builtins.int
+    LAST_PORT_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.str
+    """this node's own address(es) or a subnet it routes"""
+    first_port: _builtins.int
+    """0..65535; for ICMP the range is ignored"""
+    last_port: _builtins.int
+    def __init__(
+        self,
+        *,
+        prefix: _builtins.str = ...,
+        first_port: _builtins.int = ...,
+        last_port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_port", b"first_port", "last_port", b"last_port", "prefix", b"prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DstRange: _TypeAlias = DstRange  # noqa: Y015
+
+@_typing.final
+class PacketFilter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___FilterRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PacketFilter: _TypeAlias = PacketFilter  # noqa: Y015
+
+@_typing.final
 class MapUpdate(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -203,6 +289,7 @@ class MapUpdate(_message.Message):
     PEERS_REMOVED_FIELD_NUMBER: _builtins.int
     SIGNALS_FIELD_NUMBER: _builtins.int
     KEEPALIVE_SECONDS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     serial: _builtins.int
     """per stream, strictly increasing; 1 is the full map"""
     full: _builtins.bool
@@ -223,6 +310,10 @@ class MapUpdate(_message.Message):
 
     @_builtins.property
     def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignalMessage]: ...
+    @_builtins.property
+    def filter(self) -> Global___PacketFilter:
+        """set (whole) when this node's inbound filter changed; always on full"""
+
     def __init__(
         self_,  # pyright: ignore[reportSelfClsParameterName]
         *,
@@ -233,10 +324,11 @@ class MapUpdate(_message.Message):
         peers_removed: _abc.Iterable[_builtins.int] | None = ...,
         signals: _abc.Iterable[Global___SignalMessage] | None = ...,
         keepalive_seconds: _builtins.int = ...,
+        filter: Global___PacketFilter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["self", b"self"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "self", b"self"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "keepalive_seconds", b"keepalive_seconds", "peers_removed", b"peers_removed", "peers_upserted", b"peers_upserted", "self", b"self", "serial", b"serial", "signals", b"signals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "full", b"full", "keepalive_seconds", b"keepalive_seconds", "peers_removed", b"peers_removed", "peers_upserted", b"peers_upserted", "self", b"self", "serial", b"serial", "signals", b"signals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,3 +428,53 @@ class SignalAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignalAck: _TypeAlias = SignalAck  # noqa: Y015
+
+@_typing.final
+class RotateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEW_NODE_KEY_FIELD_NUMBER: _builtins.int
+    NEW_TS_MS_FIELD_NUMBER: _builtins.int
+    NEW_KEY_PROOF_FIELD_NUMBER: _builtins.int
+    new_node_key: _builtins.str
+    """base64 X25519 public key the node will switch to"""
+    new_ts_ms: _builtins.int
+    """timestamp of new_key_proof"""
+    new_key_proof: _builtins.bytes
+    """ghostcore.nodeauth MAC made with the NEW private key for method"""
+    def __init__(
+        self,
+        *,
+        new_node_key: _builtins.str = ...,
+        new_ts_ms: _builtins.int = ...,
+        new_key_proof: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_key_proof", b"new_key_proof", "new_node_key", b"new_node_key", "new_ts_ms", b"new_ts_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyRequest: _TypeAlias = RotateKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """the node record (node_key still the old key until the switch is proven)"""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyResponse: _TypeAlias = RotateKeyResponse  # noqa: Y015

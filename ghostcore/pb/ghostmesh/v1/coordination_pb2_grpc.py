@@ -59,6 +59,11 @@ class CoordinationStub:
                 request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalAck.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/ghostmesh.v1.Coordination/RotateKey',
+                request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinationServicer:
@@ -99,6 +104,17 @@ class CoordinationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
+        the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
+        to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
+        new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
+        packets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +142,11 @@ def add_CoordinationServicer_to_server(servicer, server):
                     servicer.Signal,
                     request_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalAck.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +284,33 @@ class Coordination:
             '/ghostmesh.v1.Coordination/Signal',
             ghostmesh_dot_v1_dot_coordination__pb2.SignalRequest.SerializeToString,
             ghostmesh_dot_v1_dot_coordination__pb2.SignalAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Coordination/RotateKey',
+            ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,13 @@ class CoordinationStub:
     """Endpoints and health the node observed; the server forwards endpoint changes to peers."""
     Signal: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.SignalRequest, _coordination_pb2.SignalAck]
     """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate."""
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.RotateKeyRequest, _coordination_pb2.RotateKeyResponse]
+    """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
+    the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
+    to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
+    new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
+    packets.
+    """
 
 @_typing.type_check_only
 class CoordinationAsyncStub(CoordinationStub):
@@ -66,6 +73,13 @@ class CoordinationAsyncStub(CoordinationStub):
     """Endpoints and health the node observed; the server forwards endpoint changes to peers."""
     Signal: _aio.UnaryUnaryMultiCallable[_coordination_pb2.SignalRequest, _coordination_pb2.SignalAck]  # type: ignore[assignment]
     """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate."""
+    RotateKey: _aio.UnaryUnaryMultiCallable[_coordination_pb2.RotateKeyRequest, _coordination_pb2.RotateKeyResponse]  # type: ignore[assignment]
+    """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
+    the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
+    to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
+    new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
+    packets.
+    """
 
 class CoordinationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -107,5 +121,18 @@ class CoordinationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordination_pb2.SignalAck, _abc.Awaitable[_coordination_pb2.SignalAck]]:
         """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate."""
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _coordination_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordination_pb2.RotateKeyResponse, _abc.Awaitable[_coordination_pb2.RotateKeyResponse]]:
+        """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
+        the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
+        to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
+        new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
+        packets.
+        """
 
 def add_CoordinationServicer_to_server(servicer: CoordinationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

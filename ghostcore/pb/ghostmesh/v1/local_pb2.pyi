@@ -19,6 +19,43 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class LocalRotateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalRotateKeyRequest: _TypeAlias = LocalRotateKeyRequest  # noqa: Y015
+
+@_typing.final
+class LocalRotateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_NODE_KEY_FIELD_NUMBER: _builtins.int
+    NEW_NODE_KEY_FIELD_NUMBER: _builtins.int
+    old_node_key: _builtins.str
+    new_node_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        old_node_key: _builtins.str = ...,
+        new_node_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_node_key", b"new_node_key", "old_node_key", b"old_node_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalRotateKeyResponse: _TypeAlias = LocalRotateKeyResponse  # noqa: Y015
+
+@_typing.final
 class LocalStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

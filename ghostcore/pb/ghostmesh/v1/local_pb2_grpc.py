@@ -44,6 +44,11 @@ class LocalNodeStub:
                 request_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalPeersRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalPeersResponse.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/ghostmesh.v1.LocalNode/RotateKey',
+                request_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyResponse.FromString,
+                _registered_method=True)
 
 
 class LocalNodeServicer:
@@ -61,6 +66,13 @@ class LocalNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_LocalNodeServicer_to_server(servicer, server):
                     servicer.Peers,
                     request_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalPeersRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalPeersResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class LocalNode:
             '/ghostmesh.v1.LocalNode/Peers',
             ghostmesh_dot_v1_dot_local__pb2.LocalPeersRequest.SerializeToString,
             ghostmesh_dot_v1_dot_local__pb2.LocalPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.LocalNode/RotateKey',
+            ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,12 +33,16 @@ class LocalNodeStub:
     def __new__(cls, channel: _aio.Channel) -> LocalNodeAsyncStub: ...
     Status: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalStatusRequest, _local_pb2.LocalStatus]
     Peers: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalPeersRequest, _local_pb2.LocalPeersResponse]
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalRotateKeyRequest, _local_pb2.LocalRotateKeyResponse]
+    """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
 
 @_typing.type_check_only
 class LocalNodeAsyncStub(LocalNodeStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Status: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalStatusRequest, _local_pb2.LocalStatus]  # type: ignore[assignment]
     Peers: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalPeersRequest, _local_pb2.LocalPeersResponse]  # type: ignore[assignment]
+    RotateKey: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalRotateKeyRequest, _local_pb2.LocalRotateKeyResponse]  # type: ignore[assignment]
+    """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
 
 class LocalNodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -54,5 +58,13 @@ class LocalNodeServicer(metaclass=_abc_1.ABCMeta):
         request: _local_pb2.LocalPeersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_local_pb2.LocalPeersResponse, _abc.Awaitable[_local_pb2.LocalPeersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _local_pb2.LocalRotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.LocalRotateKeyResponse, _abc.Awaitable[_local_pb2.LocalRotateKeyResponse]]:
+        """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
 
 def add_LocalNodeServicer_to_server(servicer: LocalNodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
