@@ -19,8 +19,9 @@ flag               environment             meaning
 ``--timeout``      ``GHOSTCTL_TIMEOUT``    seconds per call (default 5)
 =================  ======================  =====================================================
 
-Commands: ``status``, ``peers`` (node, ``ghostctl.node_cmds``); ``users``, ``nodes``, ``authkeys``,
-``apikeys`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
+Commands: ``status``, ``peers`` (node, ``ghostctl.node_cmds``), ``keys rotate`` (node,
+``ghostctl.keys``); ``users``, ``nodes``, ``authkeys``,
+``apikeys``, ``audit`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
 ``GHOSTCTL_DEBUG=1`` to get a traceback for an unexpected internal error.
 """
 
@@ -33,7 +34,7 @@ import traceback
 from collections.abc import Sequence
 
 from ghostcore import errors as e
-from ghostctl import apikeys, authkeys, node_cmds, nodes, users
+from ghostctl import acl, apikeys, audit, authkeys, keys, node_cmds, nodes, users
 from ghostctl.context import DEFAULT_SERVER, DEFAULT_SOCKET, DEFAULT_TIMEOUT, Context
 from ghostctl.errors import EXIT_GENERIC, EXIT_INTERRUPTED, EXIT_USAGE, exit_code_for, redact
 from ghostctl.output import OUTPUT_MODES
@@ -96,17 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="ghost* control: node status and peers; users, nodes, auth and API keys on ghostmesh.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 auth, 4 not found, 5 unavailable, 6 conflict",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 auth, 4 not found, 5 unavailable, 6 conflict, "
+        "7 verification failed",
     )
     _add_globals(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
     _add_globals(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     node_cmds.register(sub, common)
+    keys.register(sub, common)
     users.register(sub, common)
     nodes.register(sub, common)
     authkeys.register(sub, common)
     apikeys.register(sub, common)
+    audit.register(sub, common)
+    acl.register(sub, common)
     return parser
 
 

@@ -14,6 +14,7 @@ Exit codes::
     4  not found: the user, node or key named does not exist
     5  unavailable: the socket/server cannot be reached or timed out (retrying may help)
     6  conflict: the thing exists already
+    7  verification failed: ``audit verify`` found the log edited, truncated or signed by another key
   130  interrupted (Ctrl-C)
 """
 
@@ -31,9 +32,16 @@ EXIT_AUTH = 3
 EXIT_NOT_FOUND = 4
 EXIT_UNAVAILABLE = 5
 EXIT_CONFLICT = 6
+EXIT_VERIFY = 7
 EXIT_INTERRUPTED = 130
 
+
+class VerifyFailed(e.GhostError):
+    """A check ghostctl ran itself failed (``audit verify``): the data is not what it must be."""
+
+
 _EXIT_FOR: tuple[tuple[type[e.GhostError], int], ...] = (
+    (VerifyFailed, EXIT_VERIFY),
     (e.InvalidArgument, EXIT_USAGE),
     (e.AuthError, EXIT_AUTH),  # PermissionDenied included
     (e.NotFound, EXIT_NOT_FOUND),

@@ -27,6 +27,8 @@ from ghostlink.control import CoordClient, Daemon
 from ghostlink.engine import NodeInfo
 from ghostlink.localapi import LocalNodeService, start_local_api, stop_local_api
 from ghostlink.net import LinkNet
+from ghostlink.nft import NftFirewall
+from ghostlink.rotate import KeyRotator, poke, settle_pending
 from ghostlink.state import SavedNode, StateDir
 from ghostlink.wg.select import choose, make_backend
 from ghostlink.wg.wggo import WireGuardGoBackend
@@ -87,7 +89,7 @@ def _up_line(node: NodeInfo, backend: str, ifname: str) -> str:
     return f"ghostlink: joined as {node.name} ({v4}, {v6}) via {backend} on {ifname}"
 
 
-async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey) -> None:
+async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: StateDir) -> None:
     """Bring WireGuard up, serve the local API, run the daemon until SIGTERM/SIGINT; clean up always."""
     ifname = cfg.wireguard.interface
     # The kernel probe uses pyroute2's blocking API, which must not run on the event loop's thread.
@@ -97,10 +99,12 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey) -> None:
     def announce(node: NodeInfo) -> None:
         print(_up_line(node, backend.name, ifname), file=sys.stderr, flush=True)
 
+    firewall = NftFirewall(ifname)
     daemon = Daemon(
         client,
         backend,
         LinkNet(ifname),
+        firewall=firewall,
         key=key,
         listen_port=cfg.wireguard.listen_port,
         mtu=cfg.wireguard.mtu,
@@ -109,6 +113,14 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey) -> None:
     )
     if isinstance(backend, WireGuardGoBackend):
         backend.on_restart = daemon.on_backend_restart
+    rotator = KeyRotator(daemon, state)
+    daemon.before_session = rotator.resume
+
+    async def poke_rekeyed(peers: list[NodeInfo]) -> None:
+        await poke(ifname, peers)
+
+    daemon.on_rekeyed = poke_rekeyed
+    auto: asyncio.Task[None] | None = None
     sock = Path(cfg.control.socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -119,14 +131,23 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey) -> None:
     try:
         await daemon.start()
         local = await start_local_api(
-            sock, LocalNodeService(daemon, server=client.target, backend_name=backend.name, ifname=ifname)
+            sock,
+            LocalNodeService(
+                daemon, server=client.target, backend_name=backend.name, ifname=ifname, rotator=rotator
+            ),
         )
         run_task = asyncio.create_task(daemon.run())
+        if cfg.node.key_rotation > 0:
+            auto = asyncio.create_task(rotator.run_auto(cfg.node.key_rotation))
         stop_task = asyncio.create_task(stop.wait())
         await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         stop_task.cancel()
         log.info("stopping")
     finally:
+        if auto is not None:
+            auto.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await auto
         if run_task is not None:
             run_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -134,6 +155,7 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey) -> None:
         if local is not None:
             await stop_local_api(local, sock)
         await backend.close()
+        await firewall.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
@@ -151,6 +173,8 @@ async def join(cfg: LinkConfig, auth_key: str) -> None:
     try:
         pinned = saved.server_key if saved is not None and saved.server == server else None
         server_key = await client.pin_server_key(expected=pinned)
+        if saved is not None:
+            key = await settle_pending(state, client, key)  # before registering: maybe the key rotated
         try:
             node = await client.register(auth_key, cfg.node.hostname)
         except PermissionDenied as exc:
@@ -161,7 +185,7 @@ async def join(cfg: LinkConfig, auth_key: str) -> None:
             key, SavedNode(server=server, server_key=server_key.base64(), node_id=node.id, name=node.name)
         )
         log.info("registered as %s (node %d) with %s", node.name, node.id, server)
-        await _serve(cfg, client, key)
+        await _serve(cfg, client, key, state)
     finally:
         await client.close()
 
@@ -174,7 +198,8 @@ async def run(cfg: LinkConfig) -> None:
         server, key, PublicKey.from_base64(saved.server_key), timeout=cfg.control.connect_timeout
     )
     try:
-        await _serve(cfg, client, key)
+        key = await settle_pending(state, client, key)
+        await _serve(cfg, client, key, state)
     finally:
         await client.close()
 

@@ -53,8 +53,11 @@ class NodeConfig:
     server: str = ""  # host:port of ghostmesh; empty until join (or taken from the saved state)
     hostname: str = field(default_factory=socket.gethostname)
     state_dir: str = "/var/lib/ghostlink"
+    key_rotation: float = duration(0.0)  # rotate the WireGuard key once it is this old (0: never)
 
     def __post_init__(self) -> None:
+        if self.key_rotation < 0:
+            raise ConfigError('node.key_rotation: must be 0 (off) or a positive duration such as "30d"')
         if self.server:
             split_host_port(self.server, "node.server")
         if not self.state_dir:

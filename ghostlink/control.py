@@ -17,10 +17,11 @@ method path, as ``coordination.proto`` describes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -29,10 +30,11 @@ from ghostcore.aio import Backoff
 from ghostcore.errors import GhostError, ProtocolError, Unavailable
 from ghostcore.grpcerr import from_rpc_error
 from ghostcore.keys import PrivateKey, PublicKey
-from ghostcore.nodeauth import make_metadata
+from ghostcore.nodeauth import MD_PROOF, MD_TS, make_metadata
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2, coordination_pb2_grpc
 from ghostlink import engine
 from ghostlink.net import NetLayer
+from ghostlink.nft import NftFirewall
 from ghostlink.wg.base import WireGuardBackend
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ SERVICE = "/ghostmesh.v1.Coordination"
 M_REGISTER = f"{SERVICE}/Register"
 M_SYNC = f"{SERVICE}/Sync"
 M_REPORT = f"{SERVICE}/ReportStatus"
+M_ROTATE = f"{SERVICE}/RotateKey"
+M_ROTATE_NEW = f"{M_ROTATE}#new"  # what RotateKeyRequest.new_key_proof is bound to (coordination.proto)
 MAX_MESSAGE = 64 * 1024 * 1024  # a full map of 10k peers is a few MiB; bound it anyway
 
 CHANNEL_OPTIONS = (
@@ -76,10 +80,10 @@ class CoordClient:
     async def close(self) -> None:
         await self.channel.close(grace=None)
 
-    def _md(self, method: str) -> tuple[tuple[str, str], ...]:
+    def _md(self, method: str, key: PrivateKey | None = None) -> tuple[tuple[str, str], ...]:
         if self.server_key is None:
             raise ProtocolError("internal: the server key is not pinned yet (GetServerInfo first)")
-        return make_metadata(self.key, self.server_key, method, now_ms())
+        return make_metadata(key or self.key, self.server_key, method, now_ms())
 
     def _err(self, exc: grpc.RpcError) -> GhostError:
         return from_rpc_error(exc, self.target)
@@ -127,14 +131,32 @@ class CoordClient:
             raise self._err(exc) from None
         return resp.node
 
+    async def rotate_key(self, new: PrivateKey) -> coordination_pb2.Node:
+        """RotateKey: our current key proven in the metadata, ``new`` proven in the body."""
+        md = self._md(M_ROTATE)
+        new_md = dict(self._md(M_ROTATE_NEW, new))  # the same MAC as metadata, made with the new key
+        req = coordination_pb2.RotateKeyRequest(
+            new_node_key=new.public_key().base64(),
+            new_ts_ms=int(new_md[MD_TS]),
+            new_key_proof=base64.b64decode(new_md[MD_PROOF]),
+        )
+        try:
+            resp: coordination_pb2.RotateKeyResponse = await self.stub.RotateKey(
+                req, metadata=md, timeout=self.timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._err(exc) from None
+        return resp.node
+
     def sync(self) -> grpc.aio.UnaryStreamCall[coordination_pb2.SyncRequest, coordination_pb2.MapUpdate]:
         return self.stub.Sync(coordination_pb2.SyncRequest(), metadata=self._md(M_SYNC))
 
-    async def report_status(self, endpoints: list[str]) -> None:
+    async def report_status(self, endpoints: list[str], key: PrivateKey | None = None) -> None:
+        """ReportStatus, proven with ``key`` if given (a pending rotated key), else ours."""
         try:
             await self.stub.ReportStatus(
                 coordination_pb2.StatusReport(endpoints=endpoints),
-                metadata=self._md(M_REPORT),
+                metadata=self._md(M_REPORT, key),
                 timeout=self.timeout,
             )
         except grpc.RpcError as exc:
@@ -164,8 +186,10 @@ class Daemon:
         reconnect_max: float = 30.0,
         endpoint_interval: float = 10.0,
         on_up: Callable[[engine.NodeInfo], None] | None = None,
+        firewall: NftFirewall | None = None,
     ) -> None:
         self.client = client
+        self.firewall = firewall  # enforces the map's inbound filter (None: tests with fake backends)
         self.backend = backend
         self.net = net
         self.key = key
@@ -182,6 +206,10 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._announced = False
         self._stop = asyncio.Event()
+        # Key rotation (ghostlink.rotate): run before each Sync stream (finishes a rotation left pending),
+        # and told about peers whose key changed under the same node id (it pokes them).
+        self.before_session: Callable[[], Awaitable[None]] | None = None
+        self.on_rekeyed: Callable[[list[engine.NodeInfo]], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Bring the interface up (before any map arrives, so the port is bound and reportable)."""
@@ -197,6 +225,9 @@ class Daemon:
 
     async def reconcile(self) -> engine.Plan:
         async with self._lock:
+            if self.firewall is not None and self.netmap.filter is not None:
+                # before the peers: a new peer must never meet a filter older than the map naming it
+                await self.firewall.apply(self.netmap.filter)  # unchanged filter: no nft call
             desired = engine.desired_state(self.netmap)
             p = engine.plan(self.applied, desired)
             if p.empty:
@@ -224,15 +255,21 @@ class Daemon:
 
     async def session(self) -> None:
         """One Sync stream, until it fails. Raises GhostError; never tears down WireGuard state."""
+        if self.before_session is not None:
+            await self.before_session()
         self.netmap.begin_stream()
         self.sessions += 1
         call = self.client.sync()
         watcher: asyncio.Task[None] | None = None
         try:
             async for update in call:
+                before = dict(self.netmap.peers)
                 self.netmap.apply(update)
                 self.status.last_map_unix = int(time.time())
                 await self.reconcile()
+                rekeyed = engine.rekeyed_peers(before, self.netmap.peers)
+                if rekeyed and self.on_rekeyed is not None:
+                    await self.on_rekeyed(rekeyed)
                 if not self.status.connected:
                     self.status.connected = True
                     self.status.last_error = ""

@@ -55,15 +55,35 @@ class NodeInfo:
         )
 
 
+@dataclass(frozen=True)
+class FilterSpec:
+    """One inbound filter rule (an immutable ``coordination_pb2.FilterRule``), enforced by ghostlink.nft."""
+
+    src: tuple[str, ...]
+    dst: tuple[tuple[str, int, int], ...]  # (prefix, first port, last port)
+    protocols: tuple[str, ...]  # empty: any
+
+    @classmethod
+    def from_pb(cls, r: coordination_pb2.FilterRule) -> FilterSpec:
+        return cls(
+            tuple(r.src), tuple((d.prefix, d.first_port, d.last_port) for d in r.dst), tuple(r.protocols)
+        )
+
+
 @dataclass
 class NetMap:
-    """The node's current map of the mesh, built from MapUpdates."""
+    """The node's current map of the mesh, built from MapUpdates.
+
+    ``filter``: the node's inbound packet filter, replaced whole whenever an update carries one (always
+    on the full map). None: the server sent none (an older ghostmesh): nothing is enforced.
+    """
 
     self_node: NodeInfo | None = None
     peers: dict[int, NodeInfo] = field(default_factory=dict)
     serial: int = 0
     keepalive: int = DEFAULT_KEEPALIVE
     has_full: bool = False  # a full map arrived on the current stream
+    filter: tuple[FilterSpec, ...] | None = None
 
     def begin_stream(self) -> None:
         """A new Sync stream starts: serials restart at 1; keep the map until the full one replaces it."""
@@ -90,6 +110,8 @@ class NetMap:
             self.peers[p.id] = NodeInfo.from_pb(p)
         if update.keepalive_seconds > 0:
             self.keepalive = update.keepalive_seconds
+        if update.HasField("filter"):
+            self.filter = tuple(FilterSpec.from_pb(r) for r in update.filter.rules)
         self.serial = update.serial
 
 
@@ -243,3 +265,12 @@ def applied_after(current: DesiredState, p: Plan) -> DesiredState:
         peers=peers,
         routes=(current.routes - set(p.routes_remove)) | set(p.routes_add),
     )
+
+
+def rekeyed_peers(before: dict[int, NodeInfo], after: dict[int, NodeInfo]) -> list[NodeInfo]:
+    """Peers whose WireGuard key changed under the same node id (a key rotation), as they are now.
+
+    The plan replaces such a peer (old key removed, new key added with the same allowed IPs); the daemon
+    then pokes it so the handshake with the new key starts at once (see ``ghostlink.rotate``).
+    """
+    return [p for nid, p in sorted(after.items()) if nid in before and before[nid].node_key != p.node_key]

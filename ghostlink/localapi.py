@@ -1,8 +1,8 @@
 """The LocalNode gRPC service (``proto/ghostmesh/v1/local.proto``) on ghostlink's root-only unix socket.
 
-ghostctl's ``status`` and ``peers`` talk to it. Access control is the file system: the socket's parent
-directory is 0700 and the socket 0600 (created under a 0077 umask so there is no window where it is
-wider), so only root reaches it. A stale socket from a crashed run is removed at start.
+ghostctl's ``status``, ``peers`` and ``keys rotate`` talk to it. Access control is the file system: the
+socket's parent directory is 0700 and the socket 0600 (created under a 0077 umask so there is no window
+where it is wider), so only root reaches it. A stale socket from a crashed run is removed at start.
 """
 
 from __future__ import annotations
@@ -13,13 +13,25 @@ from pathlib import Path
 
 import grpc
 
+from ghostcore.errors import GhostError, Unavailable
+from ghostcore.grpcerr import status_for
 from ghostcore.pb.ghostmesh.v1 import local_pb2, local_pb2_grpc
 from ghostlink.control import Daemon
+from ghostlink.rotate import KeyRotator
 
 
 class LocalNodeService(local_pb2_grpc.LocalNodeServicer):
-    def __init__(self, daemon: Daemon, *, server: str, backend_name: str, ifname: str) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        *,
+        server: str,
+        backend_name: str,
+        ifname: str,
+        rotator: KeyRotator | None = None,
+    ) -> None:
         self.daemon = daemon
+        self.rotator = rotator
         self.server = server
         self.backend_name = backend_name
         self.ifname = ifname
@@ -67,6 +79,18 @@ class LocalNodeService(local_pb2_grpc.LocalNodeServicer):
                 )
             )
         return out
+
+    async def RotateKey(
+        self, request: local_pb2.LocalRotateKeyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> local_pb2.LocalRotateKeyResponse:
+        try:
+            if self.rotator is None:
+                raise Unavailable("key rotation is not available in this ghostlink")
+            old, new = await self.rotator.rotate()
+        except GhostError as exc:
+            await context.abort(status_for(exc), f"key rotation failed: {exc}")
+            raise  # unreachable: abort raises
+        return local_pb2.LocalRotateKeyResponse(old_node_key=old.base64(), new_node_key=new.base64())
 
 
 def prepare_socket(path: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from ghostcore.errors import GhostError
 from ghostcore.logsetup import configure
 from ghostmesh.config import MeshConfig, load_config
+from ghostmesh.policy_source import read_policy_file
 from ghostmesh.server import start_server
 
 log = logging.getLogger("ghostmesh")
@@ -80,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if path is None:
                 print("ghostmesh: config check needs --config FILE", file=sys.stderr)
                 return 2
-            load_config(path)
+            checked = load_config(path)
+            if checked.server.acl_file:  # the policy file must be valid too, or the server would not start
+                read_policy_file(Path(checked.server.acl_file))
             print(f"ok: {path}")
             return 0
         flags = {

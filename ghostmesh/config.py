@@ -2,10 +2,10 @@
 
 Loaded with :func:`ghostcore.config.load` (defaults < file < ``GHOSTMESH_*`` environment < flags). Each
 table's ``__post_init__`` validates values beyond their type and raises ``ConfigError`` naming the key
-path. Two keys from the original spec, ``server.auth_method = "oidc"`` and ``server.acl_file``, are
-accepted by the schema (so a file written for the spec parses) but refused with a clear message until
-OIDC and ACL support land: silently ignoring an ACL file would open the mesh wider than the operator
-asked for.
+path. ``server.auth_method = "oidc"`` from the original spec is accepted by the schema (so a file written
+for the spec parses) but refused with a clear message until OIDC support lands. ``server.acl_file`` names
+the ACL policy (``acls.toml``, see :mod:`ghostmesh.policy`); a relative path is resolved against the
+directory of the config file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,6 @@ class ServerConfig:
             raise ConfigError('server.auth_method: "oidc" is not supported yet; use "authkey"')
         if self.auth_method != "authkey":
             raise ConfigError(f'server.auth_method: expected "authkey", got {self.auth_method!r}')
-        if self.acl_file:
-            raise ConfigError(
-                "server.acl_file: ACL policies are not supported yet; remove the key to run with every node "
-                "reaching every node"
-            )
         if not self.admin_socket:
             raise ConfigError("server.admin_socket: must be a file path for the root-only admin socket")
         if not self.state_dir:
@@ -156,4 +151,8 @@ def load_config(
 ) -> MeshConfig:
     """Load ``path`` (None: defaults only) with ``GHOSTMESH_*`` from ``environ`` (default os.environ)."""
     env = os.environ if environ is None else environ
-    return load(MeshConfig, path, env_prefix=ENV_PREFIX, environ=env, flags=flags)
+    cfg = load(MeshConfig, path, env_prefix=ENV_PREFIX, environ=env, flags=flags)
+    acl = cfg.server.acl_file
+    if acl and path is not None and not Path(acl).is_absolute():  # relative to the config file
+        cfg = replace(cfg, server=replace(cfg.server, acl_file=str(path.parent / acl)))
+    return cfg

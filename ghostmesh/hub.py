@@ -4,6 +4,9 @@
 the streams they touched (one ``asyncio.Event`` per stream). Each Sync handler waits on its event, sleeps
 ``mapper.batch_delay`` so a burst coalesces into one update, then flushes. A timer task calls
 ``State.tick`` when the next key expiry or ephemeral grace is due.
+
+``Hub.record(actor, action, target, detail, remote)`` is the audit hook (``ghostmesh.audit``): every
+control-plane change calls it once the change succeeded; the timer records its own removals as "system".
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
-from ghostmesh.changes import Change
+from ghostmesh.audit import Auditor
+from ghostmesh.changes import Change, NodeRemoved
 from ghostmesh.mapper import Mapper
 from ghostmesh.state import State
 
@@ -26,7 +30,12 @@ _MAX_TIMER_SLEEP = 60.0  # re-check at least this often, in case a clock jump mo
 
 class Hub:
     def __init__(
-        self, state: State, mapper: Mapper, batch_delay: float, clock: Callable[[], float] = time.time
+        self,
+        state: State,
+        mapper: Mapper,
+        batch_delay: float,
+        clock: Callable[[], float] = time.time,
+        audit: Auditor | None = None,
     ) -> None:
         self.state = state
         self.mapper = mapper
@@ -37,6 +46,7 @@ class Hub:
         self._ids = itertools.count(1)
         self._timer_wake = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
+        self.audit = audit  # None only for hubs built without a store (unit tests)
 
     def now(self) -> float:
         return self.clock()
@@ -52,6 +62,21 @@ class Hub:
                     ev.set()
         if any_change:
             self._timer_wake.set()  # deadlines may have moved
+
+    def record(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        detail: Mapping[str, object] | None = None,
+        remote: str = "",
+    ) -> None:
+        """Append one audit entry (``ghostmesh.audit``) for a change that already succeeded.
+
+        The one hook for every control-plane change: call it right after the change, in the same turn.
+        """
+        if self.audit is not None:
+            self.audit.record(actor, action, target, detail, remote)
 
     def open_stream(self, node_id: int) -> tuple[int, bytes, asyncio.Event]:
         """Mark the node online (peers hear of it); return its stream id, encoded full map, wake event."""
@@ -87,10 +112,26 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), timeout=delay)
             try:
-                self.dispatch(self.state.tick(self.now()))
+                changes = self.state.tick(self.now())
+                names = self._names_of_removed(changes)
+                self.dispatch(changes)
+                if self.audit is not None:
+                    self.audit.record_timer_changes(changes, names)
             except Exception:  # a store error must not kill the timer loop; log and retry next round
                 log.exception("timer tick failed")
                 await asyncio.sleep(1.0)
+
+    def _names_of_removed(self, changes: Iterable[Change]) -> Mapping[int, str]:
+        """Names of removed nodes for the audit log, read before the mapper forgets them."""
+        names: dict[int, str] = {}
+        for change in changes:
+            if isinstance(change, NodeRemoved):
+                rec = self.state.node(change.node_id)
+                view = self.mapper.visible(change.node_id)
+                name = rec.name if rec is not None else view.name if view is not None else ""
+                if name:
+                    names[change.node_id] = name
+        return names
 
     async def stop(self) -> None:
         """End every stream (handlers see ``stopping``) and the timer task."""

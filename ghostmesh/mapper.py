@@ -22,17 +22,25 @@ keeps a reconnect storm of thousands of full maps affordable. ``open_stream`` / 
 ``MapUpdate`` messages for tests and tools; the server sends ``open_stream_bytes`` / ``flush_bytes``.
 
 Expired nodes never appear as peers: a node whose key expired is dropped from the view, and a change
-carrying an already-expired record is treated as its removal. ACLs (a later issue) plug into
-:meth:`Mapper.affected_by` and the per-session peer filter; today every node sees every node.
+carrying an already-expired record is treated as its removal.
+
+ACL policy: the mapper owns a :class:`ghostmesh.policy.Compiler`. Each change is first folded into it,
+which answers which nodes gained or lost which peers and whose inbound filter changed; a session then
+gets exactly those upserts/removals, the changed node's record goes only to the sessions of the nodes
+that may see it (:meth:`Mapper.affected_by`), and ``MapUpdate.filter`` is sent whole on the full map and
+on the next flush after the node's filter changed. A full map lists only the node's visible peers. With
+no policy every node sees every node and the filter accepts everything (the behaviour before ACLs).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.changes import Change, NodeAdded, NodeRemoved, RemovalReason
+from ghostmesh.policy import Compiler, Delta, Filter, NodeIdent, Policy
 from ghostmesh.store.base import NodeRec
 
 _PEERS_FIELD = pb.MapUpdate.DESCRIPTOR.fields_by_name["peers_upserted"].number
@@ -74,6 +82,25 @@ def node_to_pb(rec: NodeRec, online: bool) -> pb.Node:
     )
 
 
+def ident_of(rec: NodeRec) -> NodeIdent:
+    """What the policy sees of a node record."""
+    addrs = (ipaddress.ip_address(rec.ipv4), ipaddress.ip_address(rec.ipv6))
+    return NodeIdent(rec.id, rec.user, frozenset(rec.tags), addrs, rec.name)
+
+
+def filter_to_pb(rules: Filter) -> pb.PacketFilter:
+    return pb.PacketFilter(
+        rules=[
+            pb.FilterRule(
+                src=list(r.src),
+                dst=[pb.DstRange(prefix=p, first_port=lo, last_port=hi) for p, lo, hi in r.dst],
+                protocols=list(r.protos),
+            )
+            for r in rules
+        ]
+    )
+
+
 @dataclass
 class MapperStats:
     """Work counters, so tests can assert O(change) by counting rather than timing."""
@@ -93,19 +120,21 @@ class Session:
     added: set[int] = field(default_factory=set)  # upserts of peers the stream has never been sent
     removed: set[int] = field(default_factory=set)
     self_dirty: bool = False
+    filter_dirty: bool = False
     signals: list[pb.SignalMessage] = field(default_factory=list)
     ended: RemovalReason | None = None  # set when the stream's own node was deleted / expired
 
     @property
     def dirty(self) -> bool:
-        return bool(self.upserts or self.removed or self.self_dirty or self.signals)
+        return bool(self.upserts or self.removed or self.self_dirty or self.filter_dirty or self.signals)
 
 
 class Mapper:
     """The peer view shared by all streams plus each stream's pending delta."""
 
-    def __init__(self, keepalive_seconds: int) -> None:
+    def __init__(self, keepalive_seconds: int, policy: Policy | None = None) -> None:
         self.keepalive_seconds = keepalive_seconds
+        self.compiler = Compiler(policy)
         self.stats = MapperStats()
         self._view: dict[int, pb.Node] = {}  # visible (unexpired) nodes, as sent to peers
         self._entries: dict[int, bytes] = {}  # the same, encoded as peers_upserted entries
@@ -116,9 +145,12 @@ class Mapper:
 
     def load(self, nodes: Iterable[tuple[NodeRec, bool]], now: float) -> None:
         """Seed the view (at server start) from ``(record, online)`` pairs; expired ones are skipped."""
+        idents = list(self.compiler.nodes.values())
         for rec, online in nodes:
             if not rec.expired(now):
                 self._set(rec, online)
+                idents.append(ident_of(rec))
+        self.compiler = Compiler(self.compiler.policy, idents)  # one full compile, not one per node
 
     def _set(self, rec: NodeRec, online: bool) -> bytes:
         self.stats.pb_builds += 1
@@ -150,8 +182,14 @@ class Mapper:
         self._by_node.setdefault(node_id, set()).add(stream_id)
         head = pb.MapUpdate(serial=1, full=True, keepalive_seconds=self.keepalive_seconds)
         head.self.CopyFrom(me)
+        head.filter.CopyFrom(filter_to_pb(self.compiler.filter(node_id)))
         entries = self._entries
-        return head.SerializeToString() + b"".join([e for nid, e in entries.items() if nid != node_id])
+        peers = self.compiler.peers(node_id)
+        if peers is None:
+            body = [e for nid, e in entries.items() if nid != node_id]
+        else:
+            body = [entries[nid] for nid in sorted(peers) if nid in entries]
+        return head.SerializeToString() + b"".join(body)
 
     def close_stream(self, stream_id: int) -> None:
         session = self._sessions.pop(stream_id, None)
@@ -172,13 +210,18 @@ class Mapper:
     # -- changes ---------------------------------------------------------------------------------------
 
     def affected_by(self, change: Change) -> Iterable[Session]:
-        """The sessions whose map a change touches (other than the changed node's own streams).
+        """The sessions that see the changed node (other than its own streams): O(affected).
 
-        Without ACLs every node sees every node, so this is every other open stream: O(affected).
-        An ACL-aware version narrows it to the sessions whose policy lets them see the node.
+        Without a policy that is every other open stream; with one, the streams of the node's visible
+        peers (as the compiler knows them now, i.e. after the change was folded in).
         """
         node_id = change.node_id if isinstance(change, NodeRemoved) else change.node.id
-        return (s for s in self._sessions.values() if s.node_id != node_id)
+        peers = self.compiler.peers(node_id)
+        if peers is None:
+            return (s for s in self._sessions.values() if s.node_id != node_id)
+        if len(peers) > len(self._by_node):  # walk whichever side is smaller
+            return (s for s in self._sessions.values() if s.node_id in peers)
+        return (self._sessions[sid] for p in peers for sid in self._by_node.get(p, ()))
 
     def apply(self, change: Change, now: float) -> list[int]:
         """Fold one change into the view and every affected session; return the stream ids touched."""
@@ -188,7 +231,8 @@ class Mapper:
         if rec.expired(now):
             return self._remove(change, rec.id, "expired")
         entry = self._set(rec, change.online)
-        touched: list[int] = []
+        delta = self.compiler.upsert(ident_of(rec))
+        touched = self._apply_delta(delta, skip_added_of=rec.id)
         for sid in self._by_node.get(rec.id, ()):
             self._sessions[sid].self_dirty = True
             touched.append(sid)
@@ -197,10 +241,51 @@ class Mapper:
             s.upserts[rec.id] = entry
             if rec.id in s.removed:
                 s.removed.discard(rec.id)  # removed then back (renewed key): an upsert
-            elif isinstance(change, NodeAdded):
+            elif isinstance(change, NodeAdded) or rec.id in delta.added.get(s.node_id, ()):
                 s.added.add(rec.id)
             touched.append(s.stream_id)
         return touched
+
+    def _apply_delta(self, delta: Delta, skip_added_of: int = 0) -> list[int]:
+        """Peer upserts/removals and filter marks for the sessions a compiler delta names.
+
+        ``skip_added_of``: the changed node itself, whose upsert :meth:`apply` writes to every session
+        that sees it (so it is not written twice here).
+        """
+        touched: list[int] = []
+        for nid, gained in delta.added.items():
+            for sid in self._by_node.get(nid, ()):
+                s = self._sessions[sid]
+                for p in gained:
+                    if p == skip_added_of or p not in self._entries:
+                        continue
+                    self.stats.delta_writes += 1
+                    s.upserts[p] = self._entries[p]
+                    if p in s.removed:
+                        s.removed.discard(p)
+                    else:
+                        s.added.add(p)
+                touched.append(sid)
+        for nid, lost in delta.removed.items():
+            for sid in self._by_node.get(nid, ()):
+                s = self._sessions[sid]
+                for p in lost:
+                    self.stats.delta_writes += 1
+                    s.upserts.pop(p, None)
+                    if p in s.added:
+                        s.added.discard(p)
+                    else:
+                        s.removed.add(p)
+                touched.append(sid)
+        for nid in delta.filters:
+            for sid in self._by_node.get(nid, ()):
+                self._sessions[sid].filter_dirty = True
+                touched.append(sid)
+        return touched
+
+    def set_policy(self, policy: Policy | None) -> list[int]:
+        """Switch to a new policy (None: allow all); returns the streams whose peers or filter changed."""
+        return self._apply_delta(self.compiler.set_policy(policy))
 
     def _remove(self, change: Change, node_id: int, reason: RemovalReason) -> list[int]:
         if self._view.pop(node_id, None) is None:
@@ -210,7 +295,12 @@ class Mapper:
         for sid in self._by_node.get(node_id, ()):
             self._sessions[sid].ended = reason
             touched.append(sid)
-        for s in self.affected_by(change):
+        sessions = list(self.affected_by(change))  # before the compiler forgets who saw the node
+        delta = self.compiler.remove(node_id)
+        for nid in delta.removed:
+            delta.removed[nid].discard(node_id)  # written below, with the add-then-remove rule
+        touched.extend(self._apply_delta(delta))
+        for s in sessions:
             self.stats.delta_writes += 1
             s.upserts.pop(node_id, None)
             if node_id in s.added:
@@ -244,6 +334,8 @@ class Mapper:
             me = self._view.get(s.node_id)
             if me is not None:
                 head.self.CopyFrom(me)
+        if s.filter_dirty:
+            head.filter.CopyFrom(filter_to_pb(self.compiler.filter(s.node_id)))
         head.peers_removed.extend(sorted(s.removed))
         head.signals.extend(s.signals)
         data = head.SerializeToString() + b"".join(s.upserts.values())
@@ -251,5 +343,6 @@ class Mapper:
         s.added = set()
         s.removed = set()
         s.self_dirty = False
+        s.filter_dirty = False
         s.signals = []
         return data

@@ -31,9 +31,12 @@ from ghostcore.keys import PublicKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc
 from ghostmesh.api.admin import AdminServicer
 from ghostmesh.api.coordination import CoordinationServicer, add_coordination_to_server
+from ghostmesh.api.policy_admin import POLICY_SET
+from ghostmesh.audit import ACTOR_SYSTEM, Auditor, load_audit_key
 from ghostmesh.config import MeshConfig, parse_hostport
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import Mapper
+from ghostmesh.policy_source import PolicyManager
 from ghostmesh.state import State, StateConfig, load_server_key
 from ghostmesh.store.sqlite import SqliteStore
 
@@ -125,6 +128,7 @@ class RunningServer:
     store: SqliteStore
     state: State
     hub: Hub
+    policy: PolicyManager | None = None
     _stopped: bool = False
 
     @property
@@ -140,6 +144,8 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
+        if self.policy is not None:
+            await self.policy.stop()
         await self.hub.stop()
         await self.server.stop(grace)
         self.store.close()
@@ -167,12 +173,18 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         now = clock()
         server_key = load_server_key(store)
         state = State(store, StateConfig.from_mesh(cfg), now)
-        mapper = Mapper(cfg.nodes.keepalive)
+        acl_path = Path(cfg.server.acl_file) if cfg.server.acl_file else None
+        policy = PolicyManager(store, acl_path, lambda p: hub.wake(hub.mapper.set_policy(p)), clock)
+        mapper = Mapper(cfg.nodes.keepalive, policy.load())  # an invalid acl_file stops the start here
         mapper.load(((n, False) for n in state.nodes()), now)
-        hub = Hub(state, mapper, cfg.mapper.batch_delay, clock)
+        auditor = Auditor(store, load_audit_key(store), clock)
+        hub = Hub(state, mapper, cfg.mapper.batch_delay, clock, audit=auditor)
+        policy.on_file_applied = lambda info: hub.record(
+            ACTOR_SYSTEM, POLICY_SET, info.source, {"sha256": info.sha256}
+        )
         server = grpc.aio.server(options=server_options(cfg))
         add_coordination_to_server(CoordinationServicer(hub, server_key), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(hub), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(hub, policy), server)
         bound = _add_tcp_port(server, host, port, cfg.server.bind)
         with _umask(0o177):  # the socket file is born 0600: no window where others could connect
             try:
@@ -182,6 +194,7 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
             await server.start()
         os.chmod(admin_path, 0o600)
         hub.start()
+        policy.start()
     except BaseException:
         store.close()
         raise
@@ -195,4 +208,5 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         store=store,
         state=state,
         hub=hub,
+        policy=policy,
     )

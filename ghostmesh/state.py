@@ -154,6 +154,7 @@ class State:
         self._nodes: dict[int, NodeRec] = {}
         self._by_key: dict[str, int] = {}
         self._by_name: dict[str, int] = {}
+        self._by_pending: dict[str, int] = {}  # key rotation: pending node key -> node id
         self._streams: dict[int, int] = {}  # node id -> open Sync streams
         self._expiry_heap: list[tuple[float, int]] = []
         self._ephemeral_due: dict[int, float] = {}
@@ -162,6 +163,8 @@ class State:
         self._v6 = Allocator(parse_prefix(cfg.ipv6_prefix, "network.ipv6_prefix"))
         for node in store.list_nodes():
             self._index(node)
+            if node.pending_key:
+                self._by_pending[node.pending_key] = node.id
             self._v4.mark_used(ipaddress.ip_address(node.ipv4))
             self._v6.mark_used(ipaddress.ip_address(node.ipv6))
             if node.expires and not node.expired(now):
@@ -518,6 +521,63 @@ class State:
         if normal == node.endpoints or updated.expired(now):
             return []
         return [NodeChanged(updated, self.is_online(node_id))]
+
+    # -- key rotation ----------------------------------------------------------------------------------
+    # A node rotating its WireGuard key (ghostmesh.api.coordination.RotateKey) first gets its proven new key
+    # stored as ``pending_key``; peers keep the old key until a call proven with the pending key shows the
+    # node switched (:meth:`promote_pending`), so no peer ever holds a key the node does not use yet.
+
+    def node_by_pending_key(self, key: str) -> NodeRec | None:
+        node_id = self._by_pending.get(key)
+        node = None if node_id is None else self._nodes.get(node_id)
+        return node if node is not None and node.pending_key == key else None
+
+    def begin_rotation(self, node_id: int, new_key: str, now: float) -> NodeRec:
+        """Store ``new_key`` (its possession already proven) as the node's pending key; nothing else changes.
+
+        A pending key never proven (the node crashed) is simply replaced. Nothing is written when this raises.
+        """
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found")
+        if node.expired(now):
+            raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
+        PublicKey.from_base64(new_key)
+        if new_key == node.node_key:
+            raise InvalidArgument("key rotation: the new node key equals the current one; generate a new key")
+        if new_key == node.pending_key:
+            return node  # a retried request
+        holder = self._by_key.get(new_key)
+        if holder is None:
+            pending_holder = self.node_by_pending_key(new_key)
+            holder = None if pending_holder is None else pending_holder.id
+        if holder is not None:
+            raise Conflict(
+                "key rotation: the new node key is already bound to another node; generate a new key"
+            )
+        pending = replace(node, pending_key=new_key)
+        self.store.update_node(pending)
+        self._index(pending)
+        if node.pending_key:
+            self._by_pending.pop(node.pending_key, None)
+        self._by_pending[new_key] = node.id
+        return pending
+
+    def promote_pending(self, key: str, now: float) -> tuple[NodeRec, list[Change]] | None:
+        """``key`` was just proven: if it is a node's pending key, it becomes the node key (peers learn it).
+
+        None when ``key`` is nobody's pending key.
+        """
+        node = self.node_by_pending_key(key)
+        if node is None:
+            return None
+        promoted = replace(node, node_key=key, pending_key=None, last_seen=now)
+        self.store.update_node(promoted)
+        self._index(promoted)
+        self._by_pending.pop(key, None)
+        if promoted.expired(now):
+            return promoted, []  # peers dropped it already; re-registration brings it back
+        return promoted, [NodeChanged(promoted, self.is_online(node.id))]
 
     # -- timers ----------------------------------------------------------------------------------------
 

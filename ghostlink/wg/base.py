@@ -32,6 +32,9 @@ class WireGuardBackend(Protocol):
     async def read(self) -> DeviceState:
         """The device as WireGuard reports it now (listen port, peers with counters)."""
 
+    async def set_private_key(self, private_key: PrivateKey) -> None:
+        """Switch the device's private key (key rotation), touching nothing else: no peer, no port."""
+
     async def close(self) -> None:
         """Remove the interface and everything this backend started. Idempotent."""
 

@@ -62,6 +62,11 @@ class FakeBackend:
     async def read(self) -> codec.DeviceState:
         return self.device
 
+    async def set_private_key(self, private_key: PrivateKey) -> None:
+        req = codec.encode_set(private_key=private_key)
+        self.requests.append(req)
+        self.ops.append(("private_key", private_key.public_key().base64()))
+
     async def close(self) -> None:
         self.ops.append(("close", None))
         self.closed = True

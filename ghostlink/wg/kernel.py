@@ -142,6 +142,13 @@ class KernelBackend:
     async def read(self) -> codec.DeviceState:
         return await asyncio.to_thread(self._read)
 
+    def _set_private_key(self, private_key: PrivateKey) -> None:
+        with _wireguard() as wg:
+            wg.set(self.ifname, private_key=private_key.base64())
+
+    async def set_private_key(self, private_key: PrivateKey) -> None:
+        await asyncio.to_thread(self._set_private_key, private_key)
+
     def _close(self) -> None:
         with _iproute() as ip, contextlib.suppress(Exception):
             ip.link("del", ifname=self.ifname)

@@ -223,6 +223,11 @@ class WireGuardGoBackend:
     async def read(self) -> codec.DeviceState:
         return await self.uapi.get()
 
+    async def set_private_key(self, private_key: PrivateKey) -> None:
+        # ``private_key=`` alone: wireguard-go keeps its peers and receive keypairs (see ghostlink.rotate).
+        await self.uapi.set(codec.encode_set(private_key=private_key))
+        self._key = private_key  # a restarted wireguard-go is programmed with the new key
+
     async def _stop_proc(self) -> None:
         proc = self.proc
         if proc is None:

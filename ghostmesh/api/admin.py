@@ -4,21 +4,30 @@ Who may call: a caller on the unix admin socket (``context.peer()`` starts with 
 more, because the socket file is mode 0600 in a 0700 directory owned by root: reaching it is the check.
 On TCP every call needs ``authorization: Bearer <api key>`` metadata, verified against the hashed API
 keys; anything else is UNAUTHENTICATED.
+
+Audit: ``_authorize`` returns the caller ("admin@unix" or "apikey:<id>"); every RPC that changes something
+calls ``_audit`` (``hub.record``, remote = ``context.peer()``) after the change succeeded. ListAudit and
+GetAuditKey serve the log and the public half of the audit key (``ghostmesh.audit``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
-from ghostcore.errors import AuthError
+from ghostcore.errors import AuthError, Unavailable
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc as apb_grpc
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostmesh import audit
 from ghostmesh.api.errors import grpc_errors
+from ghostmesh.api.policy_admin import PolicyAdminMixin
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import node_to_pb
+from ghostmesh.policy_source import PolicyManager
+from ghostmesh.state import DEFAULT_USER
 from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -48,21 +57,32 @@ def api_key_pb(rec: ApiKeyRec, now: float) -> apb.ApiKey:
     )
 
 
-class AdminServicer(apb_grpc.AdminServicer):
-    def __init__(self, hub: Hub) -> None:
+class AdminServicer(PolicyAdminMixin, apb_grpc.AdminServicer):
+    def __init__(self, hub: Hub, policy: PolicyManager | None = None) -> None:
         self.hub = hub
         self.state = hub.state
+        # no manager given (tests building a bare servicer): API-set policy in the store, no acl_file
+        self.policy = policy or PolicyManager(
+            hub.state.store, None, lambda p: hub.wake(hub.mapper.set_policy(p)), hub.clock
+        )
 
-    def _authorize(self, context: Ctx) -> None:
+    def _authorize(self, context: Ctx) -> str:
+        """Check the caller; return who it is for the audit log ("admin@unix" or "apikey:<id>")."""
         if context.peer().startswith("unix:"):
-            return
+            return audit.ACTOR_UNIX
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str):
                 scheme, _, token = value.partition(" ")
                 if scheme.lower() == "bearer" and token:
-                    self.state.verify_api_key(token.strip(), self.hub.now())
-                    return
+                    rec = self.state.verify_api_key(token.strip(), self.hub.now())
+                    return audit.api_key_actor(rec.id)
         raise AuthError("admin over TCP needs an API key: metadata 'authorization: Bearer gmapi_...'")
+
+    def _audit(
+        self, context: Ctx, actor: str, action: str, target: str, detail: Mapping[str, object] | None = None
+    ) -> None:
+        """Record a change that succeeded: ``actor`` from :meth:`_authorize`, remote = the gRPC peer."""
+        self.hub.record(actor, action, target, detail, context.peer())
 
     def _node_pb(self, node: NodeRec) -> pb.Node:
         return node_to_pb(node, self.state.is_online(node.id))
@@ -71,8 +91,9 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     @grpc_errors
     async def CreateUser(self, request: apb.CreateUserRequest, context: Ctx) -> apb.User:
-        self._authorize(context)
+        actor = self._authorize(context)
         rec = self.state.create_user(request.name, self.hub.now())
+        self._audit(context, actor, audit.USER_CREATE, rec.name, {"id": rec.id})
         return apb.User(id=rec.id, name=rec.name, created_unix=int(rec.created))
 
     @grpc_errors
@@ -83,8 +104,9 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     @grpc_errors
     async def DeleteUser(self, request: apb.DeleteUserRequest, context: Ctx) -> apb.DeleteUserResponse:
-        self._authorize(context)
+        actor = self._authorize(context)
         self.state.delete_user(request.name)
+        self._audit(context, actor, audit.USER_DELETE, request.name)
         return apb.DeleteUserResponse()
 
     # -- nodes -----------------------------------------------------------------------------------------
@@ -96,22 +118,29 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     @grpc_errors
     async def RenameNode(self, request: apb.RenameNodeRequest, context: Ctx) -> pb.Node:
-        self._authorize(context)
+        actor = self._authorize(context)
+        old_name = self.state.resolve(request.ref).name
         node, changes = self.state.rename(request.ref, request.new_name)
         self.hub.dispatch(changes)
+        if changes:
+            self._audit(context, actor, audit.NODE_RENAME, node.name, {"id": node.id, "old_name": old_name})
         return self._node_pb(node)
 
     @grpc_errors
     async def ExpireNode(self, request: apb.ExpireNodeRequest, context: Ctx) -> pb.Node:
-        self._authorize(context)
+        actor = self._authorize(context)
         node, changes = self.state.expire_node(request.ref, self.hub.now())
         self.hub.dispatch(changes)
+        if changes:
+            self._audit(context, actor, audit.NODE_EXPIRE, node.name, {"id": node.id})
         return self._node_pb(node)
 
     @grpc_errors
     async def DeleteNode(self, request: apb.DeleteNodeRequest, context: Ctx) -> apb.DeleteNodeResponse:
-        self._authorize(context)
+        actor = self._authorize(context)
+        node = self.state.resolve(request.ref)
         self.hub.dispatch(self.state.delete_node(request.ref))
+        self._audit(context, actor, audit.NODE_DELETE, node.name, {"id": node.id})
         return apb.DeleteNodeResponse()
 
     # -- auth keys -------------------------------------------------------------------------------------
@@ -120,8 +149,9 @@ class AdminServicer(apb_grpc.AdminServicer):
     async def CreateAuthKey(
         self, request: apb.CreateAuthKeyRequest, context: Ctx
     ) -> apb.CreateAuthKeyResponse:
-        self._authorize(context)
+        actor = self._authorize(context)
         now = self.hub.now()
+        self.policy.authorize_tags(request.user or DEFAULT_USER, request.tags, actor == audit.ACTOR_UNIX)
         rec, secret = self.state.create_auth_key(
             user=request.user,
             reusable=request.reusable,
@@ -130,6 +160,7 @@ class AdminServicer(apb_grpc.AdminServicer):
             tags=list(request.tags),
             now=now,
         )
+        self._audit(context, actor, audit.AUTHKEY_CREATE, rec.id, audit.auth_key_detail(rec))
         return apb.CreateAuthKeyResponse(key=auth_key_pb(rec, now), secret=secret)
 
     @grpc_errors
@@ -142,16 +173,19 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     @grpc_errors
     async def ExpireAuthKey(self, request: apb.ExpireAuthKeyRequest, context: Ctx) -> apb.AuthKey:
-        self._authorize(context)
-        return auth_key_pb(self.state.expire_auth_key(request.id), self.hub.now())
+        actor = self._authorize(context)
+        rec = self.state.expire_auth_key(request.id)
+        self._audit(context, actor, audit.AUTHKEY_EXPIRE, rec.id, {"user": rec.user})
+        return auth_key_pb(rec, self.hub.now())
 
     # -- API keys --------------------------------------------------------------------------------------
 
     @grpc_errors
     async def CreateApiKey(self, request: apb.CreateApiKeyRequest, context: Ctx) -> apb.CreateApiKeyResponse:
-        self._authorize(context)
+        actor = self._authorize(context)
         now = self.hub.now()
         rec, secret = self.state.create_api_key(float(request.expiration_seconds), now)
+        self._audit(context, actor, audit.APIKEY_CREATE, rec.id, {"expires_unix": int(rec.expires)})
         return apb.CreateApiKeyResponse(key=api_key_pb(rec, now), secret=secret)
 
     @grpc_errors
@@ -162,5 +196,25 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     @grpc_errors
     async def ExpireApiKey(self, request: apb.ExpireApiKeyRequest, context: Ctx) -> apb.ApiKey:
+        actor = self._authorize(context)
+        rec = self.state.expire_api_key(request.id)
+        self._audit(context, actor, audit.APIKEY_EXPIRE, rec.id)
+        return api_key_pb(rec, self.hub.now())
+
+    # -- audit log -------------------------------------------------------------------------------------
+
+    def _auditor(self) -> audit.Auditor:
+        if self.hub.audit is None:
+            raise Unavailable("this server has no audit log configured")
+        return self.hub.audit
+
+    @grpc_errors
+    async def ListAudit(self, request: apb.ListAuditRequest, context: Ctx) -> apb.ListAuditResponse:
         self._authorize(context)
-        return api_key_pb(self.state.expire_api_key(request.id), self.hub.now())
+        recs = self._auditor().store.list_audit(request.after_seq, request.limit)
+        return apb.ListAuditResponse(entries=[audit.entry_pb(r) for r in recs])
+
+    @grpc_errors
+    async def GetAuditKey(self, request: apb.GetAuditKeyRequest, context: Ctx) -> apb.AuditKey:
+        self._authorize(context)
+        return apb.AuditKey(public_key=self._auditor().public_key)

@@ -7,6 +7,9 @@ it claims, so a node key cannot be used (or taken over) by anyone else.
 Sync sends the full map, then waits on its stream's event (set by :class:`ghostmesh.hub.Hub` when a change
 touches it), sleeps ``mapper.batch_delay`` to coalesce bursts and flushes one delta. It ends with
 NOT_FOUND when its node is deleted, UNAUTHENTICATED when its key expires, UNAVAILABLE at shutdown.
+
+RotateKey stores a node's proven new key as pending; any later call proven with that key promotes it
+(:meth:`CoordinationServicer._bound`), so peers learn only a key the node already uses.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import grpc
 
 from ghostcore import nodeauth
 from ghostcore.errors import AuthError, GhostError, InvalidArgument, NotFound, Unavailable
-from ghostcore.keys import PrivateKey
+from ghostcore.keys import PrivateKey, PublicKey
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostmesh import audit
 from ghostmesh.api.errors import abort_with, grpc_errors
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import node_to_pb
@@ -35,6 +39,7 @@ SERVICE_NAME = "ghostmesh.v1.Coordination"
 SERVICE = f"/{SERVICE_NAME}/"
 MAX_SIGNAL_BYTES = 4096
 VERSION = "0.1.0"
+ROTATE_NEW_METHOD = f"{SERVICE}RotateKey#new"  # what RotateKeyRequest.new_key_proof is bound to
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -81,6 +86,11 @@ def add_coordination_to_server(servicer: CoordinationServicer, server: grpc.aio.
             request_deserializer=pb.SignalRequest.FromString,
             response_serializer=pb.SignalAck.SerializeToString,
         ),
+        "RotateKey": grpc.unary_unary_rpc_method_handler(
+            servicer.RotateKey,
+            request_deserializer=pb.RotateKeyRequest.FromString,
+            response_serializer=pb.RotateKeyResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -106,11 +116,30 @@ class CoordinationServicer:
     def _node(self, context: Ctx, method: str) -> NodeRec:
         """The registered, unexpired node making this call."""
         key = self._prove(context, method)
-        node = self.state.node_by_key(key)
+        node = self._bound(key)
         if node is None:
             raise NotFound(f"node key {key[:8]}… is not registered; join with an auth key first")
         if node.expired(self.hub.now()):
             raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
+        return node
+
+    def _bound(self, key: str) -> NodeRec | None:
+        """The node bound to the proven ``key``. A node's pending key (key rotation) proven here shows the
+        node switched to it: it is promoted to the node key and every peer gets it (NodeChanged).
+        """
+        node = self.state.node_by_key(key)
+        if node is not None:
+            return node
+        promoted = self.state.promote_pending(key, self.hub.now())
+        if promoted is None:
+            return None
+        node, changes = promoted
+        self.hub.dispatch(changes)
+        log.info("node key rotated", extra={"node": node.name})
+        # no gRPC context here: the remote is recorded on the rotation's start (node.key_rotate)
+        self.hub.record(
+            audit.node_actor(node.name), audit.NODE_KEY_SWITCH, node.name, {"id": node.id, "node_key": key}
+        )
         return node
 
     @grpc_errors
@@ -120,10 +149,18 @@ class CoordinationServicer:
     @grpc_errors
     async def Register(self, request: pb.RegisterRequest, context: Ctx) -> pb.RegisterResponse:
         key = self._prove(context, "Register")
+        self._bound(key)  # a proven pending key (a rotation resumed after a crash) becomes the node key
         node, changes = self.state.register(key, request.auth_key, request.hostname, self.hub.now())
         self.hub.dispatch(changes)
         if changes:
             log.info("node registered", extra={"node": node.name})
+            self.hub.record(
+                audit.node_actor(node.name),
+                audit.NODE_REGISTER,
+                node.name,
+                audit.register_detail(node, changes),
+                context.peer(),
+            )
         return pb.RegisterResponse(node=node_to_pb(node, self.state.is_online(node.id)))
 
     async def Sync(self, request: pb.SyncRequest, context: Ctx) -> AsyncIterator[bytes]:
@@ -184,3 +221,33 @@ class CoordinationServicer:
             raise Unavailable(f"node {target.name} is offline; try again when it is connected")
         self.hub.wake(sids)
         return pb.SignalAck()
+
+    @grpc_errors
+    async def RotateKey(self, request: pb.RotateKeyRequest, context: Ctx) -> pb.RotateKeyResponse:
+        """Key rotation, step 1 (``coordination.proto``): the metadata proves the current key, the body the
+        new one; the new key is stored as pending and reaches peers only once a call proves it
+        (:meth:`_bound`). Any failure changes nothing.
+        """
+        try:
+            node = self._node(context, "RotateKey")
+        except AuthError as exc:
+            raise AuthError(f"key rotation refused: {exc}") from None
+        new_key = PublicKey.from_base64(request.new_node_key)
+        proof = nodeauth.NodeProof(new_key, request.new_ts_ms, bytes(request.new_key_proof))
+        try:
+            nodeauth.verify(self.server_key, proof, ROTATE_NEW_METHOD, int(time.time() * 1000))
+        except AuthError as exc:
+            raise AuthError(
+                f"key rotation refused: the new key's proof does not verify ({exc}); "
+                "sign new_key_proof with the new private key"
+            ) from None
+        rec = self.state.begin_rotation(node.id, new_key.base64(), self.hub.now())
+        log.info("node key rotation started", extra={"node": rec.name})
+        self.hub.record(
+            audit.node_actor(rec.name),
+            audit.NODE_KEY_ROTATE,
+            rec.name,
+            {"id": rec.id, "node_key": rec.node_key, "new_node_key": new_key.base64()},
+            context.peer(),
+        )
+        return pb.RotateKeyResponse(node=node_to_pb(rec, self.state.is_online(rec.id)))

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ghostcore.auditchain import AuditRecord
+
 
 @dataclass(frozen=True, slots=True)
 class UserRec:
@@ -123,3 +125,15 @@ class Store(Protocol):
 
     def update_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> None: ...
     def delete_node(self, node_id: int) -> None: ...
+
+    # audit log (append-only; sealing and verification: ghostcore.auditchain)
+    def append_audit(self, rec: AuditRecord) -> None:
+        """Append a sealed entry; ``Conflict`` (nothing written) unless ``rec.seq`` is the last seq + 1 and
+        ``rec.prev_hash`` the last entry's hash (32 zero bytes for seq 1), checked in one transaction."""
+        ...
+
+    def list_audit(self, after_seq: int = 0, limit: int = 0) -> Sequence[AuditRecord]:
+        """Entries with seq > ``after_seq`` in seq order; at most ``limit`` (0: all)."""
+        ...
+
+    def last_audit(self) -> AuditRecord | None: ...

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ghostcore.auditchain import GENESIS, AuditRecord
 from ghostcore.errors import AuthError, ConfigError, Conflict, NotFound, Unavailable
 from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, UserRec
 
@@ -109,6 +110,7 @@ _INSERT_NODE = (
 _UPDATE_NODE = f"UPDATE nodes SET {', '.join(c + ' = ?' for c in _NODE_COLUMNS)} WHERE id = ?"  # noqa: S608
 _AUTH_COLS = "id, hash, user, reusable, ephemeral, tags, created, expires, used_count, revoked"
 _API_COLS = "id, hash, created, expires, revoked, last_used"
+_AUDIT_COLS = "seq, ts_ms, actor, action, target, detail, remote, prev_hash, hash, signature"
 
 
 def _node(row: sqlite3.Row) -> NodeRec:
@@ -162,6 +164,21 @@ def _api(row: sqlite3.Row) -> ApiKeyRec:
         expires=float(row[3]),
         revoked=bool(row[4]),
         last_used=float(row[5]),
+    )
+
+
+def _audit(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(
+        seq=int(row[0]),
+        ts_ms=int(row[1]),
+        actor=row[2],
+        action=row[3],
+        target=row[4],
+        detail=row[5],
+        remote=row[6],
+        prev_hash=bytes(row[7]),
+        hash=bytes(row[8]),
+        signature=bytes(row[9]),
     )
 
 
@@ -396,3 +413,35 @@ class SqliteStore:
             cur = db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
             if cur.rowcount != 1:
                 raise NotFound(f"node {node_id} not found")
+
+    # -- audit log -------------------------------------------------------------------------------------
+
+    def append_audit(self, rec: AuditRecord) -> None:
+        with self._tx() as db:
+            # The link check and the insert in one BEGIN IMMEDIATE transaction: a second writer (another
+            # ghostmesh on the same file) cannot slip an entry in between and fork the chain.
+            row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            last_seq, last_hash = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
+            if rec.seq != last_seq + 1 or rec.prev_hash != last_hash:
+                raise Conflict(
+                    f"audit entry {rec.seq}: the log ends at seq {last_seq} with another hash; "
+                    "reload the last entry and seal again"
+                )
+            db.execute(
+                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (rec.seq, rec.ts_ms, rec.actor, rec.action, rec.target, rec.detail, rec.remote,
+                 rec.prev_hash, rec.hash, rec.signature),
+            )  # fmt: skip
+
+    def list_audit(self, after_seq: int = 0, limit: int = 0) -> Sequence[AuditRecord]:
+        rows = self._db.execute(
+            f"SELECT {_AUDIT_COLS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+            (after_seq, limit if limit > 0 else -1),  # LIMIT -1: no limit in SQLite
+        ).fetchall()
+        return [_audit(r) for r in rows]
+
+    def last_audit(self) -> AuditRecord | None:
+        row = self._db.execute(
+            f"SELECT {_AUDIT_COLS} FROM audit ORDER BY seq DESC LIMIT 1"  # noqa: S608
+        ).fetchone()
+        return _audit(row) if row else None

@@ -86,9 +86,11 @@ def test_oidc_refused_with_clear_message(tmp_path: Path) -> None:
         load_config(_write(tmp_path, '[server]\nauth_method = "oidc"\n'), environ={})
 
 
-def test_acl_file_refused_with_clear_message(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"server\.acl_file: ACL policies are not supported yet"):
-        load_config(_write(tmp_path, '[server]\nacl_file = "acls.toml"\n'), environ={})
+def test_acl_file_relative_to_config_dir(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, '[server]\nacl_file = "acls.toml"\n'), environ={})
+    assert cfg.server.acl_file == str(tmp_path / "acls.toml")
+    cfg = load_config(_write(tmp_path, '[server]\nacl_file = "/etc/x/acls.toml"\n'), environ={})
+    assert cfg.server.acl_file == "/etc/x/acls.toml"
 
 
 def test_database_type(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.changes import NodeAdded, NodeChanged, NodeRemoved
-from ghostmesh.mapper import Mapper, node_to_pb
+from ghostmesh.mapper import Mapper, filter_to_pb, node_to_pb
+from ghostmesh.policy import ALLOW_ALL
 from ghostmesh.store.base import NodeRec
 
 NOW = 1000.0
@@ -208,6 +209,7 @@ def test_wire_bytes_equal_message_encoding() -> None:
         keepalive_seconds=25,
         self=node_to_pb(rec(1), True),
         peers_upserted=[node_to_pb(big, False), node_to_pb(rec(3), False)],
+        filter=filter_to_pb(ALLOW_ALL),  # no policy: the filter accepts everything
     )
     assert parsed == expected
     assert len(node_to_pb(big, False).SerializeToString()) > 300  # a two-byte length varint is exercised
