@@ -28,7 +28,7 @@ from ghostlink.engine import NodeInfo
 from ghostlink.localapi import LocalNodeService, start_local_api, stop_local_api
 from ghostlink.net import LinkNet
 from ghostlink.nft import NftFirewall
-from ghostlink.rotate import KeyRotator, poke, settle_pending
+from ghostlink.rotate import KeyRotator, settle_pending
 from ghostlink.state import SavedNode, StateDir
 from ghostlink.wg.select import choose, make_backend
 from ghostlink.wg.wggo import WireGuardGoBackend
@@ -115,11 +115,6 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: S
         backend.on_restart = daemon.on_backend_restart
     rotator = KeyRotator(daemon, state)
     daemon.before_session = rotator.resume
-
-    async def poke_rekeyed(peers: list[NodeInfo]) -> None:
-        await poke(ifname, peers)
-
-    daemon.on_rekeyed = poke_rekeyed
     auto: asyncio.Task[None] | None = None
     sock = Path(cfg.control.socket)
     stop = asyncio.Event()

@@ -206,10 +206,8 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._announced = False
         self._stop = asyncio.Event()
-        # Key rotation (ghostlink.rotate): run before each Sync stream (finishes a rotation left pending),
-        # and told about peers whose key changed under the same node id (it pokes them).
+        # Key rotation (ghostlink.rotate): run before each Sync stream (finishes a rotation left pending).
         self.before_session: Callable[[], Awaitable[None]] | None = None
-        self.on_rekeyed: Callable[[list[engine.NodeInfo]], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Bring the interface up (before any map arrives, so the port is bound and reportable)."""
@@ -263,13 +261,9 @@ class Daemon:
         watcher: asyncio.Task[None] | None = None
         try:
             async for update in call:
-                before = dict(self.netmap.peers)
                 self.netmap.apply(update)
                 self.status.last_map_unix = int(time.time())
                 await self.reconcile()
-                rekeyed = engine.rekeyed_peers(before, self.netmap.peers)
-                if rekeyed and self.on_rekeyed is not None:
-                    await self.on_rekeyed(rekeyed)
                 if not self.status.connected:
                     self.status.connected = True
                     self.status.last_error = ""

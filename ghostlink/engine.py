@@ -265,12 +265,3 @@ def applied_after(current: DesiredState, p: Plan) -> DesiredState:
         peers=peers,
         routes=(current.routes - set(p.routes_remove)) | set(p.routes_add),
     )
-
-
-def rekeyed_peers(before: dict[int, NodeInfo], after: dict[int, NodeInfo]) -> list[NodeInfo]:
-    """Peers whose WireGuard key changed under the same node id (a key rotation), as they are now.
-
-    The plan replaces such a peer (old key removed, new key added with the same allowed IPs); the daemon
-    then pokes it so the handshake with the new key starts at once (see ``ghostlink.rotate``).
-    """
-    return [p for nid, p in sorted(after.items()) if nid in before and before[nid].node_key != p.node_key]

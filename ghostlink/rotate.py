@@ -24,27 +24,25 @@ staged queue (up to 128 per peer) while a new handshake runs. So once the rotati
 * packets P->N still decrypt at N on the old session (P keeps sending on it until its map changes);
 * N's packets to P wait in N's queue: P does not know N's new key yet and drops N's handshake initiation;
 * when P's map carries N's new key, P's plan replaces the peer (old key removed, new key added with the
-  same allowed IPs) and P then *pokes* N (:func:`poke`): one small UDP datagram through the tunnel to N's
-  overlay address, so P initiates a handshake with N's new key at once; N answers, the session is up and
-  N's queued packets flow. Without the poke, N would retry its own handshake only after REKEY_TIMEOUT
-  (5 s, WireGuard whitepaper section 6.4), long enough for ping's per-packet wait to count losses.
-
-The poke goes only to peers whose key changed under the same node id (``engine.rekeyed_peers``), never to
-every new peer.
+  same allowed IPs and a persistent keepalive). Adding a peer with a persistent keepalive makes WireGuard
+  send a keepalive at once (wireguard-go's UAPI ``persistent_keepalive_interval`` turning on; the kernel's
+  ``set_peer`` likewise), which needs a session: P initiates the handshake with N's new key right away,
+  N answers, the session is up and N's queued packets flow. ghostlink never configures a peer without a
+  keepalive (``engine.NetMap`` keeps the default when the map says 0), which is what this relies on;
+  otherwise N would retry its own handshake only after REKEY_TIMEOUT (5 s, WireGuard whitepaper 6.4).
+  Measured on wireguard-go with 20 pings/s in both directions: 0 lost, a 20-60 ms delay spike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ghostcore.errors import AuthError, GhostError, NotFound, Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
-from ghostlink.engine import NodeInfo
 from ghostlink.state import StateDir
 
 if TYPE_CHECKING:
@@ -52,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POKE_PORT = 9  # discard (RFC 863): nothing need listen; the packet only has to start a handshake
 MIN_CHECK = 0.5  # automatic rotation: the age check runs every interval/10, within these bounds
 MAX_CHECK = 60.0
 
@@ -95,31 +92,6 @@ async def settle_pending(state: StateDir, client: CoordClient, key: PrivateKey) 
     client.key = pending
     log.info("finished an interrupted key rotation: now %s…", pending.public_key().short())
     return pending
-
-
-async def poke(ifname: str, peers: Sequence[NodeInfo], port: int = POKE_PORT) -> None:
-    """Send one tiny UDP datagram through ``ifname`` to each peer's first IPv4 (else IPv6) address.
-
-    The socket is bound to the WireGuard interface (SO_BINDTODEVICE), so the datagram can only leave
-    through the tunnel; if binding fails (no such interface, no privilege) nothing is sent at all.
-
-    wireguard-go and kernel WireGuard also send a keepalive at once when a peer is created with a
-    persistent keepalive, which starts the handshake as well; the poke makes it independent of that.
-    """
-    for peer in peers:
-        addr = next((a for a in peer.addresses if ":" not in a), None) or next(iter(peer.addresses), None)
-        if addr is None:
-            continue
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-                sock.setblocking(False)
-                sock.sendto(b"\0", (addr, port))
-        except OSError as exc:
-            log.debug("poke to %s via %s failed: %s", peer.name, ifname, exc)
-            continue
-        log.debug("poked %s (%s) after its key changed", peer.name, addr)
 
 
 class KeyRotator:

@@ -115,9 +115,10 @@ def test_keys_rotate_loses_no_ping_in_either_direction(mesh: Mesh, three: list[N
     _reach(mesh, n3, n1)
 
 
-def test_passive_peer_pokes_so_one_way_traffic_resumes_at_once(mesh: Mesh, three: list[Node]) -> None:
-    """Only the rotating node sends: its queued packets flow as soon as the peer starts the handshake
-    (poke), not after the 5 s REKEY_TIMEOUT its own retry would take (the peer drops its first initiation).
+def test_passive_peer_handshakes_at_once_so_one_way_traffic_resumes(mesh: Mesh, three: list[Node]) -> None:
+    """Only the rotating node sends: its queued packets flow as soon as the peer, adding the new key with a
+    persistent keepalive, starts the handshake, not after the 5 s REKEY_TIMEOUT its own retry would take
+    (the peer dropped its first initiation).
     """
     n1, n2, _ = three
     _reach(mesh, n1, n2)

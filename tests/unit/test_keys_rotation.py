@@ -1,7 +1,7 @@
 """Key rotation, pure parts and the node's flow with fakes (no sockets, no sleeps).
 
-- ``engine.rekeyed_peers``: the only peers poked after a map change are those whose key changed under
-  the same node id;
+- the plan for a peer whose key changed under the same node id: replaced, same allowed IPs, and with a
+  persistent keepalive (adding it makes WireGuard handshake with the new key at once: ghostlink.rotate);
 - ``KeyRotator.rotate``: the order of the steps (pending key on disk before WireGuard switches; proofs
   switch before the promoting ReportStatus; node.key replaced last), and nothing changes when RotateKey
   is refused;
@@ -42,19 +42,17 @@ def _info(node_id: int, key: str) -> engine.NodeInfo:
     return engine.NodeInfo(node_id, f"n{node_id}", "u", key, (f"100.64.0.{node_id}",), (), (), True, 0, 0)
 
 
-def test_rekeyed_peers_only_same_id_new_key() -> None:
-    k = [PrivateKey.generate().public_key().base64() for _ in range(5)]
-    before = {1: _info(1, k[0]), 2: _info(2, k[1]), 3: _info(3, k[2])}
-    after = {1: _info(1, k[3]), 2: _info(2, k[1]), 4: _info(4, k[4])}  # 1 rekeyed, 2 same, 3 gone, 4 new
-    assert engine.rekeyed_peers(before, after) == [after[1]]
-    assert engine.rekeyed_peers({}, after) == []
-    # The plan for a rekeyed peer replaces it: old key out, new key in with the same allowed IPs.
+def test_a_rekeyed_peer_is_replaced_with_the_same_allowed_ips_and_a_keepalive() -> None:
+    k = [PrivateKey.generate().public_key().base64() for _ in range(4)]
+    before = {1: _info(1, k[0])}
+    after = {1: _info(1, k[3])}
     nm_before = engine.NetMap(self_node=_info(9, PrivateKey.generate().public_key().base64()))
     nm_before.peers = {1: _with_ips(before[1])}
     nm_after = engine.NetMap(self_node=nm_before.self_node, peers={1: _with_ips(after[1])})
     p = engine.plan(engine.desired_state(nm_before), engine.desired_state(nm_after))
     assert p.peers_remove == (k[0],)
     assert [(s.public_key, s.allowed_ips) for s in p.peers_add] == [(k[3], ("100.64.0.1/32",))]
+    assert p.peers_add[0].keepalive > 0  # the immediate keepalive is what starts the new handshake
 
 
 def _with_ips(n: engine.NodeInfo) -> engine.NodeInfo:
