@@ -93,6 +93,20 @@ MIGRATIONS: tuple[str, ...] = (
         signature BLOB NOT NULL
     );
     """,
+    # 3: subnet routes / exit nodes, and the user's OIDC groups (for policy groups).
+    """
+    CREATE TABLE routes (
+        node_id        INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        prefix         TEXT NOT NULL,
+        by_node        INTEGER NOT NULL DEFAULT 0,
+        by_admin       INTEGER NOT NULL DEFAULT 0,
+        approved       INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (node_id, prefix)
+    );
+    ALTER TABLE users ADD COLUMN oidc_subject TEXT;
+    ALTER TABLE users ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
+    CREATE UNIQUE INDEX users_oidc_subject ON users(oidc_subject) WHERE oidc_subject IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

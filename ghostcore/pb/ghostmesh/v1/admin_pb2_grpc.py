@@ -130,6 +130,26 @@ class AdminStub:
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.GetAuditKeyRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.AuditKey.FromString,
                 _registered_method=True)
+        self.AddRoute = channel.unary_unary(
+                '/ghostmesh.v1.Admin/AddRoute',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.Route.FromString,
+                _registered_method=True)
+        self.ApproveRoute = channel.unary_unary(
+                '/ghostmesh.v1.Admin/ApproveRoute',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.Route.FromString,
+                _registered_method=True)
+        self.DeleteRoute = channel.unary_unary(
+                '/ghostmesh.v1.Admin/DeleteRoute',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteRouteResponse.FromString,
+                _registered_method=True)
+        self.ListRoutes = channel.unary_unary(
+                '/ghostmesh.v1.Admin/ListRoutes',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -253,6 +273,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddRoute(self, request, context):
+        """Subnet routes and exit nodes. AddRoute = advertise on the node's behalf + approve
+        (`ghostctl route add 10.1.1.0/24 via peer01`); "0.0.0.0/0" or "::/0" means exit node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoutes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +396,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetAuditKey,
                     request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.GetAuditKeyRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_admin__pb2.AuditKey.SerializeToString,
+            ),
+            'AddRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRoute,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.Route.SerializeToString,
+            ),
+            'ApproveRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveRoute,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.Route.SerializeToString,
+            ),
+            'DeleteRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRoute,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteRouteResponse.SerializeToString,
+            ),
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -865,6 +931,114 @@ class Admin:
             '/ghostmesh.v1.Admin/GetAuditKey',
             ghostmesh_dot_v1_dot_admin__pb2.GetAuditKeyRequest.SerializeToString,
             ghostmesh_dot_v1_dot_admin__pb2.AuditKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/AddRoute',
+            ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/ApproveRoute',
+            ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/DeleteRoute',
+            ghostmesh_dot_v1_dot_admin__pb2.RouteRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.DeleteRouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/ListRoutes',
+            ghostmesh_dot_v1_dot_admin__pb2.ListRoutesRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.ListRoutesResponse.FromString,
             options,
             channel_credentials,
             insecure,

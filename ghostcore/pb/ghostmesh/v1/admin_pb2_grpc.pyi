@@ -60,6 +60,13 @@ class AdminStub:
     ListAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]
     """Signed, hash-chained audit log of every control-plane change."""
     GetAuditKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAuditKeyRequest, _admin_pb2.AuditKey]
+    AddRoute: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.Route]
+    """Subnet routes and exit nodes. AddRoute = advertise on the node's behalf + approve
+    (`ghostctl route add 10.1.1.0/24 via peer01`); "0.0.0.0/0" or "::/0" means exit node.
+    """
+    ApproveRoute: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.Route]
+    DeleteRoute: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.DeleteRouteResponse]
+    ListRoutes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRoutesRequest, _admin_pb2.ListRoutesResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -88,6 +95,13 @@ class AdminAsyncStub(AdminStub):
     ListAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]  # type: ignore[assignment]
     """Signed, hash-chained audit log of every control-plane change."""
     GetAuditKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAuditKeyRequest, _admin_pb2.AuditKey]  # type: ignore[assignment]
+    AddRoute: _aio.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.Route]  # type: ignore[assignment]
+    """Subnet routes and exit nodes. AddRoute = advertise on the node's behalf + approve
+    (`ghostctl route add 10.1.1.0/24 via peer01`); "0.0.0.0/0" or "::/0" means exit node.
+    """
+    ApproveRoute: _aio.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.Route]  # type: ignore[assignment]
+    DeleteRoute: _aio.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.DeleteRouteResponse]  # type: ignore[assignment]
+    ListRoutes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRoutesRequest, _admin_pb2.ListRoutesResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -227,5 +241,36 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetAuditKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.AuditKey, _abc.Awaitable[_admin_pb2.AuditKey]]: ...
+
+    @_abc_1.abstractmethod
+    def AddRoute(
+        self,
+        request: _admin_pb2.RouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Route, _abc.Awaitable[_admin_pb2.Route]]:
+        """Subnet routes and exit nodes. AddRoute = advertise on the node's behalf + approve
+        (`ghostctl route add 10.1.1.0/24 via peer01`); "0.0.0.0/0" or "::/0" means exit node.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveRoute(
+        self,
+        request: _admin_pb2.RouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Route, _abc.Awaitable[_admin_pb2.Route]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteRoute(
+        self,
+        request: _admin_pb2.RouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteRouteResponse, _abc.Awaitable[_admin_pb2.DeleteRouteResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRoutes(
+        self,
+        request: _admin_pb2.ListRoutesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListRoutesResponse, _abc.Awaitable[_admin_pb2.ListRoutesResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

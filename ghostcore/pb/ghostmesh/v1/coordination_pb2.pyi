@@ -96,20 +96,41 @@ class RegisterResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
+    AUTH_URL_FIELD_NUMBER: _builtins.int
+    auth_url: _builtins.str
+    """OIDC: open this URL to log in; then call WaitForLogin"""
     @_builtins.property
-    def node(self) -> Global___Node: ...
+    def node(self) -> Global___Node:
+        """unset when auth_url is set"""
+
     def __init__(
         self,
         *,
         node: Global___Node | None = ...,
+        auth_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_url", b"auth_url", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterResponse: _TypeAlias = RegisterResponse  # noqa: Y015
+
+@_typing.final
+class WaitForLoginRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitForLoginRequest: _TypeAlias = WaitForLoginRequest  # noqa: Y015
 
 @_typing.final
 class SyncRequest(_message.Message):
@@ -144,6 +165,8 @@ class Node(_message.Message):
     EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
     EPHEMERAL_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    PRIMARY_ROUTES_FIELD_NUMBER: _builtins.int
+    EXIT_NODE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     user: _builtins.str
@@ -154,6 +177,10 @@ class Node(_message.Message):
     expires_unix: _builtins.int
     """0: never"""
     ephemeral: _builtins.bool
+    exit_node: _builtins.bool
+    """(also in allowed_ips)
+    an approved exit node: allowed_ips hold 0.0.0.0/0 and ::/0,
+    """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """overlay addresses, e.g. "100.64.0.1", "fd7a:115c:a1e0::1" """
@@ -168,6 +195,10 @@ class Node(_message.Message):
 
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def primary_routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """approved subnet routes this node is the primary router for"""
+
     def __init__(
         self,
         *,
@@ -183,10 +214,12 @@ class Node(_message.Message):
         expires_unix: _builtins.int = ...,
         ephemeral: _builtins.bool = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
+        primary_routes: _abc.Iterable[_builtins.str] | None = ...,
+        exit_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "expires_unix", b"expires_unix", "id", b"id", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "tags", b"tags", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "id", b"id", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -339,16 +372,26 @@ class StatusReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENDPOINTS_FIELD_NUMBER: _builtins.int
+    ADVERTISED_ROUTES_FIELD_NUMBER: _builtins.int
+    ADVERTISE_EXIT_NODE_FIELD_NUMBER: _builtins.int
+    advertise_exit_node: _builtins.bool
+    """offers 0.0.0.0/0 and ::/0"""
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def advertised_routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """subnet routes this node offers (its whole current set)"""
+
     def __init__(
         self,
         *,
         endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        advertised_routes: _abc.Iterable[_builtins.str] | None = ...,
+        advertise_exit_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_exit_node", b"advertise_exit_node", "advertised_routes", b"advertised_routes", "endpoints", b"endpoints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

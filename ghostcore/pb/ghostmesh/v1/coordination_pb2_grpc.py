@@ -44,6 +44,11 @@ class CoordinationStub:
                 request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.WaitForLogin = channel.unary_unary(
+                '/ghostmesh.v1.Coordination/WaitForLogin',
+                request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.WaitForLoginRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.RegisterResponse.FromString,
+                _registered_method=True)
         self.Sync = channel.unary_stream(
                 '/ghostmesh.v1.Coordination/Sync',
                 request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.SyncRequest.SerializeToString,
@@ -78,6 +83,16 @@ class CoordinationServicer:
 
     def Register(self, request, context):
         """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key.
+        With auth_method = "oidc" and no auth key: the node is not registered yet; the response carries
+        auth_url for the user to open, and the node then waits in WaitForLogin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitForLogin(self, request, context):
+        """OIDC: returns once the user behind auth_url logged in (the node is registered to that user), or
+        DEADLINE_EXCEEDED / UNAUTHENTICATED (login failed or expired). Proven with the same node key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +141,11 @@ def add_CoordinationServicer_to_server(servicer, server):
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.RegisterRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.RegisterResponse.SerializeToString,
+            ),
+            'WaitForLogin': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitForLogin,
+                    request_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.WaitForLoginRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.RegisterResponse.SerializeToString,
             ),
             'Sync': grpc.unary_stream_rpc_method_handler(
@@ -202,6 +222,33 @@ class Coordination:
             target,
             '/ghostmesh.v1.Coordination/Register',
             ghostmesh_dot_v1_dot_coordination__pb2.RegisterRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_coordination__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitForLogin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Coordination/WaitForLogin',
+            ghostmesh_dot_v1_dot_coordination__pb2.WaitForLoginRequest.SerializeToString,
             ghostmesh_dot_v1_dot_coordination__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,

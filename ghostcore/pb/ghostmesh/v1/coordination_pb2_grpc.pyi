@@ -45,7 +45,14 @@ class CoordinationStub:
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.GetServerInfoRequest, _coordination_pb2.ServerInfo]
     """Unauthenticated: server identity and version, so a node can pin the server key."""
     Register: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.RegisterRequest, _coordination_pb2.RegisterResponse]
-    """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key."""
+    """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key.
+    With auth_method = "oidc" and no auth key: the node is not registered yet; the response carries
+    auth_url for the user to open, and the node then waits in WaitForLogin.
+    """
+    WaitForLogin: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.WaitForLoginRequest, _coordination_pb2.RegisterResponse]
+    """OIDC: returns once the user behind auth_url logged in (the node is registered to that user), or
+    DEADLINE_EXCEEDED / UNAUTHENTICATED (login failed or expired). Proven with the same node key.
+    """
     Sync: _grpc.UnaryStreamMultiCallable[_coordination_pb2.SyncRequest, _coordination_pb2.MapUpdate]
     """The peer map: a full map first (serial 1 on each stream), then deltas with increasing serials."""
     ReportStatus: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.StatusReport, _coordination_pb2.StatusAck]
@@ -66,7 +73,14 @@ class CoordinationAsyncStub(CoordinationStub):
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_coordination_pb2.GetServerInfoRequest, _coordination_pb2.ServerInfo]  # type: ignore[assignment]
     """Unauthenticated: server identity and version, so a node can pin the server key."""
     Register: _aio.UnaryUnaryMultiCallable[_coordination_pb2.RegisterRequest, _coordination_pb2.RegisterResponse]  # type: ignore[assignment]
-    """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key."""
+    """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key.
+    With auth_method = "oidc" and no auth key: the node is not registered yet; the response carries
+    auth_url for the user to open, and the node then waits in WaitForLogin.
+    """
+    WaitForLogin: _aio.UnaryUnaryMultiCallable[_coordination_pb2.WaitForLoginRequest, _coordination_pb2.RegisterResponse]  # type: ignore[assignment]
+    """OIDC: returns once the user behind auth_url logged in (the node is registered to that user), or
+    DEADLINE_EXCEEDED / UNAUTHENTICATED (login failed or expired). Proven with the same node key.
+    """
     Sync: _aio.UnaryStreamMultiCallable[_coordination_pb2.SyncRequest, _coordination_pb2.MapUpdate]  # type: ignore[assignment]
     """The peer map: a full map first (serial 1 on each stream), then deltas with increasing serials."""
     ReportStatus: _aio.UnaryUnaryMultiCallable[_coordination_pb2.StatusReport, _coordination_pb2.StatusAck]  # type: ignore[assignment]
@@ -96,7 +110,20 @@ class CoordinationServicer(metaclass=_abc_1.ABCMeta):
         request: _coordination_pb2.RegisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordination_pb2.RegisterResponse, _abc.Awaitable[_coordination_pb2.RegisterResponse]]:
-        """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key."""
+        """Bind the node key in the metadata to a node, with an auth key. Idempotent for a known key.
+        With auth_method = "oidc" and no auth key: the node is not registered yet; the response carries
+        auth_url for the user to open, and the node then waits in WaitForLogin.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitForLogin(
+        self,
+        request: _coordination_pb2.WaitForLoginRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordination_pb2.RegisterResponse, _abc.Awaitable[_coordination_pb2.RegisterResponse]]:
+        """OIDC: returns once the user behind auth_url logged in (the node is registered to that user), or
+        DEADLINE_EXCEEDED / UNAUTHENTICATED (login failed or expired). Proven with the same node key.
+        """
 
     @_abc_1.abstractmethod
     def Sync(
