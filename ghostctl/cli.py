@@ -21,7 +21,7 @@ flag               environment             meaning
 
 Commands: ``status``, ``peers`` (node, ``ghostctl.node_cmds``), ``keys rotate`` (node,
 ``ghostctl.keys``); ``users``, ``nodes``, ``authkeys``,
-``apikeys``, ``audit`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
+``apikeys``, ``audit``, ``route`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
 ``GHOSTCTL_DEBUG=1`` to get a traceback for an unexpected internal error.
 """
 
@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Sequence
 
 from ghostcore import errors as e
-from ghostctl import acl, apikeys, audit, authkeys, keys, node_cmds, nodes, users
+from ghostctl import acl, apikeys, audit, authkeys, keys, node_cmds, nodes, routes, users
 from ghostctl.context import DEFAULT_SERVER, DEFAULT_SOCKET, DEFAULT_TIMEOUT, Context
 from ghostctl.errors import EXIT_GENERIC, EXIT_INTERRUPTED, EXIT_USAGE, exit_code_for, redact
 from ghostctl.output import OUTPUT_MODES
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     apikeys.register(sub, common)
     audit.register(sub, common)
     acl.register(sub, common)
+    routes.register(sub, common)
     return parser
 
 

@@ -46,6 +46,8 @@ def node_doc(n: coordination_pb2.Node) -> dict[str, Any]:
         **output.time_fields("expires", n.expires_unix),
         "ephemeral": n.ephemeral,
         "tags": list(n.tags),
+        "primary_routes": list(n.primary_routes),
+        "exit_node": n.exit_node,
     }
 
 

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -22,9 +23,11 @@ from typing import Any, NoReturn
 from ghostcore import logsetup
 from ghostcore.errors import AuthError, ConfigError, GhostError, PermissionDenied
 from ghostcore.keys import PrivateKey, PublicKey
-from ghostlink.config import LinkConfig, load_config
+from ghostlink.config import LinkConfig, load_config, split_host_port
 from ghostlink.control import CoordClient, Daemon
 from ghostlink.engine import NodeInfo
+from ghostlink.exitroute import ExitRouting
+from ghostlink.forwarding import Forwarding
 from ghostlink.localapi import LocalNodeService, start_local_api, stop_local_api
 from ghostlink.net import LinkNet
 from ghostlink.nft import NftFirewall
@@ -53,6 +56,17 @@ def _common(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--socket", help="local API unix socket for ghostctl")
     p.add_argument("--backend", choices=("auto", "kernel", "wireguard-go"), help="WireGuard implementation")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--advertise-routes",
+        metavar="PREFIXES",
+        help="subnet routes to offer, comma separated (10.1.1.0/24,...)",
+    )
+    p.add_argument(
+        "--advertise-exit-node", action="store_true", default=None, help="offer this node as an exit node"
+    )
+    p.add_argument(
+        "--exit-node", metavar="NAME", help="send internet traffic through this peer (an exit node)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +94,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "wireguard.backend": args.backend,
         "control.socket": args.socket,
         "log.level": args.log_level,
+        "node.advertise_routes": args.advertise_routes,
+        "node.advertise_exit_node": args.advertise_exit_node,
+        "node.exit_node": args.exit_node,
     }
 
 
@@ -87,6 +104,23 @@ def _up_line(node: NodeInfo, backend: str, ifname: str) -> str:
     v4 = next((a for a in node.addresses if ipaddress.ip_address(a).version == 4), "-")
     v6 = next((a for a in node.addresses if ipaddress.ip_address(a).version == 6), "-")
     return f"ghostlink: joined as {node.name} ({v4}, {v6}) via {backend} on {ifname}"
+
+
+async def _server_addresses(target: str) -> list[str]:
+    """ghostmesh's addresses (``host:port`` resolved), which keep the underlay path under an exit node."""
+    host, port = split_host_port(target, "node.server")
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+async def _routing(cfg: LinkConfig, client: CoordClient) -> tuple[Forwarding, ExitRouting | None]:
+    """Subnet routes and exit nodes: what this node advertises, its forwarding, its exit node use."""
+    client.advertise_routes = list(cfg.node.advertise_routes)
+    client.advertise_exit_node = cfg.node.advertise_exit_node
+    exit_routing = None
+    if cfg.node.exit_node:
+        exit_routing = ExitRouting(cfg.wireguard.interface, await _server_addresses(client.target))
+    return Forwarding(), exit_routing
 
 
 async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: StateDir) -> None:
@@ -100,11 +134,15 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: S
         print(_up_line(node, backend.name, ifname), file=sys.stderr, flush=True)
 
     firewall = NftFirewall(ifname)
+    forwarding, exit_routing = await _routing(cfg, client)
     daemon = Daemon(
         client,
         backend,
         LinkNet(ifname),
         firewall=firewall,
+        forwarding=forwarding,
+        exit_routing=exit_routing,
+        exit_node=cfg.node.exit_node,
         key=key,
         listen_port=cfg.wireguard.listen_port,
         mtu=cfg.wireguard.mtu,
@@ -149,8 +187,11 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: S
                 await run_task
         if local is not None:
             await stop_local_api(local, sock)
+        if exit_routing is not None:
+            await exit_routing.close()
         await backend.close()
         await firewall.close()
+        await forwarding.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
@@ -171,11 +212,16 @@ async def join(cfg: LinkConfig, auth_key: str) -> None:
         if saved is not None:
             key = await settle_pending(state, client, key)  # before registering: maybe the key rotated
         try:
-            node = await client.register(auth_key, cfg.node.hostname)
+            node, auth_url = await client.register_or_login(auth_key, cfg.node.hostname)
+            if auth_url:  # OIDC: nothing is written until the user logged in
+                print(
+                    f"ghostlink: to join, open this URL and log in: {auth_url}", file=sys.stderr, flush=True
+                )
+                node = await client.wait_for_login()
         except PermissionDenied as exc:
             raise PermissionDenied(f"registration refused: {exc}") from None
         except AuthError as exc:
-            raise AuthError(f"auth key refused: {exc}") from None
+            raise AuthError(f"{'auth key' if auth_key else 'registration'} refused: {exc}") from None
         state.save(
             key, SavedNode(server=server, server_key=server_key.base64(), node_id=node.id, name=node.name)
         )
@@ -231,10 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # pyroute2 logs every netlink message at debug: far too much even for our debug level.
         logging.getLogger("pyroute2").setLevel(logging.WARNING)
         if args.cmd == "join":
-            auth = args.auth or os.environ.get(AUTH_ENV, "")
-            if not auth:
-                raise ConfigError(f"no auth key given; pass --auth KEY or set {AUTH_ENV}")
-            _run_async(join(cfg, auth))
+            # no auth key: the server decides (an OIDC server answers with a login URL)
+            _run_async(join(cfg, args.auth or os.environ.get(AUTH_ENV, "")))
         else:
             _run_async(run(cfg))
     except GhostError as exc:

@@ -7,6 +7,7 @@ Validation beyond types (interface name length, port range, backend names, host:
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,23 @@ class NodeConfig:
     hostname: str = field(default_factory=socket.gethostname)
     state_dir: str = "/var/lib/ghostlink"
     key_rotation: float = duration(0.0)  # rotate the WireGuard key once it is this old (0: never)
+    # Subnet routes this node offers as a router (ghostmesh approves them) and whether it offers itself
+    # as an exit node; reported whole with every status report.
+    advertise_routes: list[str] = field(default_factory=list)
+    advertise_exit_node: bool = False
+    exit_node: str = ""  # name of the peer to send all internet traffic through ("": none)
 
     def __post_init__(self) -> None:
+        for i, prefix in enumerate(self.advertise_routes):
+            try:
+                net = ipaddress.ip_network(prefix, strict=True)
+            except ValueError:
+                raise ConfigError(
+                    f"node.advertise_routes[{i}]: {prefix!r} is not a prefix without host bits, "
+                    "e.g. 10.1.1.0/24"
+                ) from None
+            if net.prefixlen == 0:
+                raise ConfigError(f"node.advertise_routes[{i}]: use node.advertise_exit_node for {prefix}")
         if self.key_rotation < 0:
             raise ConfigError('node.key_rotation: must be 0 (off) or a positive duration such as "30d"')
         if self.server:

@@ -33,6 +33,8 @@ from ghostcore.keys import PrivateKey, PublicKey
 from ghostcore.nodeauth import MD_PROOF, MD_TS, make_metadata
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2, coordination_pb2_grpc
 from ghostlink import engine
+from ghostlink.exitroute import ExitRouting
+from ghostlink.forwarding import Forwarding, is_router
 from ghostlink.net import NetLayer
 from ghostlink.nft import NftFirewall
 from ghostlink.wg.base import WireGuardBackend
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = "/ghostmesh.v1.Coordination"
 M_REGISTER = f"{SERVICE}/Register"
+M_WAIT_LOGIN = f"{SERVICE}/WaitForLogin"
+LOGIN_WAIT_MAX = 86400.0 + 60.0  # the server ends a login after its oidc.login_timeout (at most 24h)
 M_SYNC = f"{SERVICE}/Sync"
 M_REPORT = f"{SERVICE}/ReportStatus"
 M_ROTATE = f"{SERVICE}/RotateKey"
@@ -76,6 +80,10 @@ class CoordClient:
         self.timeout = timeout
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = coordination_pb2_grpc.CoordinationStub(self.channel)
+        # What this node offers as a router; every status report carries the whole set (the server
+        # treats a report as complete, so a report without them would withdraw them).
+        self.advertise_routes: list[str] = []
+        self.advertise_exit_node = False
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -121,11 +129,30 @@ class CoordClient:
         return key
 
     async def register(self, auth_key: str, hostname: str) -> coordination_pb2.Node:
+        node, _ = await self.register_or_login(auth_key, hostname)
+        return node
+
+    async def register_or_login(self, auth_key: str, hostname: str) -> tuple[coordination_pb2.Node, str]:
+        """Register; ``(node, "")``, or with an OIDC server and no auth key ``(empty node, auth_url)``:
+        the user opens the URL and :meth:`wait_for_login` returns the node."""
         try:
             resp: coordination_pb2.RegisterResponse = await self.stub.Register(
                 coordination_pb2.RegisterRequest(auth_key=auth_key, hostname=hostname),
                 metadata=self._md(M_REGISTER),
                 timeout=self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise self._err(exc) from None
+        return resp.node, resp.auth_url
+
+    async def wait_for_login(self) -> coordination_pb2.Node:
+        """WaitForLogin: returns once the user logged in (the server bounds the wait); AuthError if the
+        login failed or expired."""
+        try:
+            resp: coordination_pb2.RegisterResponse = await self.stub.WaitForLogin(
+                coordination_pb2.WaitForLoginRequest(),
+                metadata=self._md(M_WAIT_LOGIN),
+                timeout=LOGIN_WAIT_MAX,
             )
         except grpc.RpcError as exc:
             raise self._err(exc) from None
@@ -155,7 +182,11 @@ class CoordClient:
         """ReportStatus, proven with ``key`` if given (a pending rotated key), else ours."""
         try:
             await self.stub.ReportStatus(
-                coordination_pb2.StatusReport(endpoints=endpoints),
+                coordination_pb2.StatusReport(
+                    endpoints=endpoints,
+                    advertised_routes=self.advertise_routes,
+                    advertise_exit_node=self.advertise_exit_node,
+                ),
                 metadata=self._md(M_REPORT, key),
                 timeout=self.timeout,
             )
@@ -187,9 +218,15 @@ class Daemon:
         endpoint_interval: float = 10.0,
         on_up: Callable[[engine.NodeInfo], None] | None = None,
         firewall: NftFirewall | None = None,
+        forwarding: Forwarding | None = None,
+        exit_routing: ExitRouting | None = None,
+        exit_node: str = "",
     ) -> None:
         self.client = client
         self.firewall = firewall  # enforces the map's inbound filter (None: tests with fake backends)
+        self.forwarding = forwarding  # IP forwarding while this node routes for the mesh (None: tests)
+        self.exit_routing = exit_routing  # default route via the chosen exit node (None: tests)
+        self.exit_node = exit_node  # the peer chosen as exit node ("": none)
         self.backend = backend
         self.net = net
         self.key = key
@@ -223,17 +260,23 @@ class Daemon:
 
     async def reconcile(self) -> engine.Plan:
         async with self._lock:
+            me = self.netmap.self_node
+            router = me is not None and is_router(me.primary_routes, me.exit_node)
             if self.firewall is not None and self.netmap.filter is not None:
                 # before the peers: a new peer must never meet a filter older than the map naming it
-                await self.firewall.apply(self.netmap.filter)  # unchanged filter: no nft call
-            desired = engine.desired_state(self.netmap)
+                await self.firewall.apply(self.netmap.filter, masquerade=router)  # unchanged: no nft call
+            if self.forwarding is not None:
+                await self.forwarding.apply(router)
+            desired = engine.desired_state(self.netmap, self.exit_node)
             p = engine.plan(self.applied, desired)
-            if p.empty:
-                return p
-            log.debug("applying plan: %s", p.summary())
-            await self.backend.apply(p)
-            await self.net.apply(p)
-            self.applied = engine.applied_after(self.applied, p)
+            if not p.empty:
+                log.debug("applying plan: %s", p.summary())
+                await self.backend.apply(p)
+                await self.net.apply(p)
+                self.applied = engine.applied_after(self.applied, p)
+            if self.exit_routing is not None:  # after the peer got its 0.0.0.0/0: never a blackhole
+                active = engine.chosen_exit(self.netmap, self.exit_node) is not None
+                await self.exit_routing.apply(active, engine.endpoint_hosts(self.netmap))
             return p
 
     async def report_endpoints(self, force: bool = False) -> None:

@@ -38,6 +38,8 @@ class NodeInfo:
     online: bool
     last_seen_unix: int
     expires_unix: int
+    primary_routes: tuple[str, ...] = ()  # subnet routes this node is the primary router for
+    exit_node: bool = False
 
     @classmethod
     def from_pb(cls, n: coordination_pb2.Node) -> NodeInfo:
@@ -52,6 +54,8 @@ class NodeInfo:
             online=n.online,
             last_seen_unix=n.last_seen_unix,
             expires_unix=n.expires_unix,
+            primary_routes=tuple(n.primary_routes),
+            exit_node=n.exit_node,
         )
 
 
@@ -193,24 +197,58 @@ def _host_prefix(addr: str) -> str:
     return f"{ip}/{ip.max_prefixlen}"
 
 
-def desired_state(nm: NetMap) -> DesiredState:
-    """What the device should look like for ``nm``. Malformed peers are skipped (the server validates)."""
+EXIT_PREFIXES = frozenset({"0.0.0.0/0", "::/0"})
+
+
+def chosen_exit(nm: NetMap, exit_node: str) -> NodeInfo | None:
+    """The peer named (or numbered) ``exit_node`` if it is an approved exit node in the map, else None."""
+    if not exit_node:
+        return None
+    for p in nm.peers.values():
+        if exit_node in (p.name, str(p.id)) and p.exit_node:
+            return p
+    return None
+
+
+def endpoint_hosts(nm: NetMap) -> frozenset[str]:
+    """The underlay addresses of every peer's endpoints (they must never be routed into the tunnel)."""
+    out: set[str] = set()
+    for p in nm.peers.values():
+        for ep in p.endpoints:
+            host = ep.rpartition(":")[0].strip("[]")
+            try:
+                out.add(str(ipaddress.ip_address(host)))
+            except ValueError:
+                continue
+    return frozenset(out)
+
+
+def desired_state(nm: NetMap, exit_node: str = "") -> DesiredState:
+    """What the device should look like for ``nm``. Malformed peers are skipped (the server validates).
+
+    An exit node's 0.0.0.0/0 and ::/0 are kept only on the peer chosen with ``exit_node`` (see
+    :func:`chosen_exit`) and never become routes here: ghostlink.exitroute installs the default routes
+    in a table of their own, so they cannot capture the traffic to ghostmesh and to the peers.
+    """
     if nm.self_node is None:
         return DesiredState()
+    exit_peer = chosen_exit(nm, exit_node)
     addresses = frozenset(_host_prefix(a) for a in nm.self_node.addresses)
     peers: dict[str, PeerSpec] = {}
     routes: set[str] = set()
     for p in sorted(nm.peers.values(), key=lambda n: n.id):
         try:
             key = PublicKey.from_base64(p.node_key).base64()
-            allowed = tuple(sorted({_prefix(a) for a in p.allowed_ips}))
+            prefixes = {_prefix(a) for a in p.allowed_ips}
         except (InvalidArgument, ValueError):
             continue
         if key == nm.self_node.node_key:
             continue  # never peer with ourselves, whatever the server says
         endpoint = p.endpoints[0] if p.endpoints else None
+        routed = prefixes - EXIT_PREFIXES
+        allowed = tuple(sorted(prefixes if p is exit_peer else routed))
         peers[key] = PeerSpec(public_key=key, allowed_ips=allowed, endpoint=endpoint, keepalive=nm.keepalive)
-        routes.update(allowed)
+        routes.update(routed)
     return DesiredState(addresses=addresses, peers=peers, routes=frozenset(routes))
 
 

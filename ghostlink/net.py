@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # Overlay ranges (coordination.proto / ghostcore.ipalloc): never advertise them as underlay endpoints.
 OVERLAY_NETS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 _IGNORABLE = {errno.EEXIST, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENOENT}
+# Mesh routes get a metric above the kernel's for connected routes (0 for IPv4, 256 for IPv6), so when a
+# peer routes a subnet this host is itself on (a standby subnet router on the same LAN), the LAN wins.
+ROUTE_METRIC = 2000
 
 
 class NetLayer(Protocol):
@@ -74,13 +77,13 @@ def apply_sync(ifname: str, plan: Plan, netns: str | None = None) -> None:
                     raise
         for r in plan.routes_remove:
             try:
-                ip.route("del", dst=r, oif=idx)
+                ip.route("del", dst=r, oif=idx, priority=ROUTE_METRIC)
             except OSError as exc:
                 if not _ignorable(exc):
                     raise
         for r in plan.routes_add:
             # "replace" is idempotent: an existing identical route is not an error.
-            ip.route("replace", dst=r, oif=idx)
+            ip.route("replace", dst=r, oif=idx, priority=ROUTE_METRIC)
 
 
 def usable_endpoints(addrs: Iterable[tuple[str, str]], listen_port: int, exclude_ifname: str) -> list[str]:

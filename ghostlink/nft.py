@@ -11,6 +11,13 @@ with ``policy accept`` so they only ever judge packets that came in on the WireG
     ...
     drop
 
+On a subnet router or exit node (``masquerade=True``, see :mod:`ghostlink.forwarding`) the forward chain
+also marks what comes in from the WireGuard interface, and a ``nat`` chain hooked on ``postrouting``
+masquerades marked packets leaving through any other interface, so hosts behind the router need no
+route back to the overlay. A mark is needed because ``iifname`` is not known in postrouting (netfilter
+passes no input device there); ``ROUTED_MARK`` is one bit, OR-ed in so other marks survive. The filter
+rules decide first: a packet the node's filter does not accept is dropped before it is ever marked.
+
 The policy compiler on ghostmesh is the judge of who may reach what; this module only renders its
 ``FilterRule``s. A rule without protocols accepts any protocol when it covers every port, and TCP, UDP
 and ICMP on its ports otherwise (ports do not exist for ICMP; Tailscale also lets a rule's ICMP through).
@@ -34,6 +41,7 @@ from ghostlink.engine import FilterSpec
 log = logging.getLogger(__name__)
 
 _FULL = (0, 65535)
+ROUTED_MARK = "0x00470000"  # "forwarded from the mesh": masquerade it on the way out
 
 
 def table_name(ifname: str) -> str:
@@ -85,11 +93,13 @@ def rule_lines(rules: Sequence[FilterSpec]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def render(ifname: str, rules: Sequence[FilterSpec]) -> str:
-    """The ``nft -f`` script replacing the interface's table with one enforcing ``rules``."""
+def render(ifname: str, rules: Sequence[FilterSpec], masquerade: bool = False) -> str:
+    """The ``nft -f`` script replacing the interface's table with one enforcing ``rules``.
+
+    ``masquerade``: this node routes for the mesh; NAT what it forwards from the WireGuard interface.
+    """
     name = table_name(ifname)
     body = [
-        f"iifname != {_quote(ifname)} accept",
         "ct state established,related accept",
         "ct state invalid drop",
     ]
@@ -97,9 +107,17 @@ def render(ifname: str, rules: Sequence[FilterSpec]) -> str:
     body.append("drop")
     chains = []
     for hook in ("input", "forward"):
-        lines = "\n".join(f"\t\t{line}" for line in body)
+        head = [f"iifname != {_quote(ifname)} accept"]
+        if hook == "forward" and masquerade:
+            head.append(f"meta mark set meta mark or {ROUTED_MARK}")
+        lines = "\n".join(f"\t\t{line}" for line in head + body)
         chains.append(
             f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n{lines}\n\t}}"
+        )
+    if masquerade:
+        chains.append(
+            "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+            f"\t\tmeta mark and {ROUTED_MARK} == {ROUTED_MARK} oifname != {_quote(ifname)} masquerade\n\t}}"
         )
     return (
         f"add table inet {name}\ndelete table inet {name}\ntable inet {name} {{\n"
@@ -126,6 +144,7 @@ class NftFirewall:
         self.ifname = ifname
         self.nft = nft
         self.applied: tuple[FilterSpec, ...] | None = None
+        self.masquerade = False
 
     async def _run(self, script: str) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -143,13 +162,14 @@ class NftFirewall:
                 f"nft refused the filter of {self.ifname}: {first[0] if first else proc.returncode}"
             )
 
-    async def apply(self, rules: tuple[FilterSpec, ...]) -> None:
+    async def apply(self, rules: tuple[FilterSpec, ...], masquerade: bool = False) -> None:
         """Replace the table with one enforcing ``rules``; a no-op when they are what is applied."""
-        if rules == self.applied:
+        if rules == self.applied and masquerade == self.masquerade:
             return
-        await self._run(render(self.ifname, rules))
+        await self._run(render(self.ifname, rules, masquerade))
         self.applied = rules
-        log.info("packet filter on %s: %d rules", self.ifname, len(rules))
+        self.masquerade = masquerade
+        log.info("packet filter on %s: %d rules%s", self.ifname, len(rules), ", masquerading" * masquerade)
 
     async def close(self) -> None:
         """Remove the table (on shutdown)."""

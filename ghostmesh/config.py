@@ -2,8 +2,9 @@
 
 Loaded with :func:`ghostcore.config.load` (defaults < file < ``GHOSTMESH_*`` environment < flags). Each
 table's ``__post_init__`` validates values beyond their type and raises ``ConfigError`` naming the key
-path. ``server.auth_method = "oidc"`` from the original spec is accepted by the schema (so a file written
-for the spec parses) but refused with a clear message until OIDC support lands. ``server.acl_file`` names
+path. ``server.auth_method`` is ``"authkey"`` (pre-auth keys only) or ``"oidc"`` (nodes joining without an
+auth key log in at the ``[oidc]`` provider, see :mod:`ghostmesh.oidc`; pre-auth keys keep working).
+``server.acl_file`` names
 the ACL policy (``acls.toml``, see :mod:`ghostmesh.policy`); a relative path is resolved against the
 directory of the config file.
 """
@@ -58,10 +59,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "server.bind")
-        if self.auth_method == "oidc":
-            raise ConfigError('server.auth_method: "oidc" is not supported yet; use "authkey"')
-        if self.auth_method != "authkey":
-            raise ConfigError(f'server.auth_method: expected "authkey", got {self.auth_method!r}')
+        if self.auth_method not in ("authkey", "oidc"):
+            raise ConfigError(f'server.auth_method: expected "authkey" or "oidc", got {self.auth_method!r}')
         if not self.admin_socket:
             raise ConfigError("server.admin_socket: must be a file path for the root-only admin socket")
         if not self.state_dir:
@@ -127,6 +126,50 @@ class MapperConfig:
 
 
 @dataclass(frozen=True)
+class OidcConfig:
+    """``[oidc]``: the OpenID provider nodes' users log in at (used when ``server.auth_method = "oidc"``)."""
+
+    issuer: str = ""  # e.g. "https://login.example.com"; discovery: <issuer>/.well-known/openid-configuration
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)  # never logged; or client_secret_file
+    client_secret_file: str = ""
+    scopes: list[str] = field(default_factory=lambda: ["openid", "profile", "email", "groups"])
+    groups_claim: str = "groups"
+    username_claim: str = "preferred_username"  # falls back to email, then sub
+    http_bind: str = "0.0.0.0:7780"  # the callback listener
+    public_url: str = ""  # how a browser reaches http_bind, e.g. "http://192.0.2.1:7780"
+    login_timeout: float = duration(600.0)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.http_bind, "oidc.http_bind")
+        for key in ("issuer", "public_url"):
+            value = getattr(self, key)
+            if value and not value.startswith(("http://", "https://")):
+                raise ConfigError(f"oidc.{key}: expected an http(s):// URL, got {value!r}")
+        if self.client_secret and self.client_secret_file:
+            raise ConfigError(
+                "oidc.client_secret_file: set either client_secret or client_secret_file, not both"
+            )
+        if "openid" not in self.scopes:
+            raise ConfigError('oidc.scopes: must include "openid"')
+        if not self.groups_claim or not self.username_claim:
+            raise ConfigError("oidc.groups_claim / oidc.username_claim: must name a claim")
+        if not 10 <= self.login_timeout <= 86400:
+            raise ConfigError(f"oidc.login_timeout: expected 10s..24h, got {self.login_timeout}s")
+
+    def secret(self) -> str:
+        """The client secret, from ``client_secret_file`` when that is set (ConfigError if unreadable)."""
+        if not self.client_secret_file:
+            return self.client_secret
+        try:
+            return Path(self.client_secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"oidc.client_secret_file: cannot read {self.client_secret_file}: {exc.strerror}"
+            ) from None
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -134,7 +177,14 @@ class MeshConfig:
     nodes: NodesConfig = field(default_factory=NodesConfig)
     authkeys: AuthKeysConfig = field(default_factory=AuthKeysConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
+    oidc: OidcConfig = field(default_factory=OidcConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.server.auth_method == "oidc":
+            for key in ("issuer", "client_id", "public_url"):
+                if not getattr(self.oidc, key):
+                    raise ConfigError(f'oidc.{key}: required when server.auth_method = "oidc"')
 
     @property
     def db_path(self) -> Path:

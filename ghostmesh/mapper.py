@@ -35,7 +35,7 @@ no policy every node sees every node and the filter accepts everything (the beha
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
@@ -66,26 +66,36 @@ def peer_entry(msg: pb.Node) -> bytes:
 
 
 def node_to_pb(rec: NodeRec, online: bool) -> pb.Node:
+    # Routes (ghostmesh.routes): the prefixes this node is primary for, and for an exit node 0.0.0.0/0 +
+    # ::/0, ride in allowed_ips; ghostlink installs an exit node's /0s only on the peer it chose as exit.
+    routed = [*rec.primary_routes, *(("0.0.0.0/0", "::/0") if rec.exit_node else ())]
     return pb.Node(
         id=rec.id,
         name=rec.name,
         user=rec.user,
         node_key=rec.node_key,
         addresses=[rec.ipv4, rec.ipv6],
-        allowed_ips=[f"{rec.ipv4}/32", f"{rec.ipv6}/128"],
+        allowed_ips=[f"{rec.ipv4}/32", f"{rec.ipv6}/128", *routed],
         endpoints=list(rec.endpoints),
         online=online,
         last_seen_unix=int(rec.last_seen),
         expires_unix=int(rec.expires),
         ephemeral=rec.ephemeral,
         tags=list(rec.tags),
+        primary_routes=list(rec.primary_routes),
+        exit_node=rec.exit_node,
     )
 
 
-def ident_of(rec: NodeRec) -> NodeIdent:
-    """What the policy sees of a node record."""
+def ident_of(rec: NodeRec, groups: frozenset[str] = frozenset()) -> NodeIdent:
+    """What the policy sees of a node record; ``groups``: its user's OIDC groups."""
     addrs = (ipaddress.ip_address(rec.ipv4), ipaddress.ip_address(rec.ipv6))
-    return NodeIdent(rec.id, rec.user, frozenset(rec.tags), addrs, rec.name)
+    routes = tuple(ipaddress.ip_network(p) for p in rec.primary_routes)
+    return NodeIdent(rec.id, rec.user, frozenset(rec.tags), addrs, rec.name, routes, rec.exit_node, groups)
+
+
+def _no_groups(user: str) -> frozenset[str]:
+    return frozenset()
 
 
 def filter_to_pb(rules: Filter) -> pb.PacketFilter:
@@ -135,6 +145,8 @@ class Mapper:
     def __init__(self, keepalive_seconds: int, policy: Policy | None = None) -> None:
         self.keepalive_seconds = keepalive_seconds
         self.compiler = Compiler(policy)
+        # a user's OIDC groups (the server points it at State.groups_of); read on every node upsert
+        self.groups_of: Callable[[str], frozenset[str]] = _no_groups
         self.stats = MapperStats()
         self._view: dict[int, pb.Node] = {}  # visible (unexpired) nodes, as sent to peers
         self._entries: dict[int, bytes] = {}  # the same, encoded as peers_upserted entries
@@ -149,7 +161,7 @@ class Mapper:
         for rec, online in nodes:
             if not rec.expired(now):
                 self._set(rec, online)
-                idents.append(ident_of(rec))
+                idents.append(ident_of(rec, self.groups_of(rec.user)))
         self.compiler = Compiler(self.compiler.policy, idents)  # one full compile, not one per node
 
     def _set(self, rec: NodeRec, online: bool) -> bytes:
@@ -231,7 +243,7 @@ class Mapper:
         if rec.expired(now):
             return self._remove(change, rec.id, "expired")
         entry = self._set(rec, change.online)
-        delta = self.compiler.upsert(ident_of(rec))
+        delta = self.compiler.upsert(ident_of(rec, self.groups_of(rec.user)))
         touched = self._apply_delta(delta, skip_added_of=rec.id)
         for sid in self._by_node.get(rec.id, ()):
             self._sessions[sid].self_dirty = True

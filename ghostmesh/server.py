@@ -32,10 +32,12 @@ from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc
 from ghostmesh.api.admin import AdminServicer
 from ghostmesh.api.coordination import CoordinationServicer, add_coordination_to_server
 from ghostmesh.api.policy_admin import POLICY_SET
+from ghostmesh.api.routes_admin import apply_policy
 from ghostmesh.audit import ACTOR_SYSTEM, Auditor, load_audit_key
 from ghostmesh.config import MeshConfig, parse_hostport
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import Mapper
+from ghostmesh.oidc import OidcService
 from ghostmesh.policy_source import PolicyManager
 from ghostmesh.state import State, StateConfig, load_server_key
 from ghostmesh.store.sqlite import SqliteStore
@@ -129,6 +131,7 @@ class RunningServer:
     state: State
     hub: Hub
     policy: PolicyManager | None = None
+    oidc: OidcService | None = None
     _stopped: bool = False
 
     @property
@@ -146,6 +149,8 @@ class RunningServer:
         self._stopped = True
         if self.policy is not None:
             await self.policy.stop()
+        if self.oidc is not None:
+            await self.oidc.stop()
         await self.hub.stop()
         await self.server.stop(grace)
         self.store.close()
@@ -169,21 +174,26 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
     _prepare_admin_socket(admin_path)
 
     store = SqliteStore(db_path)
+    oidc: OidcService | None = None
     try:
         now = clock()
         server_key = load_server_key(store)
         state = State(store, StateConfig.from_mesh(cfg), now)
         acl_path = Path(cfg.server.acl_file) if cfg.server.acl_file else None
-        policy = PolicyManager(store, acl_path, lambda p: hub.wake(hub.mapper.set_policy(p)), clock)
+        policy = PolicyManager(store, acl_path, lambda p: apply_policy(hub, p), clock)
         mapper = Mapper(cfg.nodes.keepalive, policy.load())  # an invalid acl_file stops the start here
+        mapper.groups_of = state.groups_of  # OIDC groups ("oidc:<g>" policy group members)
         mapper.load(((n, False) for n in state.nodes()), now)
         auditor = Auditor(store, load_audit_key(store), clock)
         hub = Hub(state, mapper, cfg.mapper.batch_delay, clock, audit=auditor)
         policy.on_file_applied = lambda info: hub.record(
             ACTOR_SYSTEM, POLICY_SET, info.source, {"sha256": info.sha256}
         )
+        if cfg.server.auth_method == "oidc":
+            oidc = OidcService(cfg.oidc, hub, clock)
+            await oidc.start()  # discovery; a provider that cannot be reached stops the start here
         server = grpc.aio.server(options=server_options(cfg))
-        add_coordination_to_server(CoordinationServicer(hub, server_key), server)
+        add_coordination_to_server(CoordinationServicer(hub, server_key, oidc), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(hub, policy), server)
         bound = _add_tcp_port(server, host, port, cfg.server.bind)
         with _umask(0o177):  # the socket file is born 0600: no window where others could connect
@@ -196,6 +206,8 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         hub.start()
         policy.start()
     except BaseException:
+        if oidc is not None:
+            await oidc.stop()
         store.close()
         raise
     return RunningServer(
@@ -209,4 +221,5 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         state=state,
         hub=hub,
         policy=policy,
+        oidc=oidc,
     )

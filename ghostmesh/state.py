@@ -24,7 +24,7 @@ import hmac
 import ipaddress
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from ghostcore.errors import AuthError, Conflict, InvalidArgument, NotFound
@@ -32,7 +32,8 @@ from ghostcore.ipalloc import Allocator, parse_prefix
 from ghostcore.keys import PrivateKey, PublicKey
 from ghostmesh.changes import Change, NodeAdded, NodeChanged, NodeRemoved
 from ghostmesh.config import MeshConfig
-from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, Store, UserRec
+from ghostmesh.routes import EXIT_PREFIXES, MAX_ROUTES, RouteTable, is_exit, validate_prefix
+from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, RouteRec, Store, UserRec
 
 AUTH_PREFIX = "gmauth_"
 API_PREFIX = "gmapi_"
@@ -161,7 +162,12 @@ class State:
         self._ephemeral_heap: list[tuple[float, int]] = []
         self._v4 = Allocator(parse_prefix(cfg.ipv4_prefix, "network.ipv4_prefix"))
         self._v6 = Allocator(parse_prefix(cfg.ipv6_prefix, "network.ipv6_prefix"))
-        for node in store.list_nodes():
+        self._overlay = (self._v4.prefix, self._v6.prefix)
+        self.routes = RouteTable(store.list_routes())  # primaries are elected as routers come online
+        # users' OIDC groups (policy group members "oidc:<g>"), see register_oidc
+        self._user_groups = {u.name: frozenset(u.groups) for u in store.list_users() if u.groups}
+        for stored in store.list_nodes():
+            node = self._with_routes(stored)
             self._index(node)
             if node.pending_key:
                 self._by_pending[node.pending_key] = node.id
@@ -432,6 +438,94 @@ class State:
             self._schedule_ephemeral(node.id, now)  # registered but never connecting counts as gone
         return node, [NodeAdded(node, False)]
 
+    # -- OIDC login (ghostmesh.oidc) -------------------------------------------------------------------
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        """The user's OIDC groups at their last login; empty for users that never logged in with OIDC."""
+        return self._user_groups.get(user, frozenset())
+
+    def check_oidc_user(self, name: str, subject: str) -> None:
+        """Raise AuthError unless an OIDC login with ``subject`` may act as user ``name``. A user created by
+        an admin is bound to the first OIDC account logging in with its name; after that only that account
+        (its ``sub``) may. Writes nothing."""
+        if not _USER_RE.match(name):
+            raise AuthError(f"OIDC login refused: {name[:70]!r} is not a valid ghostmesh user name")
+        owner = self.store.user_by_oidc_subject(subject)
+        if owner is not None and owner.name != name:
+            raise AuthError(f"OIDC login refused: this account is bound to user {owner.name!r}, not {name!r}")
+        user = self.store.get_user(name)
+        if user is not None and user.oidc_subject not in (None, subject):
+            raise AuthError(f"OIDC login refused: user {name!r} belongs to another OIDC account")
+
+    def register_oidc(
+        self, node_key: str, hostname: str, user: str, subject: str, *, groups: Iterable[str], now: float
+    ) -> tuple[NodeRec, list[Change]]:
+        """Register ``node_key`` to ``user`` after an OIDC login, as :meth:`register` does for an auth key
+        (new key: addresses and a unique name; known key of the same user: expiry renewed), and store the
+        user's groups. Groups that changed are an identity change of the user's other nodes (policy).
+        """
+        PublicKey.from_base64(node_key)
+        if len(hostname) > 255:
+            raise InvalidArgument("hostname too long: at most 255 characters")
+        self.check_oidc_user(user, subject)
+        known = self.node_by_key(node_key)
+        if known is not None and known.user != user:
+            raise AuthError(f"OIDC login refused: this node is registered to user {known.user!r}")
+        new_groups = frozenset(groups)
+        old_groups = self.groups_of(user)
+        self.store.put_oidc_user(user, subject, sorted(new_groups), now)
+        if new_groups:
+            self._user_groups[user] = new_groups
+        else:
+            self._user_groups.pop(user, None)
+        changes: list[Change] = []
+        if new_groups != old_groups:
+            skip = known.id if known is not None else 0
+            changes = [
+                NodeChanged(n, self.is_online(n.id))
+                for n in self._nodes.values()
+                if n.user == user and n.id != skip and not n.expired(now)
+            ]
+        if known is not None:
+            renewed = replace(known, expires=self._expires_from(now), last_seen=now)
+            self.store.update_node(renewed)
+            self._index(renewed)
+            if renewed.expires:
+                heapq.heappush(self._expiry_heap, (renewed.expires, renewed.id))
+            return renewed, [*changes, NodeChanged(renewed, self.is_online(renewed.id))]
+        ipv4 = self._v4.allocate()
+        try:
+            ipv6 = self._v6.allocate()
+        except Exception:
+            self._v4.release(ipv4)
+            raise
+        draft = NodeRec(
+            id=0,
+            name=self._unique_name(sanitize_name(hostname)),
+            user=user,
+            node_key=node_key,
+            ipv4=str(ipv4),
+            ipv6=str(ipv6),
+            ephemeral=False,
+            tags=(),
+            created=now,
+            expires=self._expires_from(now),
+            last_seen=now,
+            endpoints=(),
+            hostname=hostname,
+            auth_key_id=None,
+        )
+        try:
+            node = self.store.insert_node(draft)
+        except Exception:
+            self._v4.release(ipv4)
+            self._v6.release(ipv6)
+            raise
+        self._index(node)
+        if node.expires:
+            heapq.heappush(self._expiry_heap, (node.expires, node.id))
+        return node, [*changes, NodeAdded(node, False)]
+
     # -- admin mutations -------------------------------------------------------------------------------
 
     def rename(self, ref: str, new_name: str) -> tuple[NodeRec, list[Change]]:
@@ -461,11 +555,12 @@ class State:
         return self._delete(node)
 
     def _delete(self, node: NodeRec) -> list[Change]:
-        self.store.delete_node(node.id)
+        self.store.delete_node(node.id)  # its route rows go with it (ON DELETE CASCADE)
         self._unindex(node)
         self._v4.release(ipaddress.ip_address(node.ipv4))
         self._v6.release(ipaddress.ip_address(node.ipv6))
-        return [NodeRemoved(node.id, "deleted")]
+        changed = self.routes.forget_node(node.id, self.is_online)
+        return [NodeRemoved(node.id, "deleted"), *self._refresh(changed)]
 
     # -- presence --------------------------------------------------------------------------------------
 
@@ -479,10 +574,11 @@ class State:
         self._ephemeral_due.pop(node_id, None)  # reconnected within the grace: keep it
         if count > 1:
             return []
-        seen = replace(node, last_seen=now)
+        others = self._reelect_around(node_id)  # a router coming back may take over its prefixes
+        seen = replace(self._nodes[node_id], last_seen=now)
         self.store.update_node(seen)
         self._index(seen)
-        return [NodeChanged(seen, True)]
+        return [NodeChanged(seen, True), *others]
 
     def disconnect(self, node_id: int, now: float) -> list[Change]:
         """A Sync stream of ``node_id`` ended."""
@@ -494,14 +590,15 @@ class State:
             self._streams[node_id] = count
             return []
         del self._streams[node_id]
-        seen = replace(node, last_seen=now)
+        others = self._reelect_around(node_id)  # failover: another router takes over its prefixes
+        seen = replace(self._nodes[node_id], last_seen=now)
         self.store.update_node(seen)
         self._index(seen)
         if seen.ephemeral:
             self._schedule_ephemeral(node_id, now)
         if seen.expired(now):
-            return []  # peers dropped it already
-        return [NodeChanged(seen, False)]
+            return others  # peers dropped it already
+        return [NodeChanged(seen, False), *others]
 
     def _schedule_ephemeral(self, node_id: int, now: float) -> None:
         due = now + self.cfg.ephemeral_grace
@@ -578,6 +675,168 @@ class State:
         if promoted.expired(now):
             return promoted, []  # peers dropped it already; re-registration brings it back
         return promoted, [NodeChanged(promoted, self.is_online(node.id))]
+
+    # -- subnet routes and exit nodes (ghostmesh.routes) ------------------------------------------------
+    # A node record carries its derived ``primary_routes`` / ``exit_node``; :meth:`_refresh` recomputes
+    # them for the nodes an election or approval touched and returns a NodeChanged for each that changed.
+
+    def _with_routes(self, node: NodeRec) -> NodeRec:
+        primary = self.routes.primary_routes(node.id)
+        exit_node = self.routes.is_exit_node(node.id)
+        if node.primary_routes == primary and node.exit_node == exit_node:
+            return node
+        return replace(node, primary_routes=primary, exit_node=exit_node)
+
+    def _refresh(self, node_ids: Iterable[int], skip: int = 0) -> list[Change]:
+        changes: list[Change] = []
+        for nid in sorted(node_ids):
+            node = self._nodes.get(nid)
+            if node is None:
+                continue
+            fresh = self._with_routes(node)
+            if fresh is node:
+                continue
+            self._index(fresh)
+            if nid != skip:
+                changes.append(NodeChanged(fresh, self.is_online(nid)))
+        return changes
+
+    def _reelect_around(self, node_id: int) -> list[Change]:
+        """Re-elect the prefixes ``node_id`` serves after its presence changed; its own record is updated
+        in place (the caller sends it), the other changed routers are returned as changes."""
+        changed = self.routes.elect(self.routes.prefixes_of(node_id), self.is_online)
+        changed.add(node_id)
+        return self._refresh(changed, skip=node_id)
+
+    def _save_routes(self, recs: Sequence[RouteRec]) -> list[Change]:
+        """Write rows (dropping those nobody advertises or approved) in one transaction; re-elect."""
+        write = [r for r in recs if r.advertised or r.approved]
+        delete = [(r.node_id, r.prefix) for r in recs if not (r.advertised or r.approved)]
+        self.store.put_routes(write, delete)
+        for r in write:
+            self.routes.put(r)
+        for nid, prefix in delete:
+            self.routes.drop(nid, prefix)
+        changed = self.routes.elect({r.prefix for r in recs}, self.is_online)
+        changed.update(r.node_id for r in recs)
+        return self._refresh(changed)
+
+    @staticmethod
+    def _twins(prefix: str) -> tuple[str, ...]:
+        """An exit node is 0.0.0.0/0 and ::/0 together: an admin change to one applies to both."""
+        return EXIT_PREFIXES if is_exit(prefix) else (prefix,)
+
+    def route_prefix(self, text: str) -> str:
+        """``text`` validated as a route (InvalidArgument otherwise; see ghostmesh.routes)."""
+        return validate_prefix(text, self._overlay)
+
+    def add_route(self, ref: str, prefix: str) -> tuple[RouteRec, bool, list[Change]]:
+        """``ghostctl route add PREFIX via NODE``: advertise on the node's behalf and approve.
+
+        Returns (row, whether a row changed, map changes: none for a standby router)."""
+        node = self.resolve(ref)
+        prefix = self.route_prefix(prefix)
+        olds = [self.routes.get(node.id, p) or RouteRec(node.id, p) for p in self._twins(prefix)]
+        recs = [replace(o, by_admin=True, approved=True) for o in olds]
+        rec = next(r for r in recs if r.prefix == prefix)
+        if recs == olds:
+            return rec, False, []
+        return rec, True, self._save_routes(recs)
+
+    def approve_route(self, ref: str, prefix: str) -> tuple[RouteRec, bool, list[Change]]:
+        node = self.resolve(ref)
+        prefix = self.route_prefix(prefix)
+        old = self.routes.get(node.id, prefix)
+        if old is None or not old.advertised:
+            raise NotFound(
+                f"node {node.name} does not advertise {prefix}; advertise it with ghostlink "
+                "--advertise-routes or use `ghostctl route add`"
+            )
+        olds = [o for p in self._twins(prefix) if (o := self.routes.get(node.id, p)) and o.advertised]
+        recs = [replace(o, approved=True) for o in olds]
+        rec = next(r for r in recs if r.prefix == prefix)
+        if recs == olds:
+            return rec, False, []
+        return rec, True, self._save_routes(recs)
+
+    def delete_route(self, ref: str, prefix: str) -> tuple[RouteRec, list[Change]]:
+        """Forget the route (advertisement by an admin and approval); a node still advertising it keeps
+        an unapproved row, so it shows in ``route list`` and can be approved again."""
+        node = self.resolve(ref)
+        prefix = self.route_prefix(prefix)
+        old = self.routes.get(node.id, prefix)
+        if old is None:
+            raise NotFound(f"node {node.name} has no route {prefix}; see `ghostctl route list`")
+        olds = [o for p in self._twins(prefix) if (o := self.routes.get(node.id, p))]
+        return old, self._save_routes([replace(o, by_admin=False, approved=False) for o in olds])
+
+    def advertised_set(self, prefixes: Sequence[str], exit_node: bool) -> set[str]:
+        """A node's advertisement validated and normalised (InvalidArgument, one line, otherwise)."""
+        wanted = [self.route_prefix(p) for p in prefixes]
+        if any(is_exit(p) for p in wanted):
+            raise InvalidArgument("advertised route 0.0.0.0/0 or ::/0: use --advertise-exit-node instead")
+        if exit_node:
+            wanted += list(EXIT_PREFIXES)
+        want = set(wanted)
+        if len(want) > MAX_ROUTES:
+            raise InvalidArgument(f"too many advertised routes: at most {MAX_ROUTES}, got {len(want)}")
+        return want
+
+    def advertise_routes(
+        self,
+        node_id: int,
+        prefixes: Sequence[str],
+        exit_node: bool,
+        auto_approve: Callable[[NodeRec, str], bool] | None = None,
+    ) -> tuple[list[RouteRec], list[RouteRec], list[Change]]:
+        """The node's whole advertised set (ReportStatus). Returns (newly advertised rows, rows it stopped
+        advertising, changes). ``auto_approve``: the policy's auto-approvers. Nothing changes on error."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found")
+        want = self.advertised_set(prefixes, exit_node)
+        added: list[RouteRec] = []
+        gone: list[RouteRec] = []
+        recs: list[RouteRec] = []
+        for p in sorted(want | {r.prefix for r in self.routes.of_node(node_id) if r.by_node}):
+            old = self.routes.get(node_id, p) or RouteRec(node_id, p)
+            rec = replace(old, by_node=p in want)
+            if rec.by_node and not old.by_node:
+                if not rec.approved and auto_approve is not None and auto_approve(node, p):
+                    rec = replace(rec, approved=True)
+                added.append(rec)
+            elif old.by_node and not rec.by_node:
+                gone.append(old)
+            if rec != old:
+                recs.append(rec)
+        if not recs:
+            return [], [], []
+        return added, gone, self._save_routes(recs)
+
+    def approve_pending(
+        self, auto_approve: Callable[[NodeRec, str], bool]
+    ) -> tuple[list[RouteRec], list[Change]]:
+        """After a policy change: approve the advertised, unapproved rows its auto-approvers now cover."""
+        recs = []
+        for r in self.routes.all():
+            node = self._nodes.get(r.node_id)
+            if r.advertised and not r.approved and node is not None and auto_approve(node, r.prefix):
+                recs.append(replace(r, approved=True))
+        return recs, (self._save_routes(recs) if recs else [])
+
+    def list_routes(self, ref: str = "") -> list[tuple[NodeRec, RouteRec, bool]]:
+        """(node, row, is primary) for every row, or one node's rows."""
+        recs = self.routes.of_node(self.resolve(ref).id) if ref else self.routes.all()
+        out = []
+        for r in recs:
+            node = self._nodes.get(r.node_id)
+            if node is None:
+                continue
+            primary = self.routes.primary(r.prefix) == r.node_id or (
+                is_exit(r.prefix) and r.advertised and r.approved
+            )
+            out.append((node, r, primary))
+        return out
 
     # -- timers ----------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh import audit
 from ghostmesh.api.errors import grpc_errors
 from ghostmesh.api.policy_admin import PolicyAdminMixin
+from ghostmesh.api.routes_admin import RoutesAdminMixin, apply_policy
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import node_to_pb
 from ghostmesh.policy_source import PolicyManager
@@ -57,13 +58,13 @@ def api_key_pb(rec: ApiKeyRec, now: float) -> apb.ApiKey:
     )
 
 
-class AdminServicer(PolicyAdminMixin, apb_grpc.AdminServicer):
+class AdminServicer(PolicyAdminMixin, RoutesAdminMixin, apb_grpc.AdminServicer):
     def __init__(self, hub: Hub, policy: PolicyManager | None = None) -> None:
         self.hub = hub
         self.state = hub.state
         # no manager given (tests building a bare servicer): API-set policy in the store, no acl_file
         self.policy = policy or PolicyManager(
-            hub.state.store, None, lambda p: hub.wake(hub.mapper.set_policy(p)), hub.clock
+            hub.state.store, None, lambda p: apply_policy(hub, p), hub.clock
         )
 
     def _authorize(self, context: Ctx) -> str:

@@ -29,8 +29,10 @@ from ghostcore.keys import PrivateKey, PublicKey
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh import audit
 from ghostmesh.api.errors import abort_with, grpc_errors
+from ghostmesh.api.routes_admin import ROUTE_ADVERTISE, ROUTE_WITHDRAW, auto_approver
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import node_to_pb
+from ghostmesh.oidc import OidcService
 from ghostmesh.store.base import NodeRec
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,11 @@ def add_coordination_to_server(servicer: CoordinationServicer, server: grpc.aio.
             request_deserializer=pb.RegisterRequest.FromString,
             response_serializer=pb.RegisterResponse.SerializeToString,
         ),
+        "WaitForLogin": grpc.unary_unary_rpc_method_handler(
+            servicer.WaitForLogin,
+            request_deserializer=pb.WaitForLoginRequest.FromString,
+            response_serializer=pb.RegisterResponse.SerializeToString,
+        ),
         "Sync": grpc.unary_stream_rpc_method_handler(
             servicer.Sync,
             request_deserializer=pb.SyncRequest.FromString,
@@ -102,10 +109,11 @@ class CoordinationServicer:
     Not a subclass of the generated ``CoordinationServicer``: its Sync yields bytes too (see above).
     """
 
-    def __init__(self, hub: Hub, server_key: PrivateKey) -> None:
+    def __init__(self, hub: Hub, server_key: PrivateKey, oidc: OidcService | None = None) -> None:
         self.hub = hub
         self.state = hub.state
         self.server_key = server_key
+        self.oidc = oidc  # set when server.auth_method = "oidc"
 
     def _prove(self, context: Ctx, method: str) -> str:
         """The node key the caller proved it holds (base64), or AuthError / InvalidArgument."""
@@ -150,6 +158,10 @@ class CoordinationServicer:
     async def Register(self, request: pb.RegisterRequest, context: Ctx) -> pb.RegisterResponse:
         key = self._prove(context, "Register")
         self._bound(key)  # a proven pending key (a rotation resumed after a crash) becomes the node key
+        if self.oidc is not None and not request.auth_key:
+            known = self.state.node_by_key(key)
+            if known is None or known.expired(self.hub.now()):  # a login is needed: nothing written yet
+                return pb.RegisterResponse(auth_url=self.oidc.begin(key, request.hostname))
         node, changes = self.state.register(key, request.auth_key, request.hostname, self.hub.now())
         self.hub.dispatch(changes)
         if changes:
@@ -161,6 +173,15 @@ class CoordinationServicer:
                 audit.register_detail(node, changes),
                 context.peer(),
             )
+        return pb.RegisterResponse(node=node_to_pb(node, self.state.is_online(node.id)))
+
+    @grpc_errors
+    async def WaitForLogin(self, request: pb.WaitForLoginRequest, context: Ctx) -> pb.RegisterResponse:
+        """OIDC: returns the node once the login started by Register completed (:mod:`ghostmesh.oidc`)."""
+        key = self._prove(context, "WaitForLogin")
+        if self.oidc is None:
+            raise InvalidArgument("this server does not use OIDC login; join with an auth key (--auth)")
+        node = await self.oidc.wait(key)
         return pb.RegisterResponse(node=node_to_pb(node, self.state.is_online(node.id)))
 
     async def Sync(self, request: pb.SyncRequest, context: Ctx) -> AsyncIterator[bytes]:
@@ -205,7 +226,19 @@ class CoordinationServicer:
     @grpc_errors
     async def ReportStatus(self, request: pb.StatusReport, context: Ctx) -> pb.StatusAck:
         node = self._node(context, "ReportStatus")
+        # refuse a bad advertisement before anything (the endpoints included) changes
+        self.state.advertised_set(list(request.advertised_routes), request.advertise_exit_node)
         self.hub.dispatch(self.state.report_status(node.id, list(request.endpoints), self.hub.now()))
+        added, gone, changes = self.state.advertise_routes(
+            node.id, list(request.advertised_routes), request.advertise_exit_node, auto_approver(self.hub)
+        )
+        self.hub.dispatch(changes)
+        actor, remote = f"node:{node.name}", context.peer()
+        for rec in added:
+            detail = {"prefix": rec.prefix, "approved": rec.approved}
+            self.hub.record(actor, ROUTE_ADVERTISE, node.name, detail, remote)
+        for rec in gone:
+            self.hub.record(actor, ROUTE_WITHDRAW, node.name, {"prefix": rec.prefix}, remote)
         return pb.StatusAck()
 
     @grpc_errors

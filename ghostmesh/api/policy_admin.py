@@ -68,7 +68,8 @@ class PolicyAdminMixin:
     async def TestPolicy(self, request: apb.TestPolicyRequest, context: Ctx) -> apb.TestPolicyResponse:
         self._authorize(context)
         queries = [(q.src, q.dst, q.protocol) for q in request.queries]
-        nodes = (ident_of(n) for n in self.hub.state.nodes())
+        state = self.hub.state
+        nodes = (ident_of(n, state.groups_of(n.user)) for n in state.nodes())
         answers = self.policy.test(request.text, queries, nodes)
         return apb.TestPolicyResponse(
             answers=[

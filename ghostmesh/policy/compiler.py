@@ -18,6 +18,14 @@ the behaviour before ACLs existed; peer sets are then not materialised (``peers(
 
 Tailscale semantics: a tagged node is identified by its tags, never by its user, so user, group,
 autogroup:member and autogroup:self selectors do not select it.
+
+Subnet routes: a node's primary routes (``NodeIdent.routes``) count as part of the node for destinations.
+A dst prefix overlapping one of them selects the router (so the rule's sources see it) and puts the
+overlap into the router's filter, where ghostlink enforces it on the forward path; a ``*`` dst covers the
+routes too. A route change is an identity change of the router, so it recomputes what any change does.
+Exit nodes: ``autogroup:internet`` (or ``*``) as a dst selects every exit node and puts ``0.0.0.0/0`` and
+``::/0`` into its filter: the rule's sources may send anything through it. (As in Tailscale, that also
+lets them reach the exit node itself on any port.)
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ghostmesh.policy.model import IPAddr, Policy, Principal, Rule
+from ghostmesh.policy.model import IPAddr, IPNet, Policy, Principal, Rule, Selector
 
 ANY_SRC = ("0.0.0.0/0", "::/0")
 
@@ -39,13 +47,43 @@ class NodeIdent:
     tags: frozenset[str]
     addrs: tuple[IPAddr, ...]
     name: str = ""
+    routes: tuple[IPNet, ...] = ()  # subnet routes it is the primary router for
+    exit_node: bool = False  # an approved exit node (autogroup:internet)
+    groups: frozenset[str] = frozenset()  # its user's OIDC groups ("oidc:<g>" group members)
 
     @property
     def principal(self) -> Principal:
-        return Principal(self.user, self.tags, self.addrs)
+        return Principal(self.user, self.tags, self.addrs, self.groups)
 
     def same_identity(self, other: NodeIdent) -> bool:
-        return self.user == other.user and self.tags == other.tags and self.addrs == other.addrs
+        return (
+            self.user == other.user
+            and self.tags == other.tags
+            and self.addrs == other.addrs
+            and self.routes == other.routes
+            and self.exit_node == other.exit_node
+            and self.groups == other.groups
+        )
+
+
+def _routed(sel: Selector, n: NodeIdent) -> list[str]:
+    """What a dst selector covers of a node's routes: all of them for ``*``, the overlaps for a prefix,
+    and for an exit node everything (``0.0.0.0/0``, ``::/0``) under ``*`` and ``autogroup:internet``."""
+    routes = n.routes
+    internet = ["0.0.0.0/0", "::/0"] if n.exit_node and sel.kind in ("all", "internet") else []
+    if not routes:
+        return internet
+    if sel.kind == "all":
+        return [str(r) for r in routes] + internet
+    net = sel.net
+    if sel.kind != "prefix" or net is None:
+        return []
+    out = []
+    for r in routes:
+        if r.version != net.version or not r.overlaps(net):
+            continue
+        out.append(str(net if net.prefixlen >= r.prefixlen else r))  # the narrower one is the overlap
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +170,8 @@ class Compiler:
                 self._src[i].add(n.id)
                 self._src_cache.pop(i, None)
             for j, e in enumerate(rule.dst):
-                if e.sel.matches(p, src_user=n.user):  # "self": every untagged node; paired by user later
+                # "self": every untagged node; paired by user later. A router: also through its routes.
+                if e.sel.matches(p, src_user=n.user) or _routed(e.sel, n):
                     self._dst[i][j].add(n.id)
 
     def _erase(self, n: NodeIdent) -> None:
@@ -225,8 +264,9 @@ class Compiler:
                 own = [
                     p
                     for a, p in zip(n.addrs, self._pfx[nid], strict=True)
-                    if net is None or (a.version == net.version and a in net)
+                    if e.sel.kind != "internet" and (net is None or (a.version == net.version and a in net))
                 ]
+                own += _routed(e.sel, n)
                 dst = tuple((p, lo, hi) for p in own for lo, hi in e.ports)
                 out.append(FRule(src, dst, tuple(rule.protos)))
         return tuple(out)

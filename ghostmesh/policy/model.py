@@ -3,7 +3,7 @@
 The semantics mirror Tailscale's policy file (tailscale.com/kb/1337/policy-syntax), written in TOML::
 
     [groups]
-    "group:eng" = ["alice", "bob"]          # users only; groups do not nest
+    "group:eng" = ["alice", "bob", "oidc:engineering"]  # users and OIDC groups; groups do not nest
 
     [tag_owners]
     "tag:server" = ["group:eng", "alice"]   # who may put the tag on a node (through an auth key)
@@ -18,6 +18,10 @@ The semantics mirror Tailscale's policy file (tailscale.com/kb/1337/policy-synta
     dst = ["tag:server:22,443", "db:5432", "autogroup:self:*"]
     proto = "tcp"                           # optional: "tcp", "udp" or "icmp"; default any
 
+    [auto_approvers]                        # routes approved without an admin when advertised by
+    routes = { "10.1.0.0/16" = ["tag:router", "group:ops"] }  # (the prefix or a narrower one)
+    exit_node = ["tag:exit"]                # 0.0.0.0/0 + ::/0 advertised by these nodes
+
     [[tests]]                               # run before a policy is accepted
     src = "alice"
     proto = "tcp"                           # optional, default tcp
@@ -28,12 +32,14 @@ Selectors (``src`` entries, and ``dst`` entries before their ``:ports``):
 
 - ``*``: every node (as a source: any address);
 - ``alice``: the untagged nodes of user alice. A tagged node is identified by its tags, not its user;
-- ``group:eng``: the untagged nodes of the group's users;
+- ``group:eng``: the untagged nodes of the group's users; a member ``oidc:<name>`` stands for every user
+  whose OIDC groups claim (stored at their last login, :mod:`ghostmesh.oidc`) contains ``<name>``;
 - ``tag:server``: the nodes carrying the tag (it must be declared in ``[tag_owners]``);
 - a ``[hosts]`` alias, an address or a prefix: the nodes whose overlay address lies inside, and as a
   source the prefix itself;
-- ``autogroup:member`` (untagged nodes), ``autogroup:tagged`` (tagged nodes), and ``autogroup:self``
-  (dst only: the source user's own untagged nodes).
+- ``autogroup:member`` (untagged nodes), ``autogroup:tagged`` (tagged nodes), ``autogroup:self``
+  (dst only: the source user's own untagged nodes) and ``autogroup:internet`` (dst only: everything
+  reached through an exit node; ``*`` as a dst covers it too).
 
 Ports are ``*``, ``N`` or ``N-M``, comma separated. Every error is one line naming its key path
 (``acls[2].dst[0]: unknown tag "tag:nope"; declare it in [tag_owners]``); lists are indexed from 0.
@@ -57,9 +63,11 @@ IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _USER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the same rule ghostmesh.state applies to users
 _TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
+OIDC_PREFIX = "oidc:"  # a [groups] member naming a group of the OIDC provider's groups claim
+_OIDC_GROUP_RE = re.compile(r"^oidc:\S{1,200}$")
 _GROUP_RE = re.compile(r"^group:[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
 _HOST_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,62}$")
-AUTOGROUPS = ("autogroup:self", "autogroup:member", "autogroup:tagged")
+AUTOGROUPS = ("autogroup:self", "autogroup:member", "autogroup:tagged", "autogroup:internet")
 ALL_PORTS = ((0, 65535),)
 
 
@@ -76,7 +84,7 @@ class PolicyError(InvalidArgument):
 class Selector:
     """One resolved ``src``/``dst`` name. ``kind`` says how it matches a :class:`Principal`."""
 
-    kind: Literal["all", "user", "group", "tag", "prefix", "member", "tagged", "self"]
+    kind: Literal["all", "user", "group", "tag", "prefix", "member", "tagged", "self", "internet"]
     text: str  # as written, for messages
     users: frozenset[str] = frozenset()  # user / group
     tag: str = ""
@@ -91,6 +99,8 @@ class Selector:
             return self.tag in p.tags
         if k == "tagged":
             return bool(p.tags)
+        if k == "internet":
+            return False  # no node is "the internet"; the compiler selects exit nodes for it
         if k == "prefix":
             net = self.net
             return net is not None and any(a.version == net.version and a in net for a in p.addrs)
@@ -100,7 +110,7 @@ class Selector:
             return True
         if k == "self":
             return src_user is not None and p.user == src_user
-        return p.user in self.users
+        return p.user in self.users or any(f"{OIDC_PREFIX}{g}" in self.users for g in p.groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +120,7 @@ class Principal:
     user: str | None
     tags: frozenset[str]
     addrs: tuple[IPAddr, ...] = ()
+    groups: frozenset[str] = frozenset()  # the user's OIDC groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +157,19 @@ class Policy:
     hosts: Mapping[str, IPNet]
     rules: tuple[Rule, ...]
     tests: tuple[PolicyTest, ...]
+    auto_routes: tuple[tuple[IPNet, tuple[Selector, ...]], ...] = ()  # [auto_approvers].routes
+    auto_exit: tuple[Selector, ...] = ()  # [auto_approvers].exit_node
+
+    def auto_approves(self, p: Principal, prefix: str) -> bool:
+        """Whether an auto-approver lets a node like ``p`` serve ``prefix`` ("0.0.0.0/0"/"::/0": exit)."""
+        net = ipaddress.ip_network(prefix)
+        if net.prefixlen == 0:
+            return any(s.matches(p) for s in self.auto_exit)
+        for approved, sels in self.auto_routes:
+            same = approved.version == net.version
+            if same and net.subnet_of(approved) and any(s.matches(p) for s in sels):  # type: ignore[arg-type]
+                return True
+        return False
 
     def owns_tag(self, user: str, tag: str) -> bool:
         """Whether ``user`` may put ``tag`` on a node: listed in [tag_owners] directly or via a group."""
@@ -177,10 +201,10 @@ def _resolve(
     if text.startswith("autogroup:"):
         if text not in AUTOGROUPS:
             raise ValueError(f'unknown autogroup "{text}"; use one of {", ".join(AUTOGROUPS)}')
-        if text == "autogroup:self":
+        if text in ("autogroup:self", "autogroup:internet"):
             if not dst:
-                raise ValueError('"autogroup:self" is only allowed in dst')
-            return Selector("self", text)
+                raise ValueError(f'"{text}" is only allowed in dst')
+            return Selector("self" if text == "autogroup:self" else "internet", text)
         return Selector("member" if text == "autogroup:member" else "tagged", text)
     if text.startswith("group:"):
         if text not in groups:
@@ -270,15 +294,56 @@ def parse_policy(text: str) -> Policy:
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([f"(toml): {exc}"]) from None
     err = _Errors()
-    _check_keys(doc, ("groups", "tag_owners", "hosts", "acls", "tests"), "", err)
+    _check_keys(doc, ("groups", "tag_owners", "hosts", "acls", "tests", "auto_approvers"), "", err)
     groups = _parse_groups(doc, err)
     tag_owners = _parse_tag_owners(doc, groups, err)
     hosts = _parse_hosts(doc, err)
     rules = _parse_acls(doc, groups, tag_owners, hosts, err)
     tests = _parse_tests(doc, err)
+    auto_routes, auto_exit = _parse_auto_approvers(doc, groups, tag_owners, err)
     if err.lines:
         raise PolicyError(err.lines)
-    return Policy(text, groups, tag_owners, hosts, tuple(rules), tuple(tests))
+    return Policy(text, groups, tag_owners, hosts, tuple(rules), tuple(tests), auto_routes, auto_exit)
+
+
+def _approvers(
+    v: Any, where: str, groups: Mapping[str, frozenset[str]], tag_owners: Mapping[str, Any], err: _Errors
+) -> tuple[Selector, ...]:
+    out: list[Selector] = []
+    for j, text in enumerate(_str_list(v, where, err)):
+        if not text.startswith(("tag:", "group:")) and not _USER_RE.match(text):
+            err.add(f"{where}[{j}]", f'"{text}" is not a user, group: or tag:')
+            continue
+        try:
+            out.append(_resolve(text, groups, tag_owners, {}, dst=False))
+        except ValueError as exc:
+            err.add(f"{where}[{j}]", str(exc))
+    return tuple(out)
+
+
+def _parse_auto_approvers(
+    doc: Mapping[str, Any],
+    groups: Mapping[str, frozenset[str]],
+    tag_owners: Mapping[str, Any],
+    err: _Errors,
+) -> tuple[tuple[tuple[IPNet, tuple[Selector, ...]], ...], tuple[Selector, ...]]:
+    table = _table(doc, "auto_approvers", err)
+    _check_keys(table, ("routes", "exit_node"), "auto_approvers", err)
+    routes: list[tuple[IPNet, tuple[Selector, ...]]] = []
+    raw = table.get("routes", {})
+    if not isinstance(raw, dict):
+        err.add("auto_approvers.routes", 'expected a table such as { "10.1.0.0/16" = ["tag:router"] }')
+        raw = {}
+    for prefix, approvers in raw.items():
+        where = f'auto_approvers.routes."{prefix}"'
+        try:
+            net = ipaddress.ip_network(prefix, strict=True)
+        except ValueError:
+            err.add(where, f'"{prefix}" is not a prefix without host bits, e.g. 10.1.0.0/16')
+            continue
+        routes.append((net, _approvers(approvers, where, groups, tag_owners, err)))
+    exit_node = _approvers(table.get("exit_node", []), "auto_approvers.exit_node", groups, tag_owners, err)
+    return tuple(routes), exit_node
 
 
 def _parse_groups(doc: Mapping[str, Any], err: _Errors) -> dict[str, frozenset[str]]:
@@ -290,6 +355,10 @@ def _parse_groups(doc: Mapping[str, Any], err: _Errors) -> dict[str, frozenset[s
             continue
         users = _str_list(members, where, err)
         for i, u in enumerate(users):
+            if u.startswith(OIDC_PREFIX):
+                if not _OIDC_GROUP_RE.match(u):
+                    err.add(f"{where}[{i}]", f'"{u}" is not an OIDC group: write "oidc:<group name>"')
+                continue
             if not _USER_RE.match(u):
                 err.add(f"{where}[{i}]", f'"{u}" is not a user name (groups hold users only, no nesting)')
         groups[name] = frozenset(users)

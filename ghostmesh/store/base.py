@@ -27,6 +27,8 @@ class UserRec:
     id: int
     name: str
     created: float
+    oidc_subject: str | None = None  # the provider's `sub` of a user created by an OIDC login
+    groups: tuple[str, ...] = ()  # the provider's groups claim at the user's last login (policy "oidc:<g>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +48,28 @@ class NodeRec:
     hostname: str
     auth_key_id: str | None
     pending_key: str | None = None  # key rotation: the new key, proven, until the node proves it switched
+    # Derived by ghostmesh.state from the routes table (never written by the store): the approved subnet
+    # routes this node is the primary router for, and whether it is an approved, online exit node.
+    primary_routes: tuple[str, ...] = ()
+    exit_node: bool = False
 
     def expired(self, now: float) -> bool:
         return self.expires != 0 and self.expires <= now
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRec:
+    """One (node, prefix) row of the routes table: who advertised it and whether it is approved."""
+
+    node_id: int
+    prefix: str  # normalised network text; "0.0.0.0/0" / "::/0": exit node
+    by_node: bool = False  # the node advertises it (ReportStatus)
+    by_admin: bool = False  # an admin advertised it on the node's behalf (AddRoute)
+    approved: bool = False  # by an admin or an auto-approver of the policy
+
+    @property
+    def advertised(self) -> bool:
+        return self.by_node or self.by_admin
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +125,12 @@ class Store(Protocol):
         """Delete a user and its auth keys; ``Conflict`` if nodes still belong to it."""
         ...
 
+    def user_by_oidc_subject(self, subject: str) -> UserRec | None: ...
+    def put_oidc_user(self, name: str, subject: str, groups: Sequence[str], now: float) -> UserRec:
+        """Create user ``name`` if missing and set its OIDC subject and groups; ``Conflict`` (nothing
+        written) if another user has that subject."""
+        ...
+
     # auth keys
     def insert_auth_key(self, rec: AuthKeyRec) -> None: ...
     def get_auth_key(self, key_id: str) -> AuthKeyRec | None: ...
@@ -125,6 +152,12 @@ class Store(Protocol):
 
     def update_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> None: ...
     def delete_node(self, node_id: int) -> None: ...
+
+    # subnet routes (rows vanish with their node: ON DELETE CASCADE)
+    def list_routes(self) -> Sequence[RouteRec]: ...
+    def put_routes(self, recs: Sequence[RouteRec], delete: Sequence[tuple[int, str]] = ()) -> None:
+        """Upsert ``recs`` and delete the ``(node_id, prefix)`` rows in ``delete``, in one transaction."""
+        ...
 
     # audit log (append-only; sealing and verification: ghostcore.auditchain)
     def append_audit(self, rec: AuditRecord) -> None:

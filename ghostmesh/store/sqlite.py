@@ -20,10 +20,11 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ghostcore.auditchain import GENESIS, AuditRecord
 from ghostcore.errors import AuthError, ConfigError, Conflict, NotFound, Unavailable
-from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, UserRec
+from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, RouteRec, UserRec
 
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a shipped entry; append.
 MIGRATIONS: tuple[str, ...] = (
@@ -204,6 +205,11 @@ def _conflict(exc: sqlite3.IntegrityError, what: str) -> Conflict:
     return Conflict(f"{what}: clashes with existing data ({text})")
 
 
+def _user_rec(row: Sequence[Any]) -> UserRec:
+    """A users row selected as (id, name, created, oidc_subject, groups)."""
+    return UserRec(int(row[0]), row[1], float(row[2]), row[3], tuple(json.loads(row[4] or "[]")))
+
+
 class SqliteStore:
     """A :class:`~ghostmesh.store.base.Store` in one SQLite file."""
 
@@ -299,12 +305,37 @@ class SqliteStore:
         return UserRec(int(cur.lastrowid or 0), name, now)
 
     def get_user(self, name: str) -> UserRec | None:
-        row = self._db.execute("SELECT id, name, created FROM users WHERE name = ?", (name,)).fetchone()
-        return UserRec(int(row[0]), row[1], float(row[2])) if row else None
+        row = self._db.execute(
+            "SELECT id, name, created, oidc_subject, groups FROM users WHERE name = ?", (name,)
+        ).fetchone()
+        return _user_rec(row) if row else None
 
     def list_users(self) -> Sequence[UserRec]:
-        rows = self._db.execute("SELECT id, name, created FROM users ORDER BY id").fetchall()
-        return [UserRec(int(r[0]), r[1], float(r[2])) for r in rows]
+        rows = self._db.execute(
+            "SELECT id, name, created, oidc_subject, groups FROM users ORDER BY id"
+        ).fetchall()
+        return [_user_rec(r) for r in rows]
+
+    def user_by_oidc_subject(self, subject: str) -> UserRec | None:
+        row = self._db.execute(
+            "SELECT id, name, created, oidc_subject, groups FROM users WHERE oidc_subject = ?", (subject,)
+        ).fetchone()
+        return _user_rec(row) if row else None
+
+    def put_oidc_user(self, name: str, subject: str, groups: Sequence[str], now: float) -> UserRec:
+        try:
+            with self._tx() as db:
+                db.execute("INSERT OR IGNORE INTO users (name, created) VALUES (?, ?)", (name, now))
+                db.execute(
+                    "UPDATE users SET oidc_subject = ?, groups = ? WHERE name = ?",
+                    (subject, json.dumps(sorted(set(groups))), name),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(f"OIDC subject of user {name!r} belongs to another user already") from None
+        user = self.get_user(name)
+        if user is None:  # pragma: no cover - written in the transaction above
+            raise NotFound(f"user {name!r} vanished while being written")
+        return user
 
     def delete_user(self, name: str) -> None:
         try:
@@ -427,6 +458,28 @@ class SqliteStore:
             cur = db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
             if cur.rowcount != 1:
                 raise NotFound(f"node {node_id} not found")
+
+    # -- routes ----------------------------------------------------------------------------------------
+
+    def list_routes(self) -> Sequence[RouteRec]:
+        rows = self._db.execute(
+            "SELECT node_id, prefix, by_node, by_admin, approved FROM routes ORDER BY node_id, prefix"
+        ).fetchall()
+        return [RouteRec(int(r[0]), r[1], bool(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+
+    def put_routes(self, recs: Sequence[RouteRec], delete: Sequence[tuple[int, str]] = ()) -> None:
+        try:
+            with self._tx() as db:
+                db.executemany("DELETE FROM routes WHERE node_id = ? AND prefix = ?", list(delete))
+                db.executemany(
+                    "INSERT INTO routes (node_id, prefix, by_node, by_admin, approved) "
+                    "VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (node_id, prefix) DO UPDATE SET by_node = excluded.by_node, "
+                    "by_admin = excluded.by_admin, approved = excluded.approved",
+                    [(r.node_id, r.prefix, int(r.by_node), int(r.by_admin), int(r.approved)) for r in recs],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise _conflict(exc, "route") from None
 
     # -- audit log -------------------------------------------------------------------------------------
 

@@ -35,11 +35,11 @@ def test_config_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_config_check_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[server]\nauth_method = "oidc"\n')
+    bad.write_text('[server]\nauth_method = "mtls"\n')
     assert main(["config", "check", "--config", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("ghostmesh: ")
-    assert 'server.auth_method: "oidc" is not supported yet' in err
+    assert 'server.auth_method: expected "authkey" or "oidc"' in err
     assert len(err.splitlines()) == 1
 
 

@@ -81,9 +81,14 @@ def test_bad_duration(tmp_path: Path) -> None:
         load_config(_write(tmp_path, '[nodes]\nkey_expiry = "forever"\n'), environ={})
 
 
-def test_oidc_refused_with_clear_message(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r'server\.auth_method: "oidc" is not supported yet; use "authkey"'):
+def test_oidc_without_issuer_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r'oidc\.issuer: required when server\.auth_method = "oidc"'):
         load_config(_write(tmp_path, '[server]\nauth_method = "oidc"\n'), environ={})
+
+
+def test_unknown_auth_method_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r'server\.auth_method: expected "authkey" or "oidc", got \'mtls\''):
+        load_config(_write(tmp_path, '[server]\nauth_method = "mtls"\n'), environ={})
 
 
 def test_acl_file_relative_to_config_dir(tmp_path: Path) -> None:

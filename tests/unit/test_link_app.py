@@ -48,16 +48,6 @@ def test_invalid_server_address(
     assert not (tmp_path / "s").exists()
 
 
-def test_missing_auth(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.delenv(app.AUTH_ENV, raising=False)
-    rc = app.main(["join", "--server", "127.0.0.1:1", "--state-dir", str(tmp_path / "s")])
-    assert rc == 1
-    assert "no auth key given; pass --auth KEY" in capsys.readouterr().err
-
-
 def test_run_without_join(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

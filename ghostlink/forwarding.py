@@ -1,0 +1,61 @@
+"""IP forwarding on a router node (subnet router or exit node): on while it routes, restored after.
+
+A node that ghostmesh made the primary router for some prefix (``Node.primary_routes``) or an approved
+exit node (``Node.exit_node``) must forward packets between the WireGuard interface and its other
+interfaces. This module flips ``net.ipv4.ip_forward`` and ``net.ipv6.conf.all.forwarding`` (Linux
+ip-sysctl.rst) on when the node becomes a router and writes back the values it found when it stops
+being one or shuts down, so ghostlink leaves the host as it was. The sysctls are per network namespace.
+Masquerading of the forwarded traffic lives in :mod:`ghostlink.nft` (the same table as the filter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SYSCTLS = (Path("/proc/sys/net/ipv4/ip_forward"), Path("/proc/sys/net/ipv6/conf/all/forwarding"))
+
+
+def is_router(primary_routes: tuple[str, ...], exit_node: bool) -> bool:
+    return bool(primary_routes) or exit_node
+
+
+class Forwarding:
+    """Turns forwarding on and back to what it was; the paths are injectable for tests."""
+
+    def __init__(self, paths: tuple[Path, ...] = SYSCTLS) -> None:
+        self.paths = paths
+        self._saved: dict[Path, str] | None = None  # set while forwarding is on because of us
+
+    @property
+    def on(self) -> bool:
+        return self._saved is not None
+
+    def _enable(self) -> None:
+        saved = {p: p.read_text().strip() for p in self.paths}
+        for p in self.paths:
+            p.write_text("1\n")
+        self._saved = saved
+
+    def _restore(self) -> None:
+        saved, self._saved = self._saved, None
+        for p, value in (saved or {}).items():
+            try:
+                p.write_text(value + "\n")
+            except OSError as exc:
+                log.warning("restoring %s to %s failed: %s", p, value, exc)
+
+    async def apply(self, router: bool) -> None:
+        """Forwarding on while ``router``; restored when it no longer is. Idempotent."""
+        if router and self._saved is None:
+            await asyncio.to_thread(self._enable)
+            log.info("this node routes for the mesh: IP forwarding on")
+        elif not router and self._saved is not None:
+            await asyncio.to_thread(self._restore)
+            log.info("this node no longer routes for the mesh: IP forwarding restored")
+
+    async def close(self) -> None:
+        await self.apply(False)
