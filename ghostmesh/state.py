@@ -127,6 +127,12 @@ def load_server_key(store: Store) -> PrivateKey:
     return PrivateKey.from_base64(stored.decode("ascii"))
 
 
+def _check_registration_input(node_key: str, hostname: str) -> None:
+    PublicKey.from_base64(node_key)  # InvalidArgument for anything that is not a WireGuard key
+    if len(hostname) > 255:
+        raise InvalidArgument("hostname too long: at most 255 characters")
+
+
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     ipv4_prefix: str = "100.64.0.0/10"
@@ -385,9 +391,7 @@ class State:
 
         Nothing is written when this raises.
         """
-        PublicKey.from_base64(node_key)  # InvalidArgument for anything that is not a WireGuard key
-        if len(hostname) > 255:
-            raise InvalidArgument("hostname too long: at most 255 characters")
+        _check_registration_input(node_key, hostname)
         known = self.node_by_key(node_key)
         if known is not None and not known.expired(now):
             return known, []
@@ -397,12 +401,38 @@ class State:
             raise AuthError("this node key is not registered; pass an auth key (--auth) to join")
         key = self.check_auth_key(auth_key, now)
         if known is not None:
-            renewed = replace(known, expires=self._expires_from(now), last_seen=now)
-            self.store.update_node(renewed, consume_auth_key=key.id)
-            self._index(renewed)
-            if renewed.expires:
-                heapq.heappush(self._expiry_heap, (renewed.expires, renewed.id))
+            renewed = self._renew(known, now, consume_auth_key=key.id)
             return renewed, [NodeChanged(renewed, self.is_online(renewed.id))]
+        node = self._create(
+            node_key, hostname, key.user, now,
+            ephemeral=key.ephemeral, tags=key.tags, auth_key_id=key.id, consume_auth_key=key.id,
+        )  # fmt: skip
+        if node.ephemeral:
+            self._schedule_ephemeral(node.id, now)  # registered but never connecting counts as gone
+        return node, [NodeAdded(node, False)]
+
+    def _renew(self, known: NodeRec, now: float, consume_auth_key: str | None = None) -> NodeRec:
+        """A re-registration of a known key: a fresh expiry (stored, indexed, scheduled)."""
+        renewed = replace(known, expires=self._expires_from(now), last_seen=now)
+        self.store.update_node(renewed, consume_auth_key=consume_auth_key)
+        self._index(renewed)
+        if renewed.expires:
+            heapq.heappush(self._expiry_heap, (renewed.expires, renewed.id))
+        return renewed
+
+    def _create(
+        self,
+        node_key: str,
+        hostname: str,
+        user: str,
+        now: float,
+        *,
+        ephemeral: bool = False,
+        tags: tuple[str, ...] = (),
+        auth_key_id: str | None = None,
+        consume_auth_key: str | None = None,
+    ) -> NodeRec:
+        """A new node: addresses, a unique name, stored (addresses handed back if storing fails)."""
         ipv4 = self._v4.allocate()
         try:
             ipv6 = self._v6.allocate()
@@ -412,21 +442,21 @@ class State:
         draft = NodeRec(
             id=0,
             name=self._unique_name(sanitize_name(hostname)),
-            user=key.user,
+            user=user,
             node_key=node_key,
             ipv4=str(ipv4),
             ipv6=str(ipv6),
-            ephemeral=key.ephemeral,
-            tags=key.tags,
+            ephemeral=ephemeral,
+            tags=tags,
             created=now,
             expires=self._expires_from(now),
             last_seen=now,
             endpoints=(),
             hostname=hostname,
-            auth_key_id=key.id,
+            auth_key_id=auth_key_id,
         )
         try:
-            node = self.store.insert_node(draft, consume_auth_key=key.id)
+            node = self.store.insert_node(draft, consume_auth_key=consume_auth_key)
         except Exception:
             self._v4.release(ipv4)
             self._v6.release(ipv6)
@@ -434,9 +464,7 @@ class State:
         self._index(node)
         if node.expires:
             heapq.heappush(self._expiry_heap, (node.expires, node.id))
-        if node.ephemeral:
-            self._schedule_ephemeral(node.id, now)  # registered but never connecting counts as gone
-        return node, [NodeAdded(node, False)]
+        return node
 
     # -- OIDC login (ghostmesh.oidc) -------------------------------------------------------------------
 
@@ -464,9 +492,7 @@ class State:
         (new key: addresses and a unique name; known key of the same user: expiry renewed), and store the
         user's groups. Groups that changed are an identity change of the user's other nodes (policy).
         """
-        PublicKey.from_base64(node_key)
-        if len(hostname) > 255:
-            raise InvalidArgument("hostname too long: at most 255 characters")
+        _check_registration_input(node_key, hostname)
         self.check_oidc_user(user, subject)
         known = self.node_by_key(node_key)
         if known is not None and known.user != user:
@@ -487,43 +513,9 @@ class State:
                 if n.user == user and n.id != skip and not n.expired(now)
             ]
         if known is not None:
-            renewed = replace(known, expires=self._expires_from(now), last_seen=now)
-            self.store.update_node(renewed)
-            self._index(renewed)
-            if renewed.expires:
-                heapq.heappush(self._expiry_heap, (renewed.expires, renewed.id))
+            renewed = self._renew(known, now)
             return renewed, [*changes, NodeChanged(renewed, self.is_online(renewed.id))]
-        ipv4 = self._v4.allocate()
-        try:
-            ipv6 = self._v6.allocate()
-        except Exception:
-            self._v4.release(ipv4)
-            raise
-        draft = NodeRec(
-            id=0,
-            name=self._unique_name(sanitize_name(hostname)),
-            user=user,
-            node_key=node_key,
-            ipv4=str(ipv4),
-            ipv6=str(ipv6),
-            ephemeral=False,
-            tags=(),
-            created=now,
-            expires=self._expires_from(now),
-            last_seen=now,
-            endpoints=(),
-            hostname=hostname,
-            auth_key_id=None,
-        )
-        try:
-            node = self.store.insert_node(draft)
-        except Exception:
-            self._v4.release(ipv4)
-            self._v6.release(ipv6)
-            raise
-        self._index(node)
-        if node.expires:
-            heapq.heappush(self._expiry_heap, (node.expires, node.id))
+        node = self._create(node_key, hostname, user, now)
         return node, [*changes, NodeAdded(node, False)]
 
     # -- admin mutations -------------------------------------------------------------------------------
