@@ -1,23 +1,17 @@
 """The Admin servicer: users, nodes, auth keys and API keys (``proto/ghostmesh/v1/admin.proto``).
 
-Who may call: a caller on the unix admin socket (``context.peer()`` starts with ``unix:``) needs nothing
-more, because the socket file is mode 0600 in a 0700 directory owned by root: reaching it is the check.
-On TCP every call needs ``authorization: Bearer <api key>`` metadata, verified against the hashed API
-keys; anything else is UNAUTHENTICATED.
-
-Audit: ``_authorize`` returns the caller ("admin@unix" or "apikey:<id>"); every RPC that changes something
-calls ``_audit`` (``hub.record``, remote = ``context.peer()``) after the change succeeded. ListAudit and
+Who may call and how changes are recorded: :mod:`ghostmesh.api.admin_base`. Policy and routes RPCs come
+from their mixins (:mod:`ghostmesh.api.policy_admin`, :mod:`ghostmesh.api.routes_admin`). ListAudit and
 GetAuditKey serve the log and the public half of the audit key (``ghostmesh.audit``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
-from ghostcore.errors import AuthError, Unavailable
+from ghostcore.errors import Unavailable
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc as apb_grpc
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
@@ -58,7 +52,7 @@ def api_key_pb(rec: ApiKeyRec, now: float) -> apb.ApiKey:
     )
 
 
-class AdminServicer(PolicyAdminMixin, RoutesAdminMixin, apb_grpc.AdminServicer):
+class AdminServicer(PolicyAdminMixin, RoutesAdminMixin, apb_grpc.AdminServicer):  # all on AdminBase
     def __init__(self, hub: Hub, policy: PolicyManager | None = None) -> None:
         self.hub = hub
         self.state = hub.state
@@ -66,24 +60,6 @@ class AdminServicer(PolicyAdminMixin, RoutesAdminMixin, apb_grpc.AdminServicer):
         self.policy = policy or PolicyManager(
             hub.state.store, None, lambda p: apply_policy(hub, p), hub.clock
         )
-
-    def _authorize(self, context: Ctx) -> str:
-        """Check the caller; return who it is for the audit log ("admin@unix" or "apikey:<id>")."""
-        if context.peer().startswith("unix:"):
-            return audit.ACTOR_UNIX
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() == "bearer" and token:
-                    rec = self.state.verify_api_key(token.strip(), self.hub.now())
-                    return audit.api_key_actor(rec.id)
-        raise AuthError("admin over TCP needs an API key: metadata 'authorization: Bearer gmapi_...'")
-
-    def _audit(
-        self, context: Ctx, actor: str, action: str, target: str, detail: Mapping[str, object] | None = None
-    ) -> None:
-        """Record a change that succeeded: ``actor`` from :meth:`_authorize`, remote = the gRPC peer."""
-        self.hub.record(actor, action, target, detail, context.peer())
 
     def _node_pb(self, node: NodeRec) -> pb.Node:
         return node_to_pb(node, self.state.is_online(node.id))

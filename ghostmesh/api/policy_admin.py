@@ -7,18 +7,15 @@ hook) so the policy RPCs live apart from users/nodes/keys. SetPolicy refuses a p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
+from ghostmesh.api.admin_base import AdminBase
 from ghostmesh.api.errors import grpc_errors
 from ghostmesh.mapper import ident_of
 from ghostmesh.policy_source import PolicyInfo, PolicyManager
-
-if TYPE_CHECKING:
-    from ghostmesh.hub import Hub
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 POLICY_SET = "policy.set"  # audit action
@@ -28,22 +25,8 @@ def policy_pb(info: PolicyInfo) -> apb.Policy:
     return apb.Policy(text=info.text, sha256=info.sha256, updated_unix=int(info.updated), source=info.source)
 
 
-class PolicyAdminMixin:
-    hub: Hub
+class PolicyAdminMixin(AdminBase):
     policy: PolicyManager
-
-    if TYPE_CHECKING:
-
-        def _authorize(self, context: Ctx) -> str: ...
-
-        def _audit(
-            self,
-            context: Ctx,
-            actor: str,
-            action: str,
-            target: str,
-            detail: Mapping[str, object] | None = None,
-        ) -> None: ...
 
     @grpc_errors
     async def GetPolicy(self, request: apb.GetPolicyRequest, context: Ctx) -> apb.Policy:

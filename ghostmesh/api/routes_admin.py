@@ -13,13 +13,14 @@ log (``route.add`` / ``route.approve`` / ``route.delete``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostmesh import audit
+from ghostmesh.api.admin_base import AdminBase
 from ghostmesh.api.errors import grpc_errors
 from ghostmesh.mapper import ident_of
 from ghostmesh.store.base import NodeRec, RouteRec
@@ -27,7 +28,6 @@ from ghostmesh.store.base import NodeRec, RouteRec
 if TYPE_CHECKING:
     from ghostmesh.hub import Hub
     from ghostmesh.policy import Policy
-    from ghostmesh.state import State
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 ROUTE_ADD = "route.add"  # audit actions
@@ -74,23 +74,7 @@ def apply_policy(hub: Hub, policy: Policy | None) -> None:
         hub.record(audit.ACTOR_SYSTEM, ROUTE_APPROVE, node.name if node else str(rec.node_id), detail)
 
 
-class RoutesAdminMixin:
-    hub: Hub
-    state: State
-
-    if TYPE_CHECKING:
-
-        def _authorize(self, context: Ctx) -> str: ...
-
-        def _audit(
-            self,
-            context: Ctx,
-            actor: str,
-            action: str,
-            target: str,
-            detail: Mapping[str, object] | None = None,
-        ) -> None: ...
-
+class RoutesAdminMixin(AdminBase):
     def _route_pb(self, rec: RouteRec) -> apb.Route:
         node = self.state.resolve(str(rec.node_id))  # resolved by the state call that produced rec
         return route_pb(node, rec, self.state.routes.primary(rec.prefix) == rec.node_id)
