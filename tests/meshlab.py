@@ -19,14 +19,18 @@ Nodes are found by property (name, overlay address), never by position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.netlab import Host, Lab, Proc, Segment
+import pytest
+
+from tests.netlab import Host, Lab, Proc, Segment, lab_for
 
 BIN = Path(sys.executable).parent
 GHOSTMESH, GHOSTLINK, GHOSTCTL = (str(BIN / n) for n in ("ghostmesh", "ghostlink", "ghostctl"))
@@ -90,17 +94,18 @@ class Mesh:
     def admin_socket(self) -> Path:
         return self.workdir / "mesh" / "admin.sock"
 
-    def write_server_config(self, extra: str = "") -> Path:
+    def write_server_config(self, extra: str = "", server_keys: str = "") -> Path:
+        """ghostmesh.toml for the lab; ``server_keys`` go into [server], ``extra`` tables are appended."""
         path = self.workdir / "ghostmesh.toml"
         path.write_text(
             f'[server]\nbind = "{SERVER_IP}:{SERVER_PORT}"\nadmin_socket = "{self.admin_socket}"\n'
-            f'state_dir = "{self.workdir / "mesh"}"\n\n[mapper]\nbatch_delay = "50ms"\n\n'
+            f'state_dir = "{self.workdir / "mesh"}"\n{server_keys}\n[mapper]\nbatch_delay = "50ms"\n\n'
             f'[log]\nlevel = "debug"\n{extra}'
         )
         return path
 
-    def start_server(self, extra_config: str = "") -> Proc:
-        config = self.write_server_config(extra_config)
+    def start_server(self, extra_config: str = "", server_keys: str = "") -> Proc:
+        config = self.write_server_config(extra_config, server_keys)
         self.server = self.srv.spawn([GHOSTMESH, "--config", str(config)], "ghostmesh")
         self.lab.wait_for(
             self._server_answers, timeout=15, interval=0.2, what="ghostmesh answers on its admin socket"
@@ -188,3 +193,21 @@ class Mesh:
 
     def wg_peer_keys(self, node: Node) -> set[str]:
         return node.host.wg_peers(node.ifname)
+
+
+@contextlib.contextmanager
+def module_mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str, *, start: bool = True
+) -> Iterator[Mesh]:
+    """The standard topology for one netns test module, ghostmesh started unless ``start=False``.
+
+    On the way out: no traceback in any daemon's log, then nothing the lab made is left behind.
+    """
+    lab = lab_for(request, name=name)
+    with lab:
+        mesh = Mesh.build(lab, Path(tmp_path_factory.mktemp(name)))
+        if start:
+            mesh.start_server()
+        yield mesh
+        lab.assert_no_tracebacks()
+    assert lab.leftovers() == []

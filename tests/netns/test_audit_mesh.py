@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.meshlab import SERVER_IP, Mesh
-from tests.netlab import lab_for
+from tests.meshlab import SERVER_IP, Mesh, module_mesh
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    lab = lab_for(request, name="audit")
-    with lab:
-        m = Mesh.build(lab, Path(tmp_path_factory.mktemp("mesh")))
-        m.start_server()
+    with module_mesh(request, tmp_path_factory, "audit") as m:
         yield m
-        lab.assert_no_tracebacks()
-    assert lab.leftovers() == []
 
 
 def test_join_and_delete_are_recorded_and_verify(mesh: Mesh) -> None:

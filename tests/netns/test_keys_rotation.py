@@ -11,13 +11,12 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from ghostcore.keys import PrivateKey
-from tests.meshlab import Mesh, Node
-from tests.netlab import PingStream, lab_for
+from tests.meshlab import Mesh, Node, module_mesh
+from tests.netlab import PingStream
 
 pytestmark = pytest.mark.netns
 
@@ -26,13 +25,8 @@ _RTT_RE = re.compile(r"time=([0-9.]+) ms")
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    lab = lab_for(request, name="keys")
-    with lab:
-        m = Mesh.build(lab, Path(tmp_path_factory.mktemp("keys")))
-        m.start_server()
+    with module_mesh(request, tmp_path_factory, "keys") as m:
         yield m
-        lab.assert_no_tracebacks()
-    assert lab.leftovers() == []
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.meshlab import GHOSTLINK, SERVER_IP, SERVER_PORT, Mesh, Node
-from tests.netlab import lab_for
+from tests.meshlab import GHOSTLINK, SERVER_IP, SERVER_PORT, Mesh, Node, module_mesh
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    lab = lab_for(request, name="e2e")
-    with lab:
-        m = Mesh.build(lab, Path(tmp_path_factory.mktemp("mesh")))
-        m.start_server()
+    with module_mesh(request, tmp_path_factory, "e2e") as m:
         yield m
-        lab.assert_no_tracebacks()
-    assert lab.leftovers() == []
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.component._oidc_fixtures import CLIENT_ID, CLIENT_SECRET, FIXTURE_DIR, provider_available
-from tests.meshlab import GHOSTMESH, SERVER_IP, Mesh
-from tests.netlab import lab_for
+from tests.meshlab import SERVER_IP, Mesh, module_mesh
 
 pytestmark = [
     pytest.mark.netns,
@@ -33,9 +32,8 @@ URL_RE = re.compile(r"ghostlink: to join, open this URL and log in: (\S+)")
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    lab = lab_for(request, name="oidc")
-    with lab:
-        m = Mesh.build(lab, Path(tmp_path_factory.mktemp("mesh")))
+    with module_mesh(request, tmp_path_factory, "oidc", start=False) as m:
+        lab = m.lab
         idp = m.srv.spawn(
             ["node", str(FIXTURE_DIR / "provider.js"), SERVER_IP, str(IDP_PORT), CLIENT_ID, CLIENT_SECRET,
              f"{CALLBACK}/oidc/callback"],
@@ -46,15 +44,8 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             f'\n[oidc]\nissuer = "http://{SERVER_IP}:{IDP_PORT}"\nclient_id = "{CLIENT_ID}"\n'
             f'client_secret = "{CLIENT_SECRET}"\nhttp_bind = "{SERVER_IP}:7780"\npublic_url = "{CALLBACK}"\n'
         )
-        config = m.write_server_config(oidc)
-        config.write_text(config.read_text().replace("[server]\n", '[server]\nauth_method = "oidc"\n', 1))
-        m.server = m.srv.spawn([GHOSTMESH, "--config", str(config)], "ghostmesh")
-        lab.wait_for(
-            lambda: m.ctl_rc("users", "list") == 0, timeout=15, interval=0.2, what="ghostmesh answers"
-        )
+        m.start_server(oidc, server_keys='auth_method = "oidc"\n')
         yield m
-        lab.assert_no_tracebacks()
-    assert lab.leftovers() == []
 
 
 def test_join_without_auth_logs_in_and_pings_a_peer(mesh: Mesh) -> None:

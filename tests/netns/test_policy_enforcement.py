@@ -14,12 +14,11 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.meshlab import GHOSTCTL, SERVER_IP, SERVER_PORT, Mesh, Node
-from tests.netlab import Proc, lab_for
+from tests.meshlab import GHOSTCTL, SERVER_IP, SERVER_PORT, Mesh, Node, module_mesh
+from tests.netlab import Proc
 
 pytestmark = pytest.mark.netns
 
@@ -135,13 +134,8 @@ NAMES = ("alice1", "alice2", "bob1", "srv1")
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    lab = lab_for(request, name="policy")
-    with lab:
-        m = Mesh.build(lab, Path(tmp_path_factory.mktemp("policy")))
-        m.start_server()
+    with module_mesh(request, tmp_path_factory, "policy") as m:
         yield m
-        lab.assert_no_tracebacks()
-    assert lab.leftovers() == []
 
 
 def _set_policy(mesh: Mesh, text: str, name: str) -> None:
