@@ -12,8 +12,9 @@ The flow (OpenID Connect Core 1.0, section 3.1 "Authentication using the Authori
    endpoint (``response_type=code``, ``scope``, ``state``, ``nonce``, ``code_challenge`` S256).
 4. The provider redirects to ``/oidc/callback?code&state``. An unknown or expired ``state`` is answered 400
    and changes nothing. Otherwise the pending login is consumed (single use), the code is exchanged at the
-   token endpoint with the PKCE verifier (authlib's httpx client), and the ID token is validated (section
-   3.1.3.7): signature against the provider's JWKS, ``iss``, ``aud`` = client id, ``exp``/``iat`` and
+   token endpoint with the PKCE verifier (plain httpx: authlib 1.9's httpx integration raises a
+   DeprecationWarning at import, which our warnings-as-errors runs reject), and the ID token is validated
+   (section 3.1.3.7): signature against the provider's JWKS, ``iss``, ``aud`` = client id, ``exp``/``iat`` and
    ``nonce`` = the pending login's nonce (joserfc + authlib's ``CodeIDToken``). Any failure: a 400 page,
    the waiting node gets UNAUTHENTICATED, and nothing is written.
 5. The user is the ``oidc.username_claim`` (falling back to ``email``, then ``sub``), normalised to a
