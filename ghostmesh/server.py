@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -37,10 +38,12 @@ from ghostmesh.audit import ACTOR_SYSTEM, Auditor, load_audit_key
 from ghostmesh.config import MeshConfig, parse_hostport
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import Mapper
-from ghostmesh.oidc import OidcService
 from ghostmesh.policy_source import PolicyManager
 from ghostmesh.state import State, StateConfig, load_server_key
 from ghostmesh.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from ghostmesh.oidc import OidcService
 
 MAX_PENDING_REQUESTS = 65536
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
@@ -190,6 +193,8 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
             ACTOR_SYSTEM, POLICY_SET, info.source, {"sha256": info.sha256}
         )
         if cfg.server.auth_method == "oidc":
+            from ghostmesh.oidc import OidcService  # noqa: PLC0415 - aiohttp/httpx/authlib only when used
+
             oidc = OidcService(cfg.oidc, hub, clock)
             await oidc.start()  # discovery; a provider that cannot be reached stops the start here
         server = grpc.aio.server(options=server_options(cfg))

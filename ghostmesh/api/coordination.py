@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -32,8 +32,10 @@ from ghostmesh.api.errors import abort_with, grpc_errors
 from ghostmesh.api.routes_admin import ROUTE_ADVERTISE, ROUTE_WITHDRAW, auto_approver
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import node_to_pb
-from ghostmesh.oidc import OidcService
 from ghostmesh.store.base import NodeRec
+
+if TYPE_CHECKING:  # the OIDC stack (aiohttp, httpx, authlib) loads only when OIDC is configured
+    from ghostmesh.oidc import OidcService
 
 log = logging.getLogger(__name__)
 
