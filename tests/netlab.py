@@ -63,6 +63,35 @@ PATH, so pass absolute paths for programs in the virtualenv (e.g. ``sys.executab
 ``PingStream``: ``stream.stop() -> PingStats(transmitted, received, missing_seqs)`` with
 ``stats.lost`` and ``stats.loss``: ping runs with SIGINT to stop it so it prints its summary.
 
+NAT lab (issue 3)
+-----------------
+``lab.nat_router(name, kind, wan_segment, wan_ip, *, lan_cidr, lan_router_ip, tcp_port=None)
+-> tuple[Host, Segment]``
+    A router namespace whose WAN leg is attached to the existing ("public") ``wan_segment`` at ``wan_ip``
+    (default route via that segment's router) and whose LAN is a new bridge ``lan_router_ip``/``lan_cidr``
+    behind it; attach hosts to the returned Segment with ``lab.attach``. One nftables table
+    (``ip ghostnat``) inside the router's namespace, so deleting the namespace removes it. ``kind``:
+
+    * ``"none"`` is not a router: a host attached straight to the public segment is the "none" kind
+      (``nat_router`` refuses it with that hint).
+    * ``"easy"``: ``masquerade`` (keeps the source port: endpoint-independent mapping) and a filter that
+      forwards WAN->LAN only ``ct state established,related`` and drops everything else arriving on the
+      WAN leg (address-and-port-dependent filtering, unsolicited input dropped: a home router).
+    * ``"hard"``: the same filter with ``masquerade random`` (a new public port per destination: symmetric;
+      ``fully-random`` measured the same here).
+    * ``"udp_blocked"``: masquerade, but LAN->WAN forwards only TCP to ``tcp_port`` (required); all UDP
+      and every other port are dropped both ways.
+
+    ``NAT_KINDS`` lists the kinds. Module helpers (all bounded, all check addresses):
+    ``udp_reflector(host, port=3478, max_seconds=300.0) -> Proc`` (a STUN-like echo: answers each datagram
+    with the ``ip:port`` it came from), ``tcp_reflector(host, port, max_seconds=300.0) -> Proc`` (same over
+    TCP, one line per connection), ``udp_observe(host, src_port, targets, timeout=2.0) -> list[tuple[str,
+    int] | None]`` (what each reflector saw from ``host``'s ``src_port``), ``tcp_observe(host, dst, port,
+    timeout=2.0) -> tuple[str, int] | None`` and
+    ``punch(a, a_port, b, b_port, *, reflector, seconds=3.0, learn=False) -> bool`` (naive hole
+    punching: learn each side's public endpoint from the reflector, then both send to each other's
+    endpoint at once; True when each side received the other's datagrams).
+
 pytest helpers: ``netns_unavailable() -> str | None`` (why netns tests cannot run here, or None) and
 ``lab_for(request, tmp_path=None, name=None) -> Lab`` which names the artifacts dir
 ``test-artifacts/<sanitized test node id>`` under the repo root and skips the test when not root or a
@@ -73,6 +102,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -397,6 +427,7 @@ class Lab:
         self._link_seq = 0
         self._wg_seq = 0
         self._pair_seq = 0
+        self._punch_seq = 0
         self._entered = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -567,6 +598,34 @@ class Lab:
         host._ifcount += 1
         return inner
 
+    # -- NAT routers (issue 3) ---------------------------------------------------------------------
+
+    def nat_router(
+        self,
+        name: str,
+        kind: str,
+        wan_segment: Segment,
+        wan_ip: str,
+        *,
+        lan_cidr: str,
+        lan_router_ip: str,
+        tcp_port: int | None = None,
+    ) -> tuple[Host, Segment]:
+        """A NATing router of ``kind`` (see NAT_KINDS) between ``wan_segment`` and a new LAN behind it."""
+        if kind == "none":
+            raise LabError("nat_router: kind 'none' is a public host: lab.attach it to the public segment")
+        if kind not in NAT_KINDS:
+            raise LabError(f"nat_router {name}: unknown kind {kind!r}; use one of {', '.join(NAT_KINDS)}")
+        if (kind == "udp_blocked") != (tcp_port is not None):
+            raise LabError(f"nat_router {name}: tcp_port is required for udp_blocked and only for it")
+        _check_network(lan_cidr, f"nat_router {name}")
+        check_address(wan_ip, f"nat_router {name}")
+        router = self.router(name)
+        wan = self.attach(router, wan_segment, wan_ip)
+        lan = self.segment(f"{name}-lan", lan_cidr, router, lan_router_ip)
+        router.exec(["nft", "-f", "-"], input=_nat_ruleset(kind, wan, lan.bridge, tcp_port))
+        return router, lan
+
     # -- processes ---------------------------------------------------------------------------------
 
     def _spawn(self, host: Host, argv: Sequence[str], log_name: str, env: Mapping[str, str] | None) -> Proc:
@@ -679,6 +738,232 @@ class Lab:
             for i in (0, 1)
         ]
         return WgPair(ends[0], ends[1])
+
+
+# -- NAT lab (issue 3) -----------------------------------------------------------------------------
+
+NAT_KINDS = ("none", "easy", "hard", "udp_blocked")
+
+
+def _nat_ruleset(kind: str, wan: str, lan: str, tcp_port: int | None) -> str:
+    """The nftables table of one NAT router (lives in its namespace, so it dies with it)."""
+    # "random" hashes the destination into the port choice: a new public port per destination (symmetric).
+    masq = "masquerade random" if kind == "hard" else "masquerade"
+    if kind == "udp_blocked":
+        out_rule = f'iifname "{lan}" oifname "{wan}" tcp dport {tcp_port} accept'
+    else:
+        out_rule = f'iifname "{lan}" oifname "{wan}" accept'
+    return f"""
+table ip ghostnat {{
+    chain nat_out {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{wan}" {masq}
+    }}
+    chain filter_fwd {{
+        type filter hook forward priority filter; policy drop;
+        {out_rule}
+        iifname "{wan}" oifname "{lan}" ct state established,related accept
+    }}
+    chain filter_in {{
+        type filter hook input priority filter; policy accept;
+        # Unsolicited input on the WAN leg is dropped before conntrack confirms it, so no [UNREPLIED]
+        # inbound entry can steal the port a later outgoing punch wants (see platform-notes.md).
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" drop
+    }}
+}}
+"""
+
+
+_UDP_REFLECTOR = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(0.5)
+end = time.monotonic() + float(sys.argv[2])
+print("ready", flush=True)
+while time.monotonic() < end:
+    try:
+        data, src = s.recvfrom(2048)
+    except TimeoutError:
+        continue
+    s.sendto(f"{src[0]}:{src[1]}".encode(), src)
+"""
+
+_TCP_REFLECTOR = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(16)
+s.settimeout(0.5)
+end = time.monotonic() + float(sys.argv[2])
+print("ready", flush=True)
+while time.monotonic() < end:
+    try:
+        c, src = s.accept()
+    except TimeoutError:
+        continue
+    with c:
+        c.settimeout(1.0)
+        c.sendall(f"{src[0]}:{src[1]}\\n".encode())
+"""
+
+_UDP_OBSERVE = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+timeout = float(sys.argv[2])
+out = []
+for target in sys.argv[3:]:
+    ip, port = target.rsplit(":", 1)
+    seen = None
+    end = time.monotonic() + timeout
+    while seen is None and time.monotonic() < end:
+        s.sendto(b"probe", (ip, int(port)))
+        s.settimeout(0.2)
+        try:
+            data, src = s.recvfrom(2048)
+        except TimeoutError:
+            continue
+        if src == (ip, int(port)):
+            seen = data.decode()
+    out.append(seen)
+print(json.dumps(out))
+"""
+
+_TCP_OBSERVE = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as c:
+        c.settimeout(float(sys.argv[3]))
+        print(c.recv(256).decode().strip())
+except OSError as exc:
+    print("error", type(exc).__name__)
+"""
+
+# Both ends run this at once: send our tag to the peer's public endpoint every 50 ms, log what arrives.
+_PUNCH = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+peer = (sys.argv[2], int(sys.argv[3]))
+tag = sys.argv[4].encode()
+print("bound", flush=True)
+go = time.monotonic() + 20.0
+while time.monotonic() < go and not os.path.exists(sys.argv[7]):
+    time.sleep(0.01)
+end = time.monotonic() + float(sys.argv[5])
+got_at = None
+s.settimeout(0.05)
+while time.monotonic() < end and (got_at is None or time.monotonic() < got_at + 0.5):
+    s.sendto(tag, peer)
+    try:
+        data, src = s.recvfrom(2048)
+    except TimeoutError:
+        continue
+    print(f"got {src[0]}:{src[1]} {data.decode(errors='replace')}", flush=True)
+    if data == tag:
+        continue
+    if got_at is None:
+        got_at = time.monotonic()
+    if sys.argv[6] == "1":
+        peer = src  # ICE's peer-reflexive candidate: answer where the peer's packets really come from
+print("done", "ok" if got_at is not None else "none", flush=True)
+"""
+
+
+def _endpoint(text: str | None) -> tuple[str, int] | None:
+    if not text or ":" not in text:
+        return None
+    ip, port = text.rsplit(":", 1)
+    return (ip, int(port)) if port.isdigit() else None
+
+
+def udp_reflector(host: Host, port: int = 3478, max_seconds: float = 300.0) -> Proc:
+    """A STUN-like UDP echo on ``host``: answers each datagram with the ``ip:port`` it came from."""
+    proc = host.spawn([sys.executable, "-c", _UDP_REFLECTOR, str(port), str(max_seconds)], f"udprefl-{port}")
+    host.lab.wait_for(lambda: "ready" in proc.log_text(), timeout=10, interval=0.05, what="udp reflector")
+    return proc
+
+
+def tcp_reflector(host: Host, port: int, max_seconds: float = 300.0) -> Proc:
+    """The same over TCP: each accepted connection gets one ``ip:port`` line, then is closed."""
+    proc = host.spawn([sys.executable, "-c", _TCP_REFLECTOR, str(port), str(max_seconds)], f"tcprefl-{port}")
+    host.lab.wait_for(lambda: "ready" in proc.log_text(), timeout=10, interval=0.05, what="tcp reflector")
+    return proc
+
+
+def udp_observe(
+    host: Host, src_port: int, targets: Sequence[tuple[str, int]], timeout: float = 2.0
+) -> list[tuple[str, int] | None]:
+    """From one socket on ``src_port``: the source each reflector in ``targets`` saw (None: no answer)."""
+    for ip, _ in targets:
+        check_address(ip, f"{host.name}.udp_observe")
+    argv = [sys.executable, "-c", _UDP_OBSERVE, str(src_port), str(timeout)]
+    argv += [f"{ip}:{port}" for ip, port in targets]
+    out = host.exec(argv, timeout=timeout * len(targets) + 10).stdout
+    return [_endpoint(t) for t in json.loads(out.strip().splitlines()[-1])]
+
+
+def tcp_observe(host: Host, dst: str, port: int, timeout: float = 2.0) -> tuple[str, int] | None:
+    """Connect to a ``tcp_reflector``; the source it saw, or None when the connection failed."""
+    check_address(dst, f"{host.name}.tcp_observe")
+    out = host.exec([sys.executable, "-c", _TCP_OBSERVE, dst, str(port), str(timeout)], timeout=timeout + 10)
+    return _endpoint(out.stdout.strip())
+
+
+def punch(
+    a: Host,
+    a_port: int,
+    b: Host,
+    b_port: int,
+    *,
+    reflector: tuple[str, int],
+    seconds: float = 3.0,
+    learn: bool = False,
+) -> bool:
+    """Naive UDP hole punching between ``a`` and ``b`` (each behind its own router, or public).
+
+    Each side learns its public endpoint from ``reflector`` (a ``udp_reflector``) using the port it will
+    punch from; then both send to the other's endpoint at the same time for up to ``seconds``. True when
+    each side received the other's datagrams (a direct flow both ways). No port guessing: behind a
+    symmetric NAT the endpoint the reflector saw is not the one the peer gets, so this fails there.
+    ``learn=True`` adds ICE's peer-reflexive step: once a datagram arrives, answer its real source.
+    """
+    (ea,) = udp_observe(a, a_port, [reflector])
+    (eb,) = udp_observe(b, b_port, [reflector])
+    if ea is None or eb is None:
+        return False
+    lab = a.lab
+    lab._punch_seq += 1
+    go = lab.artifacts_dir / f"punch-{lab._punch_seq}.go"
+    procs = [
+        me.spawn(
+            [
+                sys.executable,
+                "-c",
+                _PUNCH,
+                str(port),
+                *(peer[0], str(peer[1])),
+                tag,
+                str(seconds),
+                str(int(learn)),
+                str(go),
+            ],
+            f"punch-{tag}",
+        )
+        for me, port, peer, tag in ((a, a_port, eb, f"from-{a.name}"), (b, b_port, ea, f"from-{b.name}"))
+    ]
+    # Both sockets are bound before either sends: a slow interpreter start cannot eat the punch window.
+    lab.wait_for(
+        lambda: all("bound" in p.log_text() or not p.alive() for p in procs),
+        timeout=15,
+        what="punchers bound",
+    )
+    go.touch()
+    lab.wait_for(lambda: not any(p.alive() for p in procs), timeout=seconds + 10, what="punch to finish")
+    return all("done ok" in p.log_text() for p in procs)
 
 
 # -- pytest helpers --------------------------------------------------------------------------------
