@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what a fresh Debian 12 machine lacks to build, run and test ghost*, idempotently:
-# system packages (wireguard-go, wireguard-tools, nftables, iproute2, iputils-ping, iperf3, node + npm), a
+# system packages (wireguard-go, wireguard-tools, nftables, iproute2, iputils-ping, iperf3, node + npm, coturn
+# for ghostgate's TURN interop tests), a
 # virtual environment in .venv with the project installed editable plus its dev tools, and the OIDC
 # tests' OpenID provider (npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
 for pair in wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ip:iproute2 ping:iputils-ping iperf3:iperf3 \
-            node:nodejs npm:npm; do
+            node:nodejs npm:npm turnutils_uclient:coturn; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

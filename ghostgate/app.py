@@ -1,0 +1,107 @@
+"""The ``ghostgate`` command: run the STUN/TURN relay, or check a config file.
+
+::
+
+    ghostgate --config FILE [--listen HOST:PORT] [--log-level L]
+    ghostgate config check --config FILE
+
+Flags override the file and ``GHOSTGATE_*`` environment variables. Any GhostError prints
+``ghostgate: <message>`` to stderr and exits 1, without a traceback. When ready it prints
+``ghostgate: listening on HOST:PORT (stun, turn)``, naming what is served; configured parts this build does
+not serve (the QUIC relay) are named on the next line. SIGTERM / SIGINT close every socket and exit 0.
+uvloop is used when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from ghostcore.errors import GhostError
+from ghostcore.logsetup import configure
+from ghostgate.config import GateConfig, load_config, relay_host, served, turn_secret
+from ghostgate.server import start_server
+
+log = logging.getLogger("ghostgate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ghostgate", description="ghost* relay: STUN and TURN")
+    p.add_argument("--config", type=Path, help="ghostgate.toml (default: built-in defaults)")
+    p.add_argument("--listen", help="UDP listen address HOST:PORT (relay.listen)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    sub = p.add_subparsers(dest="cmd")
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
+    check = cfg_sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("--config", dest="check_config", type=Path, help="the file to check")
+    return p
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        uvloop: Any = importlib.import_module("uvloop")
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _describe(cfg: GateConfig, secret: bytes | None) -> tuple[str, str]:
+    serving, missing = served(cfg, secret)
+    return ", ".join(serving), "; ".join(missing)
+
+
+async def _serve(cfg: GateConfig, secret: bytes | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line, so a prompt SIGTERM is clean too
+        loop.add_signal_handler(sig, stop.set)
+    server = await start_server(cfg, secret)
+    host, port = server.address
+    serving, missing = _describe(cfg, secret)
+    print(f"ghostgate: listening on {host}:{port} ({serving})", file=sys.stderr, flush=True)
+    if missing:
+        print(f"ghostgate: not served: {missing}", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+        log.info("stopping", extra={"session": f"allocations={len(server.core.allocations)}"})
+    finally:
+        server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "config":
+            path = args.check_config or args.config
+            if path is None:
+                print("ghostgate: config check needs --config FILE", file=sys.stderr)
+                return 2
+            checked = load_config(path)
+            checked_secret = turn_secret(checked)
+            relay_host(checked, checked_secret)
+            serving, missing = _describe(checked, checked_secret)
+            print(f"ok: {path}: serves {serving}" + (f"; not served: {missing}" if missing else ""))
+            return 0
+        cfg = load_config(args.config, flags={"relay.listen": args.listen, "log.level": args.log_level})
+        secret = turn_secret(cfg)
+        configure(cfg.log.level, cfg.log.format)
+        _run(_serve(cfg, secret))
+        return 0
+    except GhostError as err:
+        print(f"ghostgate: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""ghostgate's configuration schema: ``ghostgate.toml`` as frozen dataclasses.
+
+Loaded with :func:`ghostcore.config.load` (defaults < file < ``GHOSTGATE_*`` environment < flags).
+``[relay]`` holds the spec's keys exactly (``listen``, ``use_quic``, ``fallback``); ``[turn]`` the TURN
+server's (RFC 8656) settings. The TURN REST shared secret (``turn.secret`` or ``turn.secret_file``) is kept
+out of every repr and message. What this build serves is told by :func:`served`: STUN always, TURN when a
+secret is configured; a QUIC relay is not part of this build, so ``use_quic = true`` is accepted and the
+startup line says it is not served; ``fallback`` is validated and reported, but nodes are not told it yet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ghostcore.config import duration, load
+from ghostcore.errors import ConfigError
+from ghostcore.logsetup import LogConfig
+
+ENV_PREFIX = "GHOSTGATE"
+FALLBACK_KINDS = ("ice", "turn", "stun")
+# RFC 8656 §6.2: the default allocation lifetime is 600 s and a server caps requests at 3600 s.
+MAX_LIFETIME = 3600.0
+# Loopback, "this network" and the unspecified addresses: relaying there would reach the relay host itself.
+DEFAULT_DENIED = ["127.0.0.0/8", "0.0.0.0/8", "::1/128", "::/128", "::ffff:127.0.0.0/104"]
+
+
+def parse_hostport(text: str, where: str) -> tuple[str, int]:
+    """``"0.0.0.0:3478"`` / ``"[::]:3478"`` -> (host, port); ConfigError naming ``where`` otherwise."""
+    bad = ConfigError(f'{where}: expected IP:port (e.g. "0.0.0.0:3478" or "[::]:3478"), got {text!r}')
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise bad
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise bad from None
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port must be 0..65535, got {port}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    listen: str = "0.0.0.0:3478"
+    use_quic: bool = True
+    fallback: list[str] = field(default_factory=lambda: list(FALLBACK_KINDS))
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen, "relay.listen")
+        for item in self.fallback:
+            if item not in FALLBACK_KINDS:
+                raise ConfigError(
+                    f"relay.fallback: unknown kind {item!r} (expected some of {', '.join(FALLBACK_KINDS)})"
+                )
+        if len(set(self.fallback)) != len(self.fallback):
+            raise ConfigError(f"relay.fallback: each kind at most once, got {self.fallback!r}")
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""
+    realm: str = "ghostmesh"
+    max_allocations: int = 1000
+    max_allocations_per_user: int = 10
+    default_lifetime: float = duration(600.0)
+    relay_address: str = ""
+    denied_peers: list[str] = field(default_factory=lambda: list(DEFAULT_DENIED))
+
+    def __post_init__(self) -> None:
+        if self.secret and self.secret_file:
+            raise ConfigError("turn: set secret or secret_file, not both")
+        if not self.realm:
+            raise ConfigError("turn.realm: must not be empty")
+        if self.max_allocations < 1:
+            raise ConfigError(f"turn.max_allocations: must be at least 1, got {self.max_allocations}")
+        if self.max_allocations_per_user < 1:
+            raise ConfigError(
+                f"turn.max_allocations_per_user: must be at least 1, got {self.max_allocations_per_user}"
+            )
+        if not 1 <= self.default_lifetime <= MAX_LIFETIME:
+            raise ConfigError(
+                f"turn.default_lifetime: must be 1s..1h (RFC 8656 §6.2), got {self.default_lifetime}s"
+            )
+        if self.relay_address:
+            try:
+                ipaddress.ip_address(self.relay_address)
+            except ValueError:
+                raise ConfigError(
+                    f"turn.relay_address: expected an IP address, got {self.relay_address!r}"
+                ) from None
+        for net in self.denied_peers:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"turn.denied_peers: expected a CIDR prefix, got {net!r}") from None
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(
+    path: Path | None, *, environ: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> GateConfig:
+    cfg = load(GateConfig, path, env_prefix=ENV_PREFIX, environ=environ, flags=flags)
+    if cfg.turn.secret_file and path is not None and not Path(cfg.turn.secret_file).is_absolute():
+        # A relative secret_file is next to the config file, not wherever the daemon was started.
+        secret_path = str(path.resolve().parent / cfg.turn.secret_file)
+        cfg = replace(cfg, turn=replace(cfg.turn, secret_file=secret_path))
+    return cfg
+
+
+def turn_secret(cfg: GateConfig) -> bytes | None:
+    """The TURN REST shared secret, or None when TURN is not configured. Never logged."""
+    if cfg.turn.secret:
+        return cfg.turn.secret.encode()
+    if not cfg.turn.secret_file:
+        return None
+    try:
+        text = Path(cfg.turn.secret_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"turn.secret_file: cannot read {cfg.turn.secret_file}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"turn.secret_file: {cfg.turn.secret_file} is empty")
+    return text.encode()
+
+
+def relay_host(cfg: GateConfig, secret: bytes | None) -> str:
+    """The IP relayed sockets bind to and that Allocate responses advertise (XOR-RELAYED-ADDRESS)."""
+    host = cfg.turn.relay_address or parse_hostport(cfg.relay.listen, "relay.listen")[0]
+    if secret is not None and ipaddress.ip_address(host).is_unspecified:
+        raise ConfigError(
+            f"turn.relay_address: required when relay.listen is {cfg.relay.listen} and TURN is on "
+            "(clients are told this address); set the relay's public IP"
+        )
+    return host
+
+
+def served(cfg: GateConfig, secret: bytes | None) -> tuple[list[str], list[str]]:
+    """(what this build serves, what the config asks for that it does not), for the startup line."""
+    serving = ["stun"] + (["turn"] if secret is not None else [])
+    missing = []
+    if secret is None:
+        missing.append("turn (no turn.secret or turn.secret_file)")
+    if cfg.relay.use_quic:
+        missing.append("quic relay (not in this build)")
+    # relay.fallback is the order nodes try paths in; it reaches nodes once ghostmesh hands out relay maps.
+    missing.append(f"relay.fallback {'/'.join(cfg.relay.fallback) or '(empty)'} (not yet sent to nodes)")
+    return serving, missing
