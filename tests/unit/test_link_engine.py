@@ -178,3 +178,21 @@ def test_applied_after_converges() -> None:
     after = engine.applied_after(cur, plan(cur, want))
     assert after == want
     assert plan(after, want).empty
+
+
+def test_a_replaced_peer_is_added_before_the_old_one_is_removed() -> None:
+    """Key rotation: the new key takes the allowed IPs before the old key goes, so no packet finds no peer."""
+    old, new = spec(1), spec(3, allowed_ips=("100.64.0.1/32",))
+    moved_from, moved_to = spec(2, allowed_ips=("10.1.1.0/24",)), spec(4)
+    p = plan(
+        state(old, moved_from, spec(4)),
+        state(new, spec(2, allowed_ips=()), spec(4, allowed_ips=("10.1.1.0/24",))),
+    )
+    order = [(c.public_key, c.remove) for c in changes_for(p)]
+    assert order[0] == (KEYS[3], False)  # the new peer first
+    assert order[-1] == (KEYS[1], True)  # the old one last
+    assert [k for k, removed in order if removed] == [KEYS[1]]
+    assert moved_to.public_key in [
+        k for k, _ in order[:-1]
+    ]  # the failover target is updated before any removal
+    assert moved_from.public_key in [k for k, _ in order[:-1]]
