@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import random
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a daemon's main coroutine on uvloop when it is installed (the ``fast`` extra), else asyncio."""
+    try:
+        uvloop: Any = importlib.import_module("uvloop")
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import re
 import tomllib  # stdlib since 3.11, our floor; tomli is the same parser for older Pythons we don't support
 import typing
@@ -30,6 +31,36 @@ T = TypeVar("T")
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_hostport(text: str, where: str, *, ip_only: bool = False) -> tuple[str, int]:
+    """``"0.0.0.0:7777"`` / ``"[::]:7777"`` / ``"host:7777"`` -> (host, port); ConfigError naming ``where``.
+
+    An IPv6 address must be bracketed; ``ip_only`` refuses host names (a socket to bind, a relay address).
+    """
+    example = '"0.0.0.0:7777" or "[::]:7777"'
+    bad = ConfigError(f"{where}: expected {'IP' if ip_only else 'host'}:port (e.g. {example}), got {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise bad
+    bracketed = host.startswith("[")
+    if bracketed:
+        if not host.endswith("]"):
+            raise bad
+        host = host[1:-1]
+    elif ":" in host:
+        raise bad  # a bare IPv6 address must be bracketed
+    if bracketed or ip_only:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise bad from None
+        if bracketed and ip.version != 6:
+            raise bad
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port must be 0..65535, got {port}")
+    return host, port
 
 
 def parse_duration(text: str | int | float, where: str = "duration") -> float:

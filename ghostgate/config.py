@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ghostcore.config import duration, load
+from ghostcore.config import duration, load, parse_hostport
 from ghostcore.errors import ConfigError
 from ghostcore.logsetup import LogConfig
 
@@ -28,24 +28,6 @@ MAX_LIFETIME = 3600.0
 DEFAULT_DENIED = ["127.0.0.0/8", "0.0.0.0/8", "::1/128", "::/128", "::ffff:127.0.0.0/104"]
 
 
-def parse_hostport(text: str, where: str) -> tuple[str, int]:
-    """``"0.0.0.0:3478"`` / ``"[::]:3478"`` -> (host, port); ConfigError naming ``where`` otherwise."""
-    bad = ConfigError(f'{where}: expected IP:port (e.g. "0.0.0.0:3478" or "[::]:3478"), got {text!r}')
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise bad
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise bad from None
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: port must be 0..65535, got {port}")
-    return host, port
-
-
 @dataclass(frozen=True)
 class RelayConfig:
     listen: str = "0.0.0.0:3478"
@@ -53,7 +35,7 @@ class RelayConfig:
     fallback: list[str] = field(default_factory=lambda: list(FALLBACK_KINDS))
 
     def __post_init__(self) -> None:
-        parse_hostport(self.listen, "relay.listen")
+        parse_hostport(self.listen, "relay.listen", ip_only=True)
         for item in self.fallback:
             if item not in FALLBACK_KINDS:
                 raise ConfigError(
@@ -138,7 +120,7 @@ def turn_secret(cfg: GateConfig) -> bytes | None:
 
 def relay_host(cfg: GateConfig, secret: bytes | None) -> str:
     """The IP relayed sockets bind to and that Allocate responses advertise (XOR-RELAYED-ADDRESS)."""
-    host = cfg.turn.relay_address or parse_hostport(cfg.relay.listen, "relay.listen")[0]
+    host = cfg.turn.relay_address or parse_hostport(cfg.relay.listen, "relay.listen", ip_only=True)[0]
     if secret is not None and ipaddress.ip_address(host).is_unspecified:
         raise ConfigError(
             f"turn.relay_address: required when relay.listen is {cfg.relay.listen} and TURN is on "

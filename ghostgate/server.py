@@ -17,8 +17,9 @@ import socket
 import time
 from collections import Counter
 
+from ghostcore.config import parse_hostport
 from ghostcore.errors import Unavailable
-from ghostgate.config import MAX_LIFETIME, GateConfig, parse_hostport, relay_host
+from ghostgate.config import MAX_LIFETIME, GateConfig, relay_host
 from ghostgate.turn_core import Action, Addr, CoreConfig, GateCore, Release, Transmit
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class GateServer:
 
 async def start_server(cfg: GateConfig, secret: bytes | None) -> GateServer:
     """Bind ``relay.listen`` (UDP) and serve STUN (and TURN when ``secret`` is set) until ``close()``."""
-    host, port = parse_hostport(cfg.relay.listen, "relay.listen")
+    host, port = parse_hostport(cfg.relay.listen, "relay.listen", ip_only=True)
     relay_ip = relay_host(cfg, secret)  # refuse a bad relay address before binding anything
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     try:

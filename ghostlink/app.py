@@ -16,11 +16,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ghostcore import logsetup
+from ghostcore import aio, logsetup
 from ghostcore.errors import AuthError, ConfigError, GhostError, PermissionDenied
 from ghostcore.keys import PrivateKey, PublicKey
 from ghostlink.config import LinkConfig, load_config, split_host_port
@@ -245,16 +245,6 @@ async def run(cfg: LinkConfig) -> None:
         await client.close()
 
 
-def _run_async(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up (the [fast] extra)
-    except ImportError:
-        asyncio.run(coro)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
-
-
 def _fail(message: str) -> int:
     print(f"ghostlink: {message}", file=sys.stderr, flush=True)
     return 1
@@ -278,9 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("pyroute2").setLevel(logging.WARNING)
         if args.cmd == "join":
             # no auth key: the server decides (an OIDC server answers with a login URL)
-            _run_async(join(cfg, args.auth or os.environ.get(AUTH_ENV, "")))
+            aio.run(join(cfg, args.auth or os.environ.get(AUTH_ENV, "")))
         else:
-            _run_async(run(cfg))
+            aio.run(run(cfg))
     except GhostError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

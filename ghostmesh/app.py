@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from ghostcore import aio
 from ghostcore.errors import GhostError
 from ghostcore.logsetup import configure
 from ghostmesh.config import MeshConfig, load_config
@@ -44,15 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", dest="check_config", type=Path, help="the file to check")
     return p
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        uvloop: Any = importlib.import_module("uvloop")
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
 
 
 async def _serve(cfg: MeshConfig) -> None:
@@ -94,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         cfg = load_config(args.config, flags=flags)
         configure(cfg.log.level, cfg.log.format)
-        _run(_serve(cfg))
+        aio.run(_serve(cfg))
         return 0
     except GhostError as err:
         print(f"ghostmesh: {err}", file=sys.stderr)

@@ -18,34 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ghostcore.config import duration, load
+from ghostcore.config import duration, load, parse_hostport
 from ghostcore.errors import ConfigError
 from ghostcore.ipalloc import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, parse_prefix
 from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTMESH"
-
-
-def parse_hostport(text: str, where: str) -> tuple[str, int]:
-    """``"0.0.0.0:7777"`` / ``"[::]:7777"`` -> (host, port); ConfigError naming ``where`` otherwise."""
-    bad = ConfigError(f'{where}: expected host:port (e.g. "0.0.0.0:7777" or "[::]:7777"), got {text!r}')
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise bad
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise bad
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad from None
-    elif ":" in host:
-        raise bad  # a bare IPv6 address must be bracketed
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: port must be 0..65535, got {port}")
-    return host, port
 
 
 @dataclass(frozen=True)

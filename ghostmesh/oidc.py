@@ -49,9 +49,10 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import JWSRegistry
 
+from ghostcore.config import parse_hostport
 from ghostcore.errors import AuthError, ConfigError, GhostError, Unavailable
 from ghostmesh import audit
-from ghostmesh.config import OidcConfig, parse_hostport
+from ghostmesh.config import OidcConfig
 from ghostmesh.hub import Hub
 from ghostmesh.store.base import NodeRec
 

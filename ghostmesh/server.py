@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from ghostcore.config import parse_hostport
 from ghostcore.errors import ConfigError, Unavailable
 from ghostcore.keys import PublicKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc
@@ -35,7 +36,7 @@ from ghostmesh.api.coordination import CoordinationServicer, add_coordination_to
 from ghostmesh.api.policy_admin import POLICY_SET
 from ghostmesh.api.routes_admin import apply_policy
 from ghostmesh.audit import ACTOR_SYSTEM, Auditor, load_audit_key
-from ghostmesh.config import MeshConfig, parse_hostport
+from ghostmesh.config import MeshConfig
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import Mapper
 from ghostmesh.policy_source import PolicyManager

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ghostcore.config import parse_hostport
 from ghostcore.errors import ConfigError
-from ghostmesh.config import MeshConfig, load_config, parse_hostport
+from ghostmesh.config import MeshConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "ghostmesh.toml"
 

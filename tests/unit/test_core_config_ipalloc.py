@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ghostcore.config import duration, load, parse_duration
+from ghostcore.config import duration, load, parse_duration, parse_hostport
 from ghostcore.errors import ConfigError, Unavailable
 from ghostcore.ipalloc import Allocator, parse_prefix
 
@@ -125,3 +125,25 @@ def test_parse_prefix_names_the_key() -> None:
     assert str(parse_prefix("100.64.0.0/10", "network.ipv4_prefix")) == "100.64.0.0/10"
     with pytest.raises(ConfigError, match=r"network\.ipv4_prefix: not a network prefix"):
         parse_prefix("100.64.0.1/10", "network.ipv4_prefix")
+
+
+@pytest.mark.parametrize(
+    ("text", "ip_only", "expected"),
+    [
+        ("0.0.0.0:7777", False, ("0.0.0.0", 7777)),
+        ("[::]:3478", True, ("::", 3478)),
+        ("ghostmesh.example:443", False, ("ghostmesh.example", 443)),
+    ],
+)
+def test_parse_hostport(text: str, ip_only: bool, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text, "server.bind", ip_only=ip_only) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "ip_only"),
+    [("nocolon", False), ("::1:80", False), ("[1.2.3.4]:80", False), ("[::1:80", False), ("host:80", True),
+     ("1.2.3.4:99999", False), (":80", False), ("1.2.3.4:", False)],
+)  # fmt: skip
+def test_parse_hostport_refuses_naming_the_key(text: str, ip_only: bool) -> None:
+    with pytest.raises(ConfigError, match=r"^relay\.listen: "):
+        parse_hostport(text, "relay.listen", ip_only=ip_only)
