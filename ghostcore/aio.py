@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import random
-from collections.abc import Coroutine
+import signal
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[asyncio.Event]:
+    """An Event set by SIGTERM or SIGINT, a daemon's clean shutdown; the handlers go when the block ends
+    (tests run the daemons in-process, one after another, on loops of their own)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

@@ -15,9 +15,7 @@ uvloop is used when installed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,21 +48,19 @@ def _describe(cfg: GateConfig, secret: bytes | None) -> tuple[str, str]:
 
 
 async def _serve(cfg: GateConfig, secret: bytes | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line, so a prompt SIGTERM is clean too
-        loop.add_signal_handler(sig, stop.set)
-    server = await start_server(cfg, secret)
-    host, port = server.address
-    serving, missing = _describe(cfg, secret)
-    print(f"ghostgate: listening on {host}:{port} ({serving})", file=sys.stderr, flush=True)
-    if missing:
-        print(f"ghostgate: not served: {missing}", file=sys.stderr, flush=True)
-    try:
-        await stop.wait()
-        log.info("stopping", extra={"session": f"allocations={len(server.core.allocations)}"})
-    finally:
-        server.close()
+    # before the ready line, so a prompt SIGTERM is clean too
+    with aio.stop_on_signals() as stop:
+        server = await start_server(cfg, secret)
+        host, port = server.address
+        serving, missing = _describe(cfg, secret)
+        print(f"ghostgate: listening on {host}:{port} ({serving})", file=sys.stderr, flush=True)
+        if missing:
+            print(f"ghostgate: not served: {missing}", file=sys.stderr, flush=True)
+        try:
+            await stop.wait()
+            log.info("stopping", extra={"session": f"allocations={len(server.core.allocations)}"})
+        finally:
+            server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -155,45 +154,40 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: S
     daemon.before_session = rotator.resume
     auto: asyncio.Task[None] | None = None
     sock = Path(cfg.control.socket)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    local = None
-    run_task: asyncio.Task[None] | None = None
-    try:
-        await daemon.start()
-        local = await start_local_api(
-            sock,
-            LocalNodeService(
-                daemon, server=client.target, backend_name=backend.name, ifname=ifname, rotator=rotator
-            ),
-        )
-        run_task = asyncio.create_task(daemon.run())
-        if cfg.node.key_rotation > 0:
-            auto = asyncio.create_task(rotator.run_auto(cfg.node.key_rotation))
-        stop_task = asyncio.create_task(stop.wait())
-        await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        stop_task.cancel()
-        log.info("stopping")
-    finally:
-        if auto is not None:
-            auto.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await auto
-        if run_task is not None:
-            run_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run_task
-        if local is not None:
-            await stop_local_api(local, sock)
-        if exit_routing is not None:
-            await exit_routing.close()
-        await backend.close()
-        await firewall.close()
-        await forwarding.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    with aio.stop_on_signals() as stop:
+        local = None
+        run_task: asyncio.Task[None] | None = None
+        try:
+            await daemon.start()
+            local = await start_local_api(
+                sock,
+                LocalNodeService(
+                    daemon, server=client.target, backend_name=backend.name, ifname=ifname, rotator=rotator
+                ),
+            )
+            run_task = asyncio.create_task(daemon.run())
+            if cfg.node.key_rotation > 0:
+                auto = asyncio.create_task(rotator.run_auto(cfg.node.key_rotation))
+            stop_task = asyncio.create_task(stop.wait())
+            await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            stop_task.cancel()
+            log.info("stopping")
+        finally:
+            if auto is not None:
+                auto.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await auto
+            if run_task is not None:
+                run_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run_task
+            if local is not None:
+                await stop_local_api(local, sock)
+            if exit_routing is not None:
+                await exit_routing.close()
+            await backend.close()
+            await firewall.close()
+            await forwarding.close()
 
 
 async def join(cfg: LinkConfig, auth_key: str) -> None:

@@ -13,9 +13,7 @@ Flags override the file and ``GHOSTMESH_*`` environment variables. Any GhostErro
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,15 +50,12 @@ async def _serve(cfg: MeshConfig) -> None:
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await running.stop()
+    with aio.stop_on_signals() as stop:
+        try:
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            await running.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
