@@ -2,7 +2,12 @@
 
 ``ghostctl status``  this node: name, overlay addresses, server, connected or not, backend, interface,
                      map serial, last error.
-``ghostctl peers``   one row per peer: NAME, ADDRESSES, ENDPOINT, HANDSHAKE, RX, TX, ONLINE.
+``ghostctl peers``   one row per peer: NAME, ADDRESSES, PATH (direct, relay <region>, turn <region>, -),
+                     ENDPOINT (where WireGuard sends: the peer, or the local relay proxy), LATENCY (last
+                     connectivity check), HANDSHAKE, RX, TX, ONLINE.
+``ghostctl netcheck`` STUN from WireGuard's port to every relay now: UDP works or not, the NAT's mapping
+                     behaviour (endpoint-independent or varies by destination), the public endpoint, each
+                     relay's latency and what it saw, the home relay and how it is reached (quic / tcp).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from ghostcore.pb.ghostmesh.v1 import local_pb2
 from ghostctl import output
 from ghostctl.context import Context
 
-PEER_HEADERS = ("NAME", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX", "ONLINE")
+PEER_HEADERS = ("NAME", "ADDRESSES", "PATH", "ENDPOINT", "LATENCY", "HANDSHAKE", "RX", "TX", "ONLINE")
+RELAY_HEADERS = ("REGION", "NAME", "STUN", "LATENCY", "SEEN AS", "HOME")
 
 
 def register(
@@ -24,6 +30,10 @@ def register(
     p.set_defaults(func=run_status)
     p = sub.add_parser("peers", parents=[common], help="this node's peers and their WireGuard sessions")
     p.set_defaults(func=run_peers)
+    p = sub.add_parser(
+        "netcheck", parents=[common], help="NAT behaviour, public endpoint and relay latencies (measured now)"
+    )
+    p.set_defaults(func=run_netcheck)
 
 
 def status_doc(st: local_pb2.LocalStatus) -> dict[str, Any]:
@@ -83,7 +93,10 @@ def peer_doc(p: local_pb2.LocalPeer) -> dict[str, Any]:
         "name": p.name,
         "node_key": p.node_key,
         "addresses": list(p.addresses),
+        "path": p.path,
+        "relay": p.relay,
         "endpoint": p.endpoint,
+        "latency_ms": round(p.latency_ms, 3) if p.latency_ms > 0 else None,
         **output.time_fields("latest_handshake", p.latest_handshake_unix),
         "rx_bytes": p.rx_bytes,
         "tx_bytes": p.tx_bytes,
@@ -96,7 +109,9 @@ def render_peers(peers: list[local_pb2.LocalPeer], now: float) -> str:
         (
             p.name,
             output.joined(p.addresses),
+            path_text(p.path, p.relay),
             p.endpoint,
+            ms_text(p.latency_ms),
             output.ago(p.latest_handshake_unix, now),
             output.human_bytes(p.rx_bytes),
             output.human_bytes(p.tx_bytes),
@@ -112,4 +127,63 @@ def run_peers(ctx: Context, args: argparse.Namespace) -> int:
     resp = ctx.call(stub.Peers, local_pb2.LocalPeersRequest(), where, node=True)
     peers = sorted(resp.peers, key=lambda p: (p.name, p.node_id))
     ctx.emit([peer_doc(p) for p in peers], lambda: render_peers(peers, ctx.now))
+    return 0
+
+
+def ms_text(ms: float) -> str:
+    return f"{ms:.1f} ms" if ms > 0 else "-"  # 0 or negative: not measured
+
+
+def path_text(path: str, relay: str) -> str:
+    if not path:
+        return "-"
+    return f"{path} {relay}" if relay else path
+
+
+def netcheck_doc(r: local_pb2.NetcheckReport) -> dict[str, Any]:
+    return {
+        "udp": r.udp,
+        "public_endpoint": r.public_endpoint,
+        "mapping": r.mapping,
+        "home_region": r.home_region,
+        "relay_transport": r.relay_transport,
+        "relays": [
+            {
+                "region": x.region,
+                "name": x.name,
+                "address": x.address,
+                "latency_ms": round(x.latency_ms, 3) if x.latency_ms > 0 else None,
+                "mapped": x.mapped,
+                "home": x.home,
+            }
+            for x in r.relays
+        ],
+    }
+
+
+def render_netcheck(r: local_pb2.NetcheckReport) -> str:
+    mapping = {
+        "endpoint-independent": "endpoint-independent (easy NAT or none: direct paths work)",
+        "varies-by-destination": "varies by destination (hard NAT: direct only with a peer that has none)",
+    }.get(r.mapping, r.mapping or "unknown")
+    home = next((x.name for x in r.relays if x.home), "")
+    head = output.key_values(
+        [
+            ("udp", output.yes_no(r.udp)),
+            ("public endpoint", r.public_endpoint or "-"),
+            ("mapping", mapping),
+            ("home relay", f"{home} ({r.relay_transport})" if home else "none"),
+        ]
+    )
+    rows = [
+        (str(x.region), x.name, x.address, ms_text(x.latency_ms), x.mapped or "-", "*" if x.home else "")
+        for x in r.relays
+    ]
+    return head + "\n" + output.table(RELAY_HEADERS, rows)
+
+
+def run_netcheck(ctx: Context, args: argparse.Namespace) -> int:
+    stub, where = ctx.local()
+    r = ctx.call(stub.Netcheck, local_pb2.NetcheckRequest(), where, node=True)
+    ctx.emit(netcheck_doc(r), lambda: render_netcheck(r))
     return 0

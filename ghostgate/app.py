@@ -1,4 +1,4 @@
-"""The ``ghostgate`` command: run the STUN/TURN relay, or check a config file.
+"""The ``ghostgate`` command: run the STUN/TURN server and the QUIC / TLS relay, or check a config file.
 
 ::
 
@@ -7,8 +7,9 @@
 
 Flags override the file and ``GHOSTGATE_*`` environment variables. Any GhostError prints
 ``ghostgate: <message>`` to stderr and exits 1, without a traceback. When ready it prints
-``ghostgate: listening on HOST:PORT (stun, turn)``, naming what is served; configured parts this build does
-not serve (the QUIC relay) are named on the next line. SIGTERM / SIGINT close every socket and exit 0.
+``ghostgate: listening on HOST:PORT (stun, turn, quic relay udp/P, tls relay tcp/P)``, naming what is served
+with the bound ports; configured parts not served (TURN and the relay without a secret) are named on the next
+line. SIGTERM / SIGINT close every socket and relay connection and exit 0.
 uvloop is used when installed.
 """
 
@@ -23,14 +24,16 @@ from pathlib import Path
 from ghostcore import aio
 from ghostcore.errors import GhostError
 from ghostcore.logsetup import configure
-from ghostgate.config import GateConfig, load_config, relay_host, served, turn_secret
+from ghostgate import tlscert
+from ghostgate.config import GateConfig, load_config, relay_host, relay_ports, served, turn_secret
+from ghostgate.relay import RelayServer, start_relay
 from ghostgate.server import start_server
 
 log = logging.getLogger("ghostgate")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ghostgate", description="ghost* relay: STUN and TURN")
+    p = argparse.ArgumentParser(prog="ghostgate", description="ghost* relay: STUN, TURN, QUIC and TLS relay")
     p.add_argument("--config", type=Path, help="ghostgate.toml (default: built-in defaults)")
     p.add_argument("--listen", help="UDP listen address HOST:PORT (relay.listen)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
@@ -42,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _describe(cfg: GateConfig, secret: bytes | None) -> tuple[str, str]:
-    serving, missing = served(cfg, secret)
+def _describe(cfg: GateConfig, secret: bytes | None, ports: tuple[int, int] | None = None) -> tuple[str, str]:
+    serving, missing = served(cfg, secret, ports)
     return ", ".join(serving), "; ".join(missing)
 
 
@@ -51,15 +54,27 @@ async def _serve(cfg: GateConfig, secret: bytes | None) -> None:
     # before the ready line, so a prompt SIGTERM is clean too
     with aio.stop_on_signals() as stop:
         server = await start_server(cfg, secret)
-        host, port = server.address
-        serving, missing = _describe(cfg, secret)
-        print(f"ghostgate: listening on {host}:{port} ({serving})", file=sys.stderr, flush=True)
-        if missing:
-            print(f"ghostgate: not served: {missing}", file=sys.stderr, flush=True)
+        relay: RelayServer | None = None
         try:
+            if secret is not None:
+                relay = await start_relay(cfg, secret)
+            host, port = server.address
+            ports = None
+            if relay is not None:
+                ports = (relay.quic_address[1] if relay.quic_address else 0, relay.tcp_address[1])
+            serving, missing = _describe(cfg, secret, ports)
+            print(f"ghostgate: listening on {host}:{port} ({serving})", file=sys.stderr, flush=True)
+            if missing:
+                print(f"ghostgate: not served: {missing}", file=sys.stderr, flush=True)
             await stop.wait()
-            log.info("stopping", extra={"session": f"allocations={len(server.core.allocations)}"})
+            relays = relay.hub.connections if relay is not None else 0
+            log.info(
+                "stopping",
+                extra={"session": f"allocations={len(server.core.allocations)} relay_connections={relays}"},
+            )
         finally:
+            if relay is not None:
+                await relay.close()
             server.close()
 
 
@@ -74,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             checked = load_config(path)
             checked_secret = turn_secret(checked)
             relay_host(checked, checked_secret)
+            relay_ports(checked)
+            if checked_secret is not None and checked.relay.cert_file:
+                tlscert.load(checked.relay.cert_file, checked.relay.key_file)
             serving, missing = _describe(checked, checked_secret)
             print(f"ok: {path}: serves {serving}" + (f"; not served: {missing}" if missing else ""))
             return 0

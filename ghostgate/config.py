@@ -3,9 +3,10 @@
 Loaded with :func:`ghostcore.config.load` (defaults < file < ``GHOSTGATE_*`` environment < flags).
 ``[relay]`` holds the spec's keys exactly (``listen``, ``use_quic``, ``fallback``); ``[turn]`` the TURN
 server's (RFC 8656) settings. The TURN REST shared secret (``turn.secret`` or ``turn.secret_file``) is kept
-out of every repr and message. What this build serves is told by :func:`served`: STUN always, TURN when a
-secret is configured; a QUIC relay is not part of this build, so ``use_quic = true`` is accepted and the
-startup line says it is not served; ``fallback`` is validated and reported, but nodes are not told it yet.
+out of every repr and message. What this build serves is told by :func:`served`: STUN always; with a secret,
+TURN and the relay over a TLS stream (TCP ``relay.tcp_port``, default the listen port), and the QUIC relay
+(UDP ``relay.quic_port``, default listen port + 1) when ``use_quic``; the relay shares the TURN secret with
+ghostmesh. ``fallback`` is validated and reported, but nodes are not told it yet.
 """
 
 from __future__ import annotations
@@ -33,9 +34,18 @@ class RelayConfig:
     listen: str = "0.0.0.0:3478"
     use_quic: bool = True
     fallback: list[str] = field(default_factory=lambda: list(FALLBACK_KINDS))
+    quic_port: int = 0  # 0: listen port + 1 (QUIC short headers collide with TURN ChannelData on one port)
+    tcp_port: int = 0  # 0: the listen port (TCP), for hosts where only TCP to the relay's port gets through
+    cert_file: str = ""  # TLS certificate (PEM) for both relay transports; unset: self-signed at start
+    key_file: str = ""
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, "relay.listen", ip_only=True)
+        for name in ("quic_port", "tcp_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"relay.{name}: expected 0..65535, got {getattr(self, name)}")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("relay: set cert_file and key_file together (neither: a self-signed cert)")
         for item in self.fallback:
             if item not in FALLBACK_KINDS:
                 raise ConfigError(
@@ -96,11 +106,18 @@ def load_config(
     path: Path | None, *, environ: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
 ) -> GateConfig:
     cfg = load(GateConfig, path, env_prefix=ENV_PREFIX, environ=environ, flags=flags)
-    if cfg.turn.secret_file and path is not None and not Path(cfg.turn.secret_file).is_absolute():
-        # A relative secret_file is next to the config file, not wherever the daemon was started.
-        secret_path = str(path.resolve().parent / cfg.turn.secret_file)
-        cfg = replace(cfg, turn=replace(cfg.turn, secret_file=secret_path))
-    return cfg
+    if path is None:
+        return cfg
+
+    def near(p: str) -> str:
+        # A relative file is next to the config file, not wherever the daemon was started.
+        return str(path.resolve().parent / p) if p and not Path(p).is_absolute() else p
+
+    return replace(
+        cfg,
+        turn=replace(cfg.turn, secret_file=near(cfg.turn.secret_file)),
+        relay=replace(cfg.relay, cert_file=near(cfg.relay.cert_file), key_file=near(cfg.relay.key_file)),
+    )
 
 
 def turn_secret(cfg: GateConfig) -> bytes | None:
@@ -129,14 +146,33 @@ def relay_host(cfg: GateConfig, secret: bytes | None) -> str:
     return host
 
 
-def served(cfg: GateConfig, secret: bytes | None) -> tuple[list[str], list[str]]:
-    """(what this build serves, what the config asks for that it does not), for the startup line."""
-    serving = ["stun"] + (["turn"] if secret is not None else [])
+def relay_ports(cfg: GateConfig) -> tuple[int, int]:
+    """(QUIC relay UDP port, TLS relay TCP port); 0 means an ephemeral port (when the listen port is 0)."""
+    port = parse_hostport(cfg.relay.listen, "relay.listen", ip_only=True)[1]
+    quic = cfg.relay.quic_port or (port + 1 if port else 0)
+    if quic > 65535:
+        raise ConfigError(f"relay.quic_port: listen port {port} + 1 is not a port; set relay.quic_port")
+    return quic, cfg.relay.tcp_port or port
+
+
+def served(
+    cfg: GateConfig, secret: bytes | None, ports: tuple[int, int] | None = None
+) -> tuple[list[str], list[str]]:
+    """(what this build serves, what the config asks for that it does not), for the startup line.
+
+    ``ports`` (QUIC, TCP) are the bound ports when running; default: the configured ones.
+    """
+    quic_port, tcp_port = ports or relay_ports(cfg)
+    serving = ["stun"]
     missing = []
     if secret is None:
         missing.append("turn (no turn.secret or turn.secret_file)")
-    if cfg.relay.use_quic:
-        missing.append("quic relay (not in this build)")
+        missing.append("relay (no turn.secret or turn.secret_file: the relay shares the TURN secret)")
+    else:
+        serving.append("turn")
+        if cfg.relay.use_quic:
+            serving.append(f"quic relay udp/{quic_port}")
+        serving.append(f"tls relay tcp/{tcp_port}")
     # relay.fallback is the order nodes try paths in; it reaches nodes once ghostmesh hands out relay maps.
     missing.append(f"relay.fallback {'/'.join(cfg.relay.fallback) or '(empty)'} (not yet sent to nodes)")
     return serving, missing

@@ -3,7 +3,8 @@
 TURN REST convention (draft-uberti-behave-turn-rest-00 §2.2, as coturn's ``use-auth-secret``): the
 username is ``"<expiry unix time>:<id>"`` and the password is ``base64(HMAC-SHA1(secret, username))``.
 The STUN long-term key is ``MD5(username ":" realm ":" password)`` (RFC 8489 §9.2.2; MD5 is what the
-RFC mandates for MESSAGE-INTEGRITY, not our choice).
+RFC mandates for MESSAGE-INTEGRITY, not our choice). ``rest_username`` / ``rest_password`` come from
+:mod:`ghostcore.turnrest` (ghostmesh mints with the same code) and are re-exported here.
 
 Nonces (RFC 8489 §9.2): ``"<issue time hex>-<HMAC-SHA256(nonce key, time)[:16]>"``; the server keeps no
 state, and a nonce older than its lifetime is stale (438).
@@ -11,18 +12,20 @@ state, and a nonce older than its lifetime is stale (438).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 
+# The username / password maths is shared with ghostmesh (which mints), so it lives in ghostcore.
+from ghostcore.turnrest import rest_password, rest_username
 
-def rest_password(secret: bytes, username: str) -> str:
-    """The password ghostmesh hands a node for ``username``."""
-    return base64.b64encode(hmac.new(secret, username.encode(), hashlib.sha1).digest()).decode()
-
-
-def rest_username(expiry: int, user_id: str) -> str:
-    return f"{expiry}:{user_id}"
+__all__ = [
+    "long_term_key",
+    "make_nonce",
+    "nonce_fresh",
+    "parse_rest_username",
+    "rest_password",
+    "rest_username",
+]
 
 
 def parse_rest_username(username: str) -> tuple[int, str] | None:

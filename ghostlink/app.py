@@ -147,6 +147,7 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: S
         mtu=cfg.wireguard.mtu,
         reconnect_max=cfg.control.reconnect_max,
         on_up=announce,
+        traversal=True,
     )
     if isinstance(backend, WireGuardGoBackend):
         backend.on_restart = daemon.on_backend_restart
@@ -183,6 +184,7 @@ async def _serve(cfg: LinkConfig, client: CoordClient, key: PrivateKey, state: S
                     await run_task
             if local is not None:
                 await stop_local_api(local, sock)
+            await daemon.close()
             if exit_routing is not None:
                 await exit_routing.close()
             await backend.close()

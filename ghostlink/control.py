@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -38,6 +39,9 @@ from ghostlink.forwarding import Forwarding, is_router
 from ghostlink.net import NetLayer
 from ghostlink.nft import NftFirewall
 from ghostlink.wg.base import WireGuardBackend
+
+if TYPE_CHECKING:
+    from ghostlink.traversal import Traversal
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,10 @@ class CoordClient:
         # treats a report as complete, so a report without them would withdraw them).
         self.advertise_routes: list[str] = []
         self.advertise_exit_node = False
+        # The relay region this node is connected to and its TURN address (ghostlink.traversal): every
+        # report carries them too, for the same reason.
+        self.home_region = 0
+        self.turn_relay = ""
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -186,6 +194,8 @@ class CoordClient:
                     endpoints=endpoints,
                     advertised_routes=self.advertise_routes,
                     advertise_exit_node=self.advertise_exit_node,
+                    home_region=self.home_region,
+                    turn_relay=self.turn_relay,
                 ),
                 metadata=self._md(M_REPORT, key),
                 timeout=self.timeout,
@@ -221,8 +231,13 @@ class Daemon:
         forwarding: Forwarding | None = None,
         exit_routing: ExitRouting | None = None,
         exit_node: str = "",
+        traversal: bool = False,
     ) -> None:
         self.client = client
+        self.use_traversal = (
+            traversal  # NAT traversal + relays (needs raw sockets: off in fake-backend tests)
+        )
+        self.traversal: Traversal | None = None
         self.firewall = firewall  # enforces the map's inbound filter (None: tests with fake backends)
         self.forwarding = forwarding  # IP forwarding while this node routes for the mesh (None: tests)
         self.exit_routing = exit_routing  # default route via the chosen exit node (None: tests)
@@ -238,11 +253,13 @@ class Daemon:
         self.netmap = engine.NetMap()
         self.applied = engine.DesiredState()
         self.status = DaemonStatus()
-        self.reported: list[str] | None = None
+        self.reported: tuple[list[str], int, str] | None = None  # (endpoints, home region, TURN address)
         self.sessions = 0  # Sync streams opened (tests watch reconnects)
         self._lock = asyncio.Lock()
         self._announced = False
         self._stop = asyncio.Event()
+        self._kicks: dict[str, asyncio.Task[None]] = {}
+        self._kick_again: set[str] = set()
         # Key rotation (ghostlink.rotate): run before each Sync stream (finishes a rotation left pending).
         self.before_session: Callable[[], Awaitable[None]] | None = None
 
@@ -251,6 +268,46 @@ class Daemon:
         await self.backend.up(self.key, self.listen_port, self.mtu)
         dev = await self.backend.read()
         self.status.listen_port = dev.listen_port or self.listen_port
+        if self.use_traversal:
+            # imported here: aioquic and the raw-socket code load only in a daemon that uses them
+            from ghostlink.traversal import Traversal  # noqa: PLC0415
+
+            self.traversal = Traversal(
+                wg_port=self.status.listen_port,
+                key=self.key,
+                on_paths=lambda: self._kick("reconcile", self.reconcile),
+                on_status=lambda: self._kick("report", self._report_if_connected),
+            )
+            await self.traversal.start()
+
+    async def close(self) -> None:
+        """Stop NAT traversal and the relay proxy (WireGuard itself is the backend's to close)."""
+        for task in self._kicks.values():
+            task.cancel()
+        if self.traversal is not None:
+            await self.traversal.close()
+
+    def _kick(self, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``job`` soon in the background; kicks while it runs make it run once more after."""
+        task = self._kicks.get(name)
+        if task is not None and not task.done():
+            self._kick_again.add(name)
+            return
+        self._kicks[name] = asyncio.create_task(self._kicked(name, job))
+
+    async def _kicked(self, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            self._kick_again.discard(name)
+            try:
+                await job()
+            except (GhostError, OSError, ValueError) as exc:
+                log.warning("%s after a path change failed: %s", name, exc)
+            if name not in self._kick_again:
+                return
+
+    async def _report_if_connected(self) -> None:
+        if self.status.connected:
+            await self.report_endpoints()
 
     async def on_backend_restart(self) -> None:
         """wireguard-go was restarted: its new TUN has no addresses or routes; re-add them."""
@@ -267,7 +324,8 @@ class Daemon:
                 await self.firewall.apply(self.netmap.filter, masquerade=router)  # unchanged: no nft call
             if self.forwarding is not None:
                 await self.forwarding.apply(router)
-            desired = engine.desired_state(self.netmap, self.exit_node)
+            paths = self.traversal.endpoints() if self.traversal is not None else None
+            desired = engine.desired_state(self.netmap, self.exit_node, paths)
             p = engine.plan(self.applied, desired)
             if not p.empty:
                 log.debug("applying plan: %s", p.summary())
@@ -281,10 +339,20 @@ class Daemon:
 
     async def report_endpoints(self, force: bool = False) -> None:
         eps = await self.net.local_endpoints(self.status.listen_port)
-        if force or eps != self.reported:
+        if self.traversal is not None:
+            eps = self.traversal.candidates(eps)
+            self.client.home_region = self.traversal.proxy.home_region
+            self.client.turn_relay = self.traversal.proxy.turn_relay
+        report = (eps, self.client.home_region, self.client.turn_relay)
+        if force or report != self.reported:
             await self.client.report_status(eps)
-            log.info("reported endpoints %s", ",".join(eps) or "(none)")
-            self.reported = eps
+            log.info(
+                "reported endpoints %s, home region %d%s",
+                ",".join(eps) or "(none)",
+                self.client.home_region,
+                f", TURN {self.client.turn_relay}" if self.client.turn_relay else "",
+            )
+            self.reported = report
 
     async def _endpoint_watch(self) -> None:
         while True:
@@ -306,6 +374,8 @@ class Daemon:
             async for update in call:
                 self.netmap.apply(update)
                 self.status.last_map_unix = int(time.time())
+                if self.traversal is not None:
+                    await self.traversal.update(self.netmap)
                 await self.reconcile()
                 if not self.status.connected:
                     self.status.connected = True

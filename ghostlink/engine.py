@@ -15,6 +15,7 @@ Three steps, all sans-IO (no sockets, no netlink, no clock):
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ghostcore.errors import InvalidArgument, ProtocolError
@@ -40,6 +41,8 @@ class NodeInfo:
     expires_unix: int
     primary_routes: tuple[str, ...] = ()  # subnet routes this node is the primary router for
     exit_node: bool = False
+    home_region: int = 0  # relay region the node is connected to (0: none)
+    turn_relay: str = ""  # its TURN relayed address, "" none
 
     @classmethod
     def from_pb(cls, n: coordination_pb2.Node) -> NodeInfo:
@@ -56,6 +59,8 @@ class NodeInfo:
             expires_unix=n.expires_unix,
             primary_routes=tuple(n.primary_routes),
             exit_node=n.exit_node,
+            home_region=n.home_region,
+            turn_relay=n.turn_relay,
         )
 
 
@@ -74,6 +79,40 @@ class FilterSpec:
         )
 
 
+@dataclass(frozen=True)
+class RegionInfo:
+    """One relay region of the map (an immutable ``coordination_pb2.RelayRegion``)."""
+
+    id: int
+    name: str
+    host: str
+    stun_port: int
+    quic_port: int
+    tcp_port: int
+    turn: bool
+
+
+@dataclass(frozen=True)
+class RelayInfo:
+    """The map's relay regions and this node's credentials for them (secrets kept out of the repr)."""
+
+    regions: tuple[RegionInfo, ...]
+    turn_username: str
+    turn_password: str = field(repr=False)
+    expires_unix: int = 0
+    relay_token: bytes = field(default=b"", repr=False)
+    fallback: tuple[str, ...] = ("ice", "turn", "stun")
+
+    @classmethod
+    def from_pb(cls, m: coordination_pb2.RelayMap) -> RelayInfo:
+        regions = tuple(
+            RegionInfo(r.id, r.name, r.host, r.stun_port, r.quic_port, r.tcp_port, r.turn) for r in m.regions
+        )
+        return cls(
+            regions, m.turn_username, m.turn_password, m.expires_unix, m.relay_token, tuple(m.fallback)
+        )
+
+
 @dataclass
 class NetMap:
     """The node's current map of the mesh, built from MapUpdates.
@@ -88,6 +127,7 @@ class NetMap:
     keepalive: int = DEFAULT_KEEPALIVE
     has_full: bool = False  # a full map arrived on the current stream
     filter: tuple[FilterSpec, ...] | None = None
+    relay: RelayInfo | None = None  # None: the server has no relay regions
 
     def begin_stream(self) -> None:
         """A new Sync stream starts: serials restart at 1; keep the map until the full one replaces it."""
@@ -106,6 +146,7 @@ class NetMap:
                 raise ProtocolError("a full map must carry the node's own record (self)")
             self.peers = {}
             self.has_full = True
+            self.relay = None  # a full map without relay_map: the regions are gone
         if update.HasField("self"):
             self.self_node = NodeInfo.from_pb(update.self)
         for rid in update.peers_removed:
@@ -116,6 +157,8 @@ class NetMap:
             self.keepalive = update.keepalive_seconds
         if update.HasField("filter"):
             self.filter = tuple(FilterSpec.from_pb(r) for r in update.filter.rules)
+        if update.HasField("relay_map"):
+            self.relay = RelayInfo.from_pb(update.relay_map) if update.relay_map.regions else None
         self.serial = update.serial
 
 
@@ -211,10 +254,11 @@ def chosen_exit(nm: NetMap, exit_node: str) -> NodeInfo | None:
 
 
 def endpoint_hosts(nm: NetMap) -> frozenset[str]:
-    """The underlay addresses of every peer's endpoints (they must never be routed into the tunnel)."""
+    """The underlay addresses of every peer's endpoints and of the relays (never routed into the tunnel)."""
     out: set[str] = set()
-    for p in nm.peers.values():
-        for ep in p.endpoints:
+    relays = [f"{g.host}:0" for g in nm.relay.regions] if nm.relay is not None else []
+    for ep in [e for p in nm.peers.values() for e in (*p.endpoints, p.turn_relay) if e] + relays:
+        if ep:
             host = ep.rpartition(":")[0].strip("[]")
             try:
                 out.add(str(ipaddress.ip_address(host)))
@@ -223,8 +267,14 @@ def endpoint_hosts(nm: NetMap) -> frozenset[str]:
     return frozenset(out)
 
 
-def desired_state(nm: NetMap, exit_node: str = "") -> DesiredState:
+def desired_state(
+    nm: NetMap, exit_node: str = "", endpoints: Mapping[str, str] | None = None
+) -> DesiredState:
     """What the device should look like for ``nm``. Malformed peers are skipped (the server validates).
+
+    ``endpoints`` (peer key -> "ip:port") is the path choice of ghostlink.paths: a direct endpoint that
+    passed connectivity checks, or the local relay proxy's socket. A peer not in it keeps the first
+    endpoint the map lists (no relays configured: the behaviour of a plain routed network).
 
     An exit node's 0.0.0.0/0 and ::/0 are kept only on the peer chosen with ``exit_node`` (see
     :func:`chosen_exit`) and never become routes here: ghostlink.exitroute installs the default routes
@@ -244,7 +294,7 @@ def desired_state(nm: NetMap, exit_node: str = "") -> DesiredState:
             continue
         if key == nm.self_node.node_key:
             continue  # never peer with ourselves, whatever the server says
-        endpoint = p.endpoints[0] if p.endpoints else None
+        endpoint = (endpoints or {}).get(key) or (p.endpoints[0] if p.endpoints else None)
         routed = prefixes - EXIT_PREFIXES
         allowed = tuple(sorted(prefixes if p is exit_peer else routed))
         peers[key] = PeerSpec(public_key=key, allowed_ips=allowed, endpoint=endpoint, keepalive=nm.keepalive)

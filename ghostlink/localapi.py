@@ -65,6 +65,7 @@ class LocalNodeService(local_pb2_grpc.LocalNodeServicer):
         out = local_pb2.LocalPeersResponse()
         for p in sorted(d.netmap.peers.values(), key=lambda n: n.name):
             wg = dev.peers.get(p.node_key)
+            path, relay, latency = d.traversal.path(p.node_key) if d.traversal is not None else ("", "", -1.0)
             out.peers.append(
                 local_pb2.LocalPeer(
                     node_id=p.id,
@@ -76,9 +77,44 @@ class LocalNodeService(local_pb2_grpc.LocalNodeServicer):
                     rx_bytes=wg.rx_bytes if wg else 0,
                     tx_bytes=wg.tx_bytes if wg else 0,
                     online=p.online,
+                    path=path,
+                    relay=relay,
+                    latency_ms=latency,
                 )
             )
         return out
+
+    async def Netcheck(
+        self, request: local_pb2.NetcheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> local_pb2.NetcheckReport:
+        t = self.daemon.traversal
+        result = await t.netcheck() if t is not None else None
+        if t is None or result is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "netcheck needs NAT traversal, which is off in this ghostlink (no raw socket on its port)",
+            )
+            raise AssertionError("unreachable: abort raises")
+        home = t.proxy.home_region
+        transports = {rid: transport for rid, _, transport, _ in t.proxy.regions()}
+        return local_pb2.NetcheckReport(
+            udp=result.udp,
+            public_endpoint=result.public_endpoint,
+            mapping=result.mapping,
+            home_region=home,
+            relay_transport=transports.get(home, ""),
+            relays=[
+                local_pb2.RelayLatency(
+                    region=r.region,
+                    name=r.name,
+                    address=r.address,
+                    latency_ms=r.latency_ms,
+                    mapped=r.mapped,
+                    home=r.region == home,
+                )
+                for r in result.relays
+            ],
+        )
 
     async def RotateKey(
         self, request: local_pb2.LocalRotateKeyRequest, context: grpc.aio.ServicerContext[object, object]

@@ -127,6 +127,8 @@ class KeyRotator:
             await d.backend.set_private_key(new)
         d.key = new
         d.client.key = new
+        if d.traversal is not None:
+            d.traversal.set_key(new)
 
     async def resume(self) -> None:
         """Before a Sync stream: finish a rotation whose pending key is still on disk (a failed step 5)."""
@@ -134,7 +136,9 @@ class KeyRotator:
             pending = self.state.pending_key()
             if pending is None:
                 return
-            accepted = await _prove_pending(self.daemon.client, pending, self.daemon.reported or [])
+            accepted = await _prove_pending(
+                self.daemon.client, pending, self.daemon.reported[0] if self.daemon.reported else []
+            )
             if accepted is None:
                 raise Unavailable(
                     f"cannot reach ghostmesh at {self.daemon.client.target} to finish a key rotation"

@@ -7,6 +7,12 @@ auth key log in at the ``[oidc]`` provider, see :mod:`ghostmesh.oidc`; pre-auth 
 ``server.acl_file`` names
 the ACL policy (``acls.toml``, see :mod:`ghostmesh.policy`); a relative path is resolved against the
 directory of the config file.
+
+``[relay]`` is the relay map every node gets (:mod:`ghostmesh.relaymap`): ``[[relay.regions]]`` (ghostgates
+or any STUN/TURN server), the path ``fallback`` order, and the shared ``secret`` (``secret_file``,
+``GHOSTMESH_RELAY_SECRET``; the ghostgates' ``turn.secret``) that per-node TURN REST credentials and relay
+tokens are minted with, valid for ``credential_lifetime``. The secret is kept out of every repr and message.
+No regions: no relay map is sent.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ghostcore.config import duration, load, parse_hostport
+from ghostcore.config import build, duration, load, parse_hostport
 from ghostcore.errors import ConfigError
 from ghostcore.ipalloc import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, parse_prefix
 from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTMESH"
+FALLBACK_KINDS = ("ice", "turn", "stun")  # as ghostgate's relay.fallback (programs share no code here)
+MIN_CREDENTIAL_LIFETIME = 60.0
+MAX_REGION_ID = 2**32 - 1  # RelayRegion.id is a uint32
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,111 @@ class OidcConfig:
 
 
 @dataclass(frozen=True)
+class RegionConfig:
+    """One ``[[relay.regions]]`` table, validated and with its port defaults resolved (:meth:`RelayConfig.
+    region_list`): a ghostgate, or any STUN/TURN server such as coturn (``quic_port = 0, tcp_port = 0``).
+    """
+
+    id: int = 0  # > 0, unique
+    name: str = ""  # unique, non-empty
+    host: str = ""  # an IP address: nodes connect to it before any DNS could be trusted
+    stun_port: int = 3478  # STUN + TURN over UDP (ghostgate's relay.listen port)
+    quic_port: int = -1  # QUIC relay; unset (-1): stun_port + 1; 0: none
+    tcp_port: int = -1  # relay over a TLS stream; unset (-1): stun_port; 0: none
+    turn: bool = True  # the server does TURN with the map's REST credentials
+
+
+def _region(table: Mapping[str, Any], where: str) -> RegionConfig:
+    r = build(RegionConfig, table, where)
+    if not 1 <= r.id <= MAX_REGION_ID:
+        raise ConfigError(f"{where}.id: expected 1..{MAX_REGION_ID}, got {r.id}")
+    if not r.name.strip():
+        raise ConfigError(f"{where}.name: must not be empty")
+    try:
+        host = str(ipaddress.ip_address(r.host))
+    except ValueError:
+        raise ConfigError(f"{where}.host: expected an IP address, got {r.host!r}") from None
+    if not 1 <= r.stun_port <= 65535:
+        raise ConfigError(f"{where}.stun_port: expected 1..65535, got {r.stun_port}")
+    quic = r.stun_port + 1 if r.quic_port == -1 else r.quic_port
+    tcp = r.stun_port if r.tcp_port == -1 else r.tcp_port
+    for key, value in (("quic_port", quic), ("tcp_port", tcp)):
+        if not 0 <= value <= 65535:
+            unset = " (its default, stun_port + 1; set it)" if getattr(r, key) == -1 else ""
+            raise ConfigError(f"{where}.{key}: expected 0..65535 (0: none), got {value}{unset}")
+    return replace(r, host=host, quic_port=quic, tcp_port=tcp)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """``[relay]``: the relay map sent to nodes and the secret their credentials are minted with."""
+
+    secret: str = field(default="", repr=False)  # never logged; or secret_file / GHOSTMESH_RELAY_SECRET
+    secret_file: str = ""  # relative: to the config file's directory
+    credential_lifetime: float = duration(86400.0)
+    fallback: list[str] = field(default_factory=lambda: list(FALLBACK_KINDS))
+    # Raw TOML tables: ghostcore.config has no list-of-tables type, so each is built and validated by
+    # region_list() (bare ``dict`` because the loader checks list items with isinstance).
+    regions: list[dict] = field(default_factory=list)  # type: ignore[type-arg]
+
+    def __post_init__(self) -> None:
+        if self.secret and self.secret_file:
+            raise ConfigError("relay.secret_file: set either relay.secret or relay.secret_file, not both")
+        if self.credential_lifetime < MIN_CREDENTIAL_LIFETIME:
+            raise ConfigError(
+                f"relay.credential_lifetime: at least 1m (nodes re-fetch credentials at 40% of it), "
+                f"got {self.credential_lifetime}s"
+            )
+        for item in self.fallback:
+            if item not in FALLBACK_KINDS:
+                raise ConfigError(
+                    f"relay.fallback: unknown kind {item!r} (expected some of {', '.join(FALLBACK_KINDS)})"
+                )
+        if len(set(self.fallback)) != len(self.fallback):
+            raise ConfigError(f"relay.fallback: each kind at most once, got {self.fallback!r}")
+        self.region_list()  # validate the regions now, so a bad one names itself at load time
+
+    def region_list(self) -> tuple[RegionConfig, ...]:
+        """The ``[[relay.regions]]`` tables validated (ConfigError naming ``relay.regions[i].key``)."""
+        out: list[RegionConfig] = []
+        ids: set[int] = set()
+        names: set[str] = set()
+        for i, table in enumerate(self.regions):
+            where = f"relay.regions[{i}]"
+            region = _region(table, where)
+            if region.id in ids:
+                raise ConfigError(f"{where}.id: {region.id} is used by another region; ids must be unique")
+            if region.name in names:
+                raise ConfigError(f"{where}.name: {region.name!r} is used by another region; must be unique")
+            ids.add(region.id)
+            names.add(region.name)
+            out.append(region)
+        return tuple(out)
+
+    def secret_bytes(self) -> bytes | None:
+        """The shared relay secret; None when no regions are configured (no relay map is sent).
+
+        ConfigError when regions are configured without a secret, or ``secret_file`` is unreadable / empty.
+        """
+        if not self.regions:
+            return None
+        if self.secret:
+            return self.secret.encode()
+        if not self.secret_file:
+            raise ConfigError(
+                "relay.secret: required with [[relay.regions]]; set relay.secret, relay.secret_file or "
+                "GHOSTMESH_RELAY_SECRET to the ghostgates' turn.secret"
+            )
+        try:
+            text = Path(self.secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"relay.secret_file: cannot read {self.secret_file}: {exc.strerror}") from None
+        if not text:
+            raise ConfigError(f"relay.secret_file: {self.secret_file} is empty")
+        return text.encode()
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -156,6 +270,7 @@ class MeshConfig:
     authkeys: AuthKeysConfig = field(default_factory=AuthKeysConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
     oidc: OidcConfig = field(default_factory=OidcConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
@@ -183,4 +298,8 @@ def load_config(
     acl = cfg.server.acl_file
     if acl and path is not None and not Path(acl).is_absolute():  # relative to the config file
         cfg = replace(cfg, server=replace(cfg.server, acl_file=str(path.parent / acl)))
+    secret_file = cfg.relay.secret_file
+    if secret_file and path is not None and not Path(secret_file).is_absolute():
+        cfg = replace(cfg, relay=replace(cfg.relay, secret_file=str(path.parent / secret_file)))
+    cfg.relay.secret_bytes()  # regions without a secret, or an unreadable secret_file: refused at load
     return cfg

@@ -3,7 +3,9 @@
 ``Hub.dispatch(changes)`` folds change records into the :class:`~ghostmesh.mapper.Mapper` and wakes only
 the streams they touched (one ``asyncio.Event`` per stream). Each Sync handler waits on its event, sleeps
 ``mapper.batch_delay`` so a burst coalesces into one update, then flushes. A timer task calls
-``State.tick`` when the next key expiry or ephemeral grace is due.
+:meth:`Hub.run_due` when the next key expiry, ephemeral grace or relay credential refresh is due: it calls
+``State.tick`` and wakes the streams whose relay map the mapper marked for re-minting
+(``Mapper.refresh_relays``: a heap, so each round costs only the due streams).
 
 ``Hub.record(actor, action, target, detail, remote)`` is the audit hook (``ghostmesh.audit``): every
 control-plane change calls it once the change succeeded; the timer records its own removals as "system".
@@ -47,6 +49,10 @@ class Hub:
         self._timer_wake = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
         self.audit = audit  # None only for hubs built without a store (unit tests)
+        # A new stream's relay refresh is never nearer than 35% of the credential lifetime, so sleeping at
+        # most the minter's slack notices it in time without waking the timer on every stream opened.
+        relay = mapper.relay
+        self._max_sleep = _MAX_TIMER_SLEEP if relay is None else min(_MAX_TIMER_SLEEP, relay.slack)
 
     def now(self) -> float:
         return self.clock()
@@ -82,7 +88,7 @@ class Hub:
         """Mark the node online (peers hear of it); return its stream id, encoded full map, wake event."""
         self.dispatch(self.state.connect(node_id, self.now()))
         sid = next(self._ids)
-        full = self.mapper.open_stream_bytes(sid, node_id)
+        full = self.mapper.open_stream_bytes(sid, node_id, self.now())
         ev = asyncio.Event()
         self._events[sid] = ev
         return sid, full, ev
@@ -104,19 +110,30 @@ class Hub:
     def start(self) -> None:
         self._timer_task = asyncio.get_running_loop().create_task(self._run_timers(), name="ghostmesh-timers")
 
+    def next_deadline(self) -> float | None:
+        """When :meth:`run_due` has work next (None: nothing scheduled)."""
+        dues = [d for d in (self.state.next_deadline(), self.mapper.next_relay_refresh()) if d is not None]
+        return min(dues) if dues else None
+
+    def run_due(self) -> None:
+        """Do the time-driven work due now: expiries, ephemeral removals, relay credential refreshes."""
+        now = self.now()
+        changes = self.state.tick(now)
+        names = self._names_of_removed(changes)
+        self.dispatch(changes)
+        if self.audit is not None:
+            self.audit.record_timer_changes(changes, names)
+        self.wake(self.mapper.refresh_relays(now))
+
     async def _run_timers(self) -> None:
         while not self.stopping:
-            due = self.state.next_deadline()
-            delay = _MAX_TIMER_SLEEP if due is None else max(0.0, min(_MAX_TIMER_SLEEP, due - self.now()))
+            due = self.next_deadline()
+            delay = self._max_sleep if due is None else max(0.0, min(self._max_sleep, due - self.now()))
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), timeout=delay)
             try:
-                changes = self.state.tick(self.now())
-                names = self._names_of_removed(changes)
-                self.dispatch(changes)
-                if self.audit is not None:
-                    self.audit.record_timer_changes(changes, names)
+                self.run_due()
             except Exception:  # a store error must not kill the timer loop; log and retry next round
                 log.exception("timer tick failed")
                 await asyncio.sleep(1.0)

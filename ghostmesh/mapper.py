@@ -30,10 +30,18 @@ gets exactly those upserts/removals, the changed node's record goes only to the 
 that may see it (:meth:`Mapper.affected_by`), and ``MapUpdate.filter`` is sent whole on the full map and
 on the next flush after the node's filter changed. A full map lists only the node's visible peers. With
 no policy every node sees every node and the filter accepts everything (the behaviour before ACLs).
+
+Relay map (:mod:`ghostmesh.relaymap`, when relay regions are configured): minted per stream, since the
+credentials name the node and its key. The full map carries one; a session's credentials are re-minted
+and sent in a delta once :meth:`Mapper.refresh_relays` finds them due (a heap of refresh times, so the
+hub's timer pops only the due streams), and at once when the node's key changed (a completed key
+rotation: the relay token is bound to the key). Minting needs the time, so ``open_stream`` / ``flush``
+take ``now`` when a relay map is configured.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +49,7 @@ from dataclasses import dataclass, field
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.changes import Change, NodeAdded, NodeRemoved, RemovalReason
 from ghostmesh.policy import Compiler, Delta, Filter, NodeIdent, Policy
+from ghostmesh.relaymap import RelayMinter
 from ghostmesh.store.base import NodeRec
 
 _PEERS_FIELD = pb.MapUpdate.DESCRIPTOR.fields_by_name["peers_upserted"].number
@@ -84,6 +93,8 @@ def node_to_pb(rec: NodeRec, online: bool) -> pb.Node:
         tags=list(rec.tags),
         primary_routes=list(rec.primary_routes),
         exit_node=rec.exit_node,
+        home_region=rec.home_region,
+        turn_relay=rec.turn_relay,
     )
 
 
@@ -133,17 +144,29 @@ class Session:
     filter_dirty: bool = False
     signals: list[pb.SignalMessage] = field(default_factory=list)
     ended: RemovalReason | None = None  # set when the stream's own node was deleted / expired
+    relay_dirty: bool = False  # the relay map is to be re-minted and sent on the next flush
+    relay_refresh_at: float = 0.0  # when its current relay credentials are due for re-minting
 
     @property
     def dirty(self) -> bool:
-        return bool(self.upserts or self.removed or self.self_dirty or self.filter_dirty or self.signals)
+        return bool(
+            self.upserts
+            or self.removed
+            or self.self_dirty
+            or self.filter_dirty
+            or self.signals
+            or self.relay_dirty
+        )
 
 
 class Mapper:
     """The peer view shared by all streams plus each stream's pending delta."""
 
-    def __init__(self, keepalive_seconds: int, policy: Policy | None = None) -> None:
+    def __init__(
+        self, keepalive_seconds: int, policy: Policy | None = None, relay: RelayMinter | None = None
+    ) -> None:
         self.keepalive_seconds = keepalive_seconds
+        self.relay = relay  # None: no relay regions configured, no relay map sent
         self.compiler = Compiler(policy)
         # a user's OIDC groups (the server points it at State.groups_of); read on every node upsert
         self.groups_of: Callable[[str], frozenset[str]] = _no_groups
@@ -152,6 +175,7 @@ class Mapper:
         self._entries: dict[int, bytes] = {}  # the same, encoded as peers_upserted entries
         self._sessions: dict[int, Session] = {}
         self._by_node: dict[int, set[int]] = {}  # node id -> its open stream ids
+        self._relay_due: list[tuple[float, int]] = []  # heap of (relay refresh time, stream id)
 
     # -- view ------------------------------------------------------------------------------------------
 
@@ -180,11 +204,14 @@ class Mapper:
 
     # -- streams ---------------------------------------------------------------------------------------
 
-    def open_stream(self, stream_id: int, node_id: int) -> pb.MapUpdate:
-        """Register a stream and return its first message: the full map (serial 1)."""
-        return pb.MapUpdate.FromString(self.open_stream_bytes(stream_id, node_id))
+    def open_stream(self, stream_id: int, node_id: int, now: float | None = None) -> pb.MapUpdate:
+        """Register a stream and return its first message: the full map (serial 1).
 
-    def open_stream_bytes(self, stream_id: int, node_id: int) -> bytes:
+        ``now`` (unix seconds) is required when a relay map is configured: its credentials are minted now.
+        """
+        return pb.MapUpdate.FromString(self.open_stream_bytes(stream_id, node_id, now))
+
+    def open_stream_bytes(self, stream_id: int, node_id: int, now: float | None = None) -> bytes:
         """:meth:`open_stream`, encoded: what the server writes to the wire."""
         me = self._view.get(node_id)
         if me is None:
@@ -195,6 +222,8 @@ class Mapper:
         head = pb.MapUpdate(serial=1, full=True, keepalive_seconds=self.keepalive_seconds)
         head.self.CopyFrom(me)
         head.filter.CopyFrom(filter_to_pb(self.compiler.filter(node_id)))
+        if self.relay is not None:
+            head.relay_map.CopyFrom(self._mint(self.relay, session, me.node_key, now))
         entries = self._entries
         peers = self.compiler.peers(node_id)
         if peers is None:
@@ -212,6 +241,48 @@ class Mapper:
             streams.discard(stream_id)
             if not streams:
                 del self._by_node[session.node_id]
+
+    # -- relay map -------------------------------------------------------------------------------------
+
+    def _mint(self, relay: RelayMinter, s: Session, node_key: str, now: float | None) -> pb.RelayMap:
+        """Fresh relay credentials for ``s``'s node, and its next refresh scheduled."""
+        if now is None:
+            raise ValueError("Mapper: `now` is required to mint relay maps (relay regions are configured)")
+        relay_map = relay.mint(s.node_id, node_key, now)
+        s.relay_dirty = False
+        s.relay_refresh_at = relay.refresh_at(relay_map.expires_unix)
+        if len(self._relay_due) > 2 * len(self._sessions) + 64:  # drop closed streams' and stale entries
+            self._relay_due = [(x.relay_refresh_at, x.stream_id) for x in self._sessions.values()]
+            heapq.heapify(self._relay_due)
+        heapq.heappush(self._relay_due, (s.relay_refresh_at, s.stream_id))
+        return relay_map
+
+    def _relay_live(self, due: float, stream_id: int) -> Session | None:
+        s = self._sessions.get(stream_id)
+        return s if s is not None and s.relay_refresh_at == due and not s.relay_dirty else None
+
+    def next_relay_refresh(self) -> float | None:
+        """When :meth:`refresh_relays` has work next (None: no stream holds relay credentials)."""
+        while self._relay_due and self._relay_live(*self._relay_due[0]) is None:
+            heapq.heappop(self._relay_due)  # stale: stream closed, or re-minted since
+        return self._relay_due[0][0] if self._relay_due else None
+
+    def refresh_relays(self, now: float) -> list[int]:
+        """Mark the streams whose relay credentials are due for re-minting; return them (to wake).
+
+        Those due within the minter's slack are taken too, so one timer round serves a whole batch.
+        """
+        if self.relay is None:
+            return []
+        limit = now + self.relay.slack
+        touched: list[int] = []
+        while self._relay_due and self._relay_due[0][0] <= limit:
+            due, sid = heapq.heappop(self._relay_due)
+            s = self._relay_live(due, sid)
+            if s is not None:
+                s.relay_dirty = True
+                touched.append(sid)
+        return touched
 
     def session(self, stream_id: int) -> Session | None:
         return self._sessions.get(stream_id)
@@ -242,11 +313,15 @@ class Mapper:
         rec = change.node
         if rec.expired(now):
             return self._remove(change, rec.id, "expired")
+        old = self._view.get(rec.id)
+        new_key = old is not None and old.node_key != rec.node_key  # a key rotation completed
         entry = self._set(rec, change.online)
         delta = self.compiler.upsert(ident_of(rec, self.groups_of(rec.user)))
         touched = self._apply_delta(delta, skip_added_of=rec.id)
         for sid in self._by_node.get(rec.id, ()):
             self._sessions[sid].self_dirty = True
+            if new_key and self.relay is not None:
+                self._sessions[sid].relay_dirty = True  # the relay token is bound to the node key
             touched.append(sid)
         for s in self.affected_by(change):
             self.stats.delta_writes += 1
@@ -330,12 +405,15 @@ class Mapper:
             self._sessions[sid].signals.append(msg)
         return sids
 
-    def flush(self, stream_id: int) -> pb.MapUpdate | None:
-        """The stream's next delta (serial + 1), or None if nothing is pending."""
-        data = self.flush_bytes(stream_id)
+    def flush(self, stream_id: int, now: float | None = None) -> pb.MapUpdate | None:
+        """The stream's next delta (serial + 1), or None if nothing is pending.
+
+        ``now``: required when a relay map is configured (a due relay map is minted now).
+        """
+        data = self.flush_bytes(stream_id, now)
         return None if data is None else pb.MapUpdate.FromString(data)
 
-    def flush_bytes(self, stream_id: int) -> bytes | None:
+    def flush_bytes(self, stream_id: int, now: float | None = None) -> bytes | None:
         """:meth:`flush`, encoded: what the server writes to the wire."""
         s = self._sessions.get(stream_id)
         if s is None or not s.dirty:
@@ -348,6 +426,11 @@ class Mapper:
                 head.self.CopyFrom(me)
         if s.filter_dirty:
             head.filter.CopyFrom(filter_to_pb(self.compiler.filter(s.node_id)))
+        if s.relay_dirty and self.relay is not None:
+            me = self._view.get(s.node_id)
+            if me is not None:
+                head.relay_map.CopyFrom(self._mint(self.relay, s, me.node_key, now))
+            s.relay_dirty = False
         head.peers_removed.extend(sorted(s.removed))
         head.signals.extend(s.signals)
         data = head.SerializeToString() + b"".join(s.upserts.values())

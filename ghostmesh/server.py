@@ -40,6 +40,7 @@ from ghostmesh.config import MeshConfig
 from ghostmesh.hub import Hub
 from ghostmesh.mapper import Mapper
 from ghostmesh.policy_source import PolicyManager
+from ghostmesh.relaymap import RelayMinter
 from ghostmesh.state import State, StateConfig, load_server_key
 from ghostmesh.store.sqlite import SqliteStore
 
@@ -168,6 +169,8 @@ class RunningServer:
 async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.time) -> RunningServer:
     """Open the store, load state, listen on ``server.bind`` and ``server.admin_socket``, and serve."""
     host, port = parse_hostport(cfg.server.bind, "server.bind")
+    relay_secret = cfg.relay.secret_bytes()  # None: no relay regions; regions without a secret: refused
+    relay = None if relay_secret is None else RelayMinter.from_config(cfg.relay, relay_secret)
     db_path = cfg.db_path
     if not db_path.parent.exists():
         try:
@@ -185,7 +188,7 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         state = State(store, StateConfig.from_mesh(cfg), now)
         acl_path = Path(cfg.server.acl_file) if cfg.server.acl_file else None
         policy = PolicyManager(store, acl_path, lambda p: apply_policy(hub, p), clock)
-        mapper = Mapper(cfg.nodes.keepalive, policy.load())  # an invalid acl_file stops the start here
+        mapper = Mapper(cfg.nodes.keepalive, policy.load(), relay)  # an invalid acl_file stops the start
         mapper.groups_of = state.groups_of  # OIDC groups ("oidc:<g>" policy group members)
         mapper.load(((n, False) for n in state.nodes()), now)
         auditor = Auditor(store, load_audit_key(store), clock)

@@ -140,6 +140,7 @@ class StateConfig:
     key_expiry: float = 180 * 86400.0  # 0: never
     ephemeral_grace: float = 30.0
     authkey_expiration: float = 3600.0
+    relay_regions: frozenset[int] = frozenset()  # configured relay region ids (a node's home_region)
 
     @classmethod
     def from_mesh(cls, cfg: MeshConfig) -> StateConfig:
@@ -149,6 +150,7 @@ class StateConfig:
             key_expiry=cfg.nodes.key_expiry,
             ephemeral_grace=cfg.nodes.ephemeral_grace,
             authkey_expiration=cfg.authkeys.default_expiration,
+            relay_regions=frozenset(r.id for r in cfg.relay.region_list()),
         )
 
 
@@ -597,17 +599,43 @@ class State:
         self._ephemeral_due[node_id] = due
         heapq.heappush(self._ephemeral_heap, (due, node_id))
 
-    def report_status(self, node_id: int, endpoints: Sequence[str], now: float) -> list[Change]:
+    def report_status(
+        self,
+        node_id: int,
+        endpoints: Sequence[str],
+        now: float,
+        *,
+        home_region: int = 0,
+        turn_relay: str = "",
+    ) -> list[Change]:
+        """A node's reported endpoints, home relay region (0: none) and TURN relayed address ("": none).
+
+        All are validated before anything changes (InvalidArgument); peers hear of it only when one of
+        them changed.
+        """
         if len(endpoints) > MAX_ENDPOINTS:
             raise InvalidArgument(f"too many endpoints: at most {MAX_ENDPOINTS}, got {len(endpoints)}")
         normal = tuple(dict.fromkeys(validate_endpoint(e) for e in endpoints))
+        if home_region and home_region not in self.cfg.relay_regions:
+            known = ", ".join(str(r) for r in sorted(self.cfg.relay_regions)) or "none configured"
+            raise InvalidArgument(
+                f"home_region {home_region} is not a relay region of this server (known: {known}); "
+                "report 0 or a region id from the relay map"
+            )
+        try:
+            relay = validate_endpoint(turn_relay) if turn_relay else ""
+        except InvalidArgument:
+            raise InvalidArgument(
+                f'invalid turn_relay {turn_relay[:60]!r}: expected ip:port or [ip6]:port ("": none)'
+            ) from None
         node = self._nodes.get(node_id)
         if node is None:
             raise NotFound(f"node {node_id} not found")
-        updated = replace(node, endpoints=normal, last_seen=now)
+        updated = replace(node, endpoints=normal, last_seen=now, home_region=home_region, turn_relay=relay)
         self.store.update_node(updated)
         self._index(updated)
-        if normal == node.endpoints or updated.expired(now):
+        same = (normal, home_region, relay) == (node.endpoints, node.home_region, node.turn_relay)
+        if same or updated.expired(now):
             return []
         return [NodeChanged(updated, self.is_online(node_id))]
 

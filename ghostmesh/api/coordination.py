@@ -218,7 +218,7 @@ class CoordinationServicer:
                     raise NotFound(f"node {node.name} was deleted")
                 if session.ended == "expired":
                     raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
-                update = self.hub.mapper.flush_bytes(sid)
+                update = self.hub.mapper.flush_bytes(sid, self.hub.now())
                 if update is not None:
                     yield update
         finally:
@@ -230,7 +230,15 @@ class CoordinationServicer:
         node = self._node(context, "ReportStatus")
         # refuse a bad advertisement before anything (the endpoints included) changes
         self.state.advertised_set(list(request.advertised_routes), request.advertise_exit_node)
-        self.hub.dispatch(self.state.report_status(node.id, list(request.endpoints), self.hub.now()))
+        self.hub.dispatch(
+            self.state.report_status(
+                node.id,
+                list(request.endpoints),
+                self.hub.now(),
+                home_region=request.home_region,
+                turn_relay=request.turn_relay,
+            )
+        )
         added, gone, changes = self.state.advertise_routes(
             node.id, list(request.advertised_routes), request.advertise_exit_node, auto_approver(self.hub)
         )

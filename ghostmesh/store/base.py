@@ -52,6 +52,12 @@ class NodeRec:
     # routes this node is the primary router for, and whether it is an approved, online exit node.
     primary_routes: tuple[str, ...] = ()
     exit_node: bool = False
+    # Reported by the node (ReportStatus), kept in memory only (never written by the store): the relay
+    # region it is connected to (0: none) and its TURN relayed address ("ip:port", "" none). They describe
+    # the node's live relay connections, which a server restart outlives only until the node reconnects,
+    # and a node reports them again on every new map stream.
+    home_region: int = 0
+    turn_relay: str = ""
 
     def expired(self, now: float) -> bool:
         return self.expires != 0 and self.expires <= now

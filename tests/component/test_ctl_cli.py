@@ -272,13 +272,15 @@ def test_peers_table_sorted_and_humanised(servers: Servers, capsys: pytest.Captu
     code, out, _ = run(capsys, "peers", "--socket", servers.local_sock)  # global flag after the command
     assert code == 0
     header, beta, gamma = out.splitlines()
-    assert header.split() == ["NAME", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX", "ONLINE"]
+    assert header.split() == [
+        "NAME", "ADDRESSES", "PATH", "ENDPOINT", "LATENCY", "HANDSHAKE", "RX", "TX", "ONLINE"
+    ]  # fmt: skip
     assert beta.startswith("beta ")
     assert "12s ago" in beta
     assert "1.5 KiB" in beta
     assert "3.0 MiB" in beta
     assert beta.split()[-1] == "yes"
-    assert gamma.split() == ["gamma", "100.64.0.3", "-", "never", "0", "B", "0", "B", "no"]
+    assert gamma.split() == ["gamma", "100.64.0.3", "-", "-", "-", "never", "0", "B", "0", "B", "no"]
     # columns aligned: every row's HANDSHAKE starts at the header's offset
     col = header.index("HANDSHAKE")
     assert beta[col:].startswith("12s ago")

@@ -43,8 +43,8 @@ def test_unknown_key_names_its_path(tmp_path: Path) -> None:
 
 
 def test_unknown_table(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"relay: unknown key"):
-        load_config(_write(tmp_path, "[relay]\n"), environ={})
+    with pytest.raises(ConfigError, match=r"derp: unknown key"):
+        load_config(_write(tmp_path, "[derp]\n"), environ={})
 
 
 def test_wrong_type(tmp_path: Path) -> None:

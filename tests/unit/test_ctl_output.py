@@ -72,16 +72,22 @@ def test_peers_rendering_humanises_handshake_and_bytes() -> None:
         local_pb2.LocalPeer(
             name="b", addresses=["100.64.0.2", "fd7a:115c:a1e0::2"], endpoint="198.51.100.2:41641",
             latest_handshake_unix=int(NOW) - 12, rx_bytes=2048, tx_bytes=10, online=True,
+            path="direct", latency_ms=1.25,
         ),
         local_pb2.LocalPeer(name="c", addresses=["100.64.0.3"]),
     ]  # fmt: skip
     lines = node_cmds.render_peers(peers, NOW).splitlines()
-    assert lines[0].split() == ["NAME", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX", "ONLINE"]
+    assert lines[0].split() == [
+        "NAME", "ADDRESSES", "PATH", "ENDPOINT", "LATENCY", "HANDSHAKE", "RX", "TX", "ONLINE"
+    ]  # fmt: skip
     addrs = "100.64.0.2,fd7a:115c:a1e0::2"
     assert lines[1].split() == [
         "b",
         addrs,
+        "direct",
         "198.51.100.2:41641",
+        "1.2",
+        "ms",
         "12s",
         "ago",
         "2.0",
@@ -90,7 +96,36 @@ def test_peers_rendering_humanises_handshake_and_bytes() -> None:
         "B",
         "yes",
     ]
-    assert lines[2].split() == ["c", "100.64.0.3", "-", "never", "0", "B", "0", "B", "no"]
+    assert lines[2].split() == ["c", "100.64.0.3", "-", "-", "-", "never", "0", "B", "0", "B", "no"]
+
+
+def test_peers_path_names_the_relay_region() -> None:
+    assert node_cmds.path_text("relay", "fra") == "relay fra"
+    assert node_cmds.path_text("turn", "coturn") == "turn coturn"
+    assert node_cmds.path_text("", "") == "-"
+    doc = node_cmds.peer_doc(local_pb2.LocalPeer(name="b", path="relay", relay="fra", latency_ms=-1.0))
+    assert (doc["path"], doc["relay"], doc["latency_ms"]) == ("relay", "fra", None)
+
+
+def test_netcheck_rendering_and_doc() -> None:
+    r = local_pb2.NetcheckReport(
+        udp=True, public_endpoint="203.0.113.5:41641", mapping="varies-by-destination", home_region=2,
+        relay_transport="quic",
+        relays=[
+            local_pb2.RelayLatency(region=1, name="a", address="203.0.113.10:3478", latency_ms=-1.0),
+            local_pb2.RelayLatency(region=2, name="b", address="203.0.113.11:3478", latency_ms=0.8,
+                                   mapped="203.0.113.5:1024", home=True),
+        ],
+    )  # fmt: skip
+    text = node_cmds.render_netcheck(r)
+    assert "varies by destination" in text
+    assert "b (quic)" in text
+    rows = [line.split() for line in text.splitlines()[-2:]]
+    assert rows[0] == ["1", "a", "203.0.113.10:3478", "-", "-", "-"]
+    assert rows[1] == ["2", "b", "203.0.113.11:3478", "0.8", "ms", "203.0.113.5:1024", "*"]
+    doc = node_cmds.netcheck_doc(r)
+    assert doc["relays"][0]["latency_ms"] is None
+    assert doc["relays"][1]["home"] is True
 
 
 def test_status_doc_is_json_serialisable_with_iso_times() -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from ghostcore.errors import ConfigError
+from ghostgate import tlscert
 from ghostgate.app import main
-from ghostgate.config import GateConfig, load_config, relay_host, served, turn_secret
+from ghostgate.config import GateConfig, load_config, relay_host, relay_ports, served, turn_secret
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "ghostgate.toml"
 
@@ -35,7 +36,7 @@ def test_example_loads() -> None:
         ["stun"],
         [
             "turn (no turn.secret or turn.secret_file)",
-            "quic relay (not in this build)",
+            "relay (no turn.secret or turn.secret_file: the relay shares the TURN secret)",
             "relay.fallback ice/turn/stun (not yet sent to nodes)",
         ],
     )
@@ -53,6 +54,9 @@ def test_example_loads() -> None:
         ('[turn]\ndenied_peers = ["10.0.0.0/99"]', "turn.denied_peers"),
         ('[turn]\nrelay_address = "host"', "turn.relay_address"),
         ('[turn]\nsecret = "a"\nsecret_file = "b"', "turn"),
+        ("[relay]\nquic_port = 70000", "relay.quic_port"),
+        ("[relay]\ntcp_port = -1", "relay.tcp_port"),
+        ('[relay]\ncert_file = "c.pem"', "relay"),
         ("[turn]\nbogus = 1", "turn.bogus"),
     ],
 )
@@ -70,7 +74,15 @@ def test_secret_sources_and_no_leak(tmp_path: Path) -> None:
     env = load_config(None, environ={"GHOSTGATE_TURN_SECRET": "fromenv", "GHOSTGATE_RELAY_USE_QUIC": "false"})
     assert turn_secret(env) == b"fromenv"
     assert "fromenv" not in repr(env)
-    assert served(env, b"x") == (["stun", "turn"], ["relay.fallback ice/turn/stun (not yet sent to nodes)"])
+    assert served(env, b"x") == (
+        ["stun", "turn", "tls relay tcp/3478"],  # use_quic = false: the TLS relay only
+        ["relay.fallback ice/turn/stun (not yet sent to nodes)"],
+    )
+    assert served(load_config(None), b"x")[0] == ["stun", "turn", "quic relay udp/3479", "tls relay tcp/3478"]
+    assert served(load_config(None), b"x", (5000, 6000))[0][2:] == [
+        "quic relay udp/5000",
+        "tls relay tcp/6000",
+    ]
     with pytest.raises(ConfigError, match=r"turn\.secret_file"):
         turn_secret(load_config(write(tmp_path, '[turn]\nsecret_file = "missing"')))
 
@@ -89,9 +101,42 @@ def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
     assert "serves stun" in out
-    assert "quic relay (not in this build)" in out
+    assert "relay (no turn.secret" in out
     assert main(["config", "check", "--config", str(write(tmp_path, "[relay]\nlisten = 1"))]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ghostgate: ")
     assert "relay.listen" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_relay_ports_and_cert_paths(tmp_path: Path) -> None:
+    assert relay_ports(load_config(None)) == (3479, 3478)
+    cfg = load_config(
+        write(tmp_path, '[relay]\nlisten = "127.0.0.1:0"\ncert_file = "c.pem"\nkey_file = "/k.pem"')
+    )
+    assert relay_ports(cfg) == (0, 0)  # an ephemeral listen port: ephemeral relay ports too
+    assert cfg.relay.cert_file == str(tmp_path.resolve() / "c.pem")  # next to the config file
+    assert cfg.relay.key_file == "/k.pem"
+    pinned = load_config(
+        None, environ={"GHOSTGATE_RELAY_QUIC_PORT": "4433", "GHOSTGATE_RELAY_TCP_PORT": "443"}
+    )
+    assert relay_ports(pinned) == (4433, 443)
+    with pytest.raises(ConfigError, match=r"relay\.quic_port"):
+        relay_ports(load_config(None, flags={"relay.listen": "0.0.0.0:65535"}))
+
+
+def test_config_check_reads_the_relay_cert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pair = tlscert.self_signed()
+    (tmp_path / "c.pem").write_bytes(pair.cert_pem)
+    (tmp_path / "k.pem").write_bytes(pair.key_pem)
+    good = (
+        '[turn]\nsecret = "s"\nrelay_address = "192.0.2.1"\n[relay]\ncert_file = "c.pem"\nkey_file = "k.pem"'
+    )
+    assert main(["config", "check", "--config", str(write(tmp_path, good))]) == 0
+    assert "quic relay udp/3479, tls relay tcp/3478" in capsys.readouterr().out
+    (tmp_path / "k.pem").write_bytes(tlscert.self_signed().key_pem)  # another key: does not match
+    assert main(["config", "check", "--config", str(write(tmp_path, good))]) == 1
+    assert "relay.key_file" in capsys.readouterr().err
+    (tmp_path / "c.pem").write_text("not a cert")
+    assert main(["config", "check", "--config", str(write(tmp_path, good))]) == 1
+    assert "relay.cert_file" in capsys.readouterr().err

@@ -82,6 +82,8 @@ class FakeClient:
         self.events = events
         self.rotate_error: Exception | None = None
         self.report_error: Exception | None = None
+        self.home_region = 0
+        self.turn_relay = ""
 
     async def rotate_key(self, new: PrivateKey) -> coordination_pb2.Node:
         if self.rotate_error is not None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fghostmesh/v1/coordination.proto\x12\x0cghostmesh.v1\"\x16\n\x14GetServerInfoRequest\"1\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nserver_key\x18\x02 \x01(\t\"5\n\x0fRegisterRequest\x12\x10\n\x08\x61uth_key\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"F\n\x10RegisterResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12\x10\n\x08\x61uth_url\x18\x02 \x01(\t\"\x15\n\x13WaitForLoginRequest\"\r\n\x0bSyncRequest\"\x85\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x13\n\x0b\x61llowed_ips\x18\x06 \x03(\t\x12\x11\n\tendpoints\x18\x07 \x03(\t\x12\x0e\n\x06online\x18\x08 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\t \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\n \x01(\x03\x12\x11\n\tephemeral\x18\x0b \x01(\x08\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12\x16\n\x0eprimary_routes\x18\r \x03(\t\x12\x11\n\texit_node\x18\x0e \x01(\x08\"Q\n\nFilterRule\x12\x0b\n\x03src\x18\x01 \x03(\t\x12#\n\x03\x64st\x18\x02 \x03(\x0b\x32\x16.ghostmesh.v1.DstRange\x12\x11\n\tprotocols\x18\x03 \x03(\t\"A\n\x08\x44stRange\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\nfirst_port\x18\x02 \x01(\r\x12\x11\n\tlast_port\x18\x03 \x01(\r\"7\n\x0cPacketFilter\x12\'\n\x05rules\x18\x01 \x03(\x0b\x32\x18.ghostmesh.v1.FilterRule\"\x83\x02\n\tMapUpdate\x12\x0e\n\x06serial\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12 \n\x04self\x18\x03 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12*\n\x0epeers_upserted\x18\x04 \x03(\x0b\x32\x12.ghostmesh.v1.Node\x12\x15\n\rpeers_removed\x18\x05 \x03(\x04\x12,\n\x07signals\x18\x06 \x03(\x0b\x32\x1b.ghostmesh.v1.SignalMessage\x12\x19\n\x11keepalive_seconds\x18\x07 \x01(\x05\x12*\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x1a.ghostmesh.v1.PacketFilter\"Y\n\x0cStatusReport\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x19\n\x11\x61\x64vertised_routes\x18\x02 \x03(\t\x12\x1b\n\x13\x61\x64vertise_exit_node\x18\x03 \x01(\x08\"\x0b\n\tStatusAck\"4\n\rSignalRequest\x12\x12\n\nto_node_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"6\n\rSignalMessage\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x0b\n\tSignalAck\"R\n\x10RotateKeyRequest\x12\x14\n\x0cnew_node_key\x18\x01 \x01(\t\x12\x11\n\tnew_ts_ms\x18\x02 \x01(\x03\x12\x15\n\rnew_key_proof\x18\x03 \x01(\x0c\"5\n\x11RotateKeyResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node2\x8c\x04\n\x0c\x43oordination\x12M\n\rGetServerInfo\x12\".ghostmesh.v1.GetServerInfoRequest\x1a\x18.ghostmesh.v1.ServerInfo\x12I\n\x08Register\x12\x1d.ghostmesh.v1.RegisterRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12Q\n\x0cWaitForLogin\x12!.ghostmesh.v1.WaitForLoginRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12<\n\x04Sync\x12\x19.ghostmesh.v1.SyncRequest\x1a\x17.ghostmesh.v1.MapUpdate0\x01\x12\x43\n\x0cReportStatus\x12\x1a.ghostmesh.v1.StatusReport\x1a\x17.ghostmesh.v1.StatusAck\x12>\n\x06Signal\x12\x1b.ghostmesh.v1.SignalRequest\x1a\x17.ghostmesh.v1.SignalAck\x12L\n\tRotateKey\x12\x1e.ghostmesh.v1.RotateKeyRequest\x1a\x1f.ghostmesh.v1.RotateKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fghostmesh/v1/coordination.proto\x12\x0cghostmesh.v1\"\x16\n\x14GetServerInfoRequest\"1\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nserver_key\x18\x02 \x01(\t\"5\n\x0fRegisterRequest\x12\x10\n\x08\x61uth_key\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"F\n\x10RegisterResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12\x10\n\x08\x61uth_url\x18\x02 \x01(\t\"\x15\n\x13WaitForLoginRequest\"\r\n\x0bSyncRequest\"\xae\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x13\n\x0b\x61llowed_ips\x18\x06 \x03(\t\x12\x11\n\tendpoints\x18\x07 \x03(\t\x12\x0e\n\x06online\x18\x08 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\t \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\n \x01(\x03\x12\x11\n\tephemeral\x18\x0b \x01(\x08\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12\x16\n\x0eprimary_routes\x18\r \x03(\t\x12\x11\n\texit_node\x18\x0e \x01(\x08\x12\x13\n\x0bhome_region\x18\x0f \x01(\r\x12\x12\n\nturn_relay\x18\x10 \x01(\t\"{\n\x0bRelayRegion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x11\n\tstun_port\x18\x04 \x01(\r\x12\x11\n\tquic_port\x18\x05 \x01(\r\x12\x10\n\x08tcp_port\x18\x06 \x01(\r\x12\x0c\n\x04turn\x18\x07 \x01(\x08\"\xa1\x01\n\x08RelayMap\x12*\n\x07regions\x18\x01 \x03(\x0b\x32\x19.ghostmesh.v1.RelayRegion\x12\x15\n\rturn_username\x18\x02 \x01(\t\x12\x15\n\rturn_password\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x04 \x01(\x03\x12\x13\n\x0brelay_token\x18\x05 \x01(\x0c\x12\x10\n\x08\x66\x61llback\x18\x06 \x03(\t\"Q\n\nFilterRule\x12\x0b\n\x03src\x18\x01 \x03(\t\x12#\n\x03\x64st\x18\x02 \x03(\x0b\x32\x16.ghostmesh.v1.DstRange\x12\x11\n\tprotocols\x18\x03 \x03(\t\"A\n\x08\x44stRange\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\nfirst_port\x18\x02 \x01(\r\x12\x11\n\tlast_port\x18\x03 \x01(\r\"7\n\x0cPacketFilter\x12\'\n\x05rules\x18\x01 \x03(\x0b\x32\x18.ghostmesh.v1.FilterRule\"\xae\x02\n\tMapUpdate\x12\x0e\n\x06serial\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12 \n\x04self\x18\x03 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12*\n\x0epeers_upserted\x18\x04 \x03(\x0b\x32\x12.ghostmesh.v1.Node\x12\x15\n\rpeers_removed\x18\x05 \x03(\x04\x12,\n\x07signals\x18\x06 \x03(\x0b\x32\x1b.ghostmesh.v1.SignalMessage\x12\x19\n\x11keepalive_seconds\x18\x07 \x01(\x05\x12*\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x1a.ghostmesh.v1.PacketFilter\x12)\n\trelay_map\x18\t \x01(\x0b\x32\x16.ghostmesh.v1.RelayMap\"\x82\x01\n\x0cStatusReport\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x19\n\x11\x61\x64vertised_routes\x18\x02 \x03(\t\x12\x1b\n\x13\x61\x64vertise_exit_node\x18\x03 \x01(\x08\x12\x13\n\x0bhome_region\x18\x04 \x01(\r\x12\x12\n\nturn_relay\x18\x05 \x01(\t\"\x0b\n\tStatusAck\"4\n\rSignalRequest\x12\x12\n\nto_node_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"6\n\rSignalMessage\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x0b\n\tSignalAck\"R\n\x10RotateKeyRequest\x12\x14\n\x0cnew_node_key\x18\x01 \x01(\t\x12\x11\n\tnew_ts_ms\x18\x02 \x01(\x03\x12\x15\n\rnew_key_proof\x18\x03 \x01(\x0c\"5\n\x11RotateKeyResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node2\x8c\x04\n\x0c\x43oordination\x12M\n\rGetServerInfo\x12\".ghostmesh.v1.GetServerInfoRequest\x1a\x18.ghostmesh.v1.ServerInfo\x12I\n\x08Register\x12\x1d.ghostmesh.v1.RegisterRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12Q\n\x0cWaitForLogin\x12!.ghostmesh.v1.WaitForLoginRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12<\n\x04Sync\x12\x19.ghostmesh.v1.SyncRequest\x1a\x17.ghostmesh.v1.MapUpdate0\x01\x12\x43\n\x0cReportStatus\x12\x1a.ghostmesh.v1.StatusReport\x1a\x17.ghostmesh.v1.StatusAck\x12>\n\x06Signal\x12\x1b.ghostmesh.v1.SignalRequest\x1a\x17.ghostmesh.v1.SignalAck\x12L\n\tRotateKey\x12\x1e.ghostmesh.v1.RotateKeyRequest\x1a\x1f.ghostmesh.v1.RotateKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,29 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCREQUEST']._serialized_start=274
   _globals['_SYNCREQUEST']._serialized_end=287
   _globals['_NODE']._serialized_start=290
-  _globals['_NODE']._serialized_end=551
-  _globals['_FILTERRULE']._serialized_start=553
-  _globals['_FILTERRULE']._serialized_end=634
-  _globals['_DSTRANGE']._serialized_start=636
-  _globals['_DSTRANGE']._serialized_end=701
-  _globals['_PACKETFILTER']._serialized_start=703
-  _globals['_PACKETFILTER']._serialized_end=758
-  _globals['_MAPUPDATE']._serialized_start=761
-  _globals['_MAPUPDATE']._serialized_end=1020
-  _globals['_STATUSREPORT']._serialized_start=1022
-  _globals['_STATUSREPORT']._serialized_end=1111
-  _globals['_STATUSACK']._serialized_start=1113
-  _globals['_STATUSACK']._serialized_end=1124
-  _globals['_SIGNALREQUEST']._serialized_start=1126
-  _globals['_SIGNALREQUEST']._serialized_end=1178
-  _globals['_SIGNALMESSAGE']._serialized_start=1180
-  _globals['_SIGNALMESSAGE']._serialized_end=1234
-  _globals['_SIGNALACK']._serialized_start=1236
-  _globals['_SIGNALACK']._serialized_end=1247
-  _globals['_ROTATEKEYREQUEST']._serialized_start=1249
-  _globals['_ROTATEKEYREQUEST']._serialized_end=1331
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=1333
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1386
-  _globals['_COORDINATION']._serialized_start=1389
-  _globals['_COORDINATION']._serialized_end=1913
+  _globals['_NODE']._serialized_end=592
+  _globals['_RELAYREGION']._serialized_start=594
+  _globals['_RELAYREGION']._serialized_end=717
+  _globals['_RELAYMAP']._serialized_start=720
+  _globals['_RELAYMAP']._serialized_end=881
+  _globals['_FILTERRULE']._serialized_start=883
+  _globals['_FILTERRULE']._serialized_end=964
+  _globals['_DSTRANGE']._serialized_start=966
+  _globals['_DSTRANGE']._serialized_end=1031
+  _globals['_PACKETFILTER']._serialized_start=1033
+  _globals['_PACKETFILTER']._serialized_end=1088
+  _globals['_MAPUPDATE']._serialized_start=1091
+  _globals['_MAPUPDATE']._serialized_end=1393
+  _globals['_STATUSREPORT']._serialized_start=1396
+  _globals['_STATUSREPORT']._serialized_end=1526
+  _globals['_STATUSACK']._serialized_start=1528
+  _globals['_STATUSACK']._serialized_end=1539
+  _globals['_SIGNALREQUEST']._serialized_start=1541
+  _globals['_SIGNALREQUEST']._serialized_end=1593
+  _globals['_SIGNALMESSAGE']._serialized_start=1595
+  _globals['_SIGNALMESSAGE']._serialized_end=1649
+  _globals['_SIGNALACK']._serialized_start=1651
+  _globals['_SIGNALACK']._serialized_end=1662
+  _globals['_ROTATEKEYREQUEST']._serialized_start=1664
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1746
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1748
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1801
+  _globals['_COORDINATION']._serialized_start=1804
+  _globals['_COORDINATION']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)

@@ -167,6 +167,8 @@ class Node(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     PRIMARY_ROUTES_FIELD_NUMBER: _builtins.int
     EXIT_NODE_FIELD_NUMBER: _builtins.int
+    HOME_REGION_FIELD_NUMBER: _builtins.int
+    TURN_RELAY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     user: _builtins.str
@@ -180,6 +182,14 @@ class Node(_message.Message):
     exit_node: _builtins.bool
     """(also in allowed_ips)
     an approved exit node: allowed_ips hold 0.0.0.0/0 and ::/0,
+    """
+    home_region: _builtins.int
+    """which a peer installs only if it chose this node as its exit
+    the relay region the node is connected to (0: none yet);
+    """
+    turn_relay: _builtins.str
+    """peers send relayed packets for it through that region
+    "ip:port": the node's TURN relayed address (allocation), if any
     """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -216,14 +226,107 @@ class Node(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         primary_routes: _abc.Iterable[_builtins.str] | None = ...,
         exit_node: _builtins.bool = ...,
+        home_region: _builtins.int = ...,
+        turn_relay: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "id", b"id", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "home_region", b"home_region", "id", b"id", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "turn_relay", b"turn_relay", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class RelayRegion(_message.Message):
+    """One relay region: a ghostgate (or any STUN/TURN server) reachable at host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    STUN_PORT_FIELD_NUMBER: _builtins.int
+    QUIC_PORT_FIELD_NUMBER: _builtins.int
+    TCP_PORT_FIELD_NUMBER: _builtins.int
+    TURN_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """> 0, unique in the map"""
+    name: _builtins.str
+    host: _builtins.str
+    """IP address"""
+    stun_port: _builtins.int
+    """STUN + TURN over UDP (ghostgate's relay.listen port)"""
+    quic_port: _builtins.int
+    """QUIC relay (0: none, e.g. coturn)"""
+    tcp_port: _builtins.int
+    """relay over a TLS stream (0: none)"""
+    turn: _builtins.bool
+    """the server does TURN with the map's REST credentials"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        host: _builtins.str = ...,
+        stun_port: _builtins.int = ...,
+        quic_port: _builtins.int = ...,
+        tcp_port: _builtins.int = ...,
+        turn: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "id", b"id", "name", b"name", "quic_port", b"quic_port", "stun_port", b"stun_port", "tcp_port", b"tcp_port", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayRegion: _TypeAlias = RelayRegion  # noqa: Y015
+
+@_typing.final
+class RelayMap(_message.Message):
+    """Relay regions and this node's credentials for them (minted by ghostmesh with the shared relay secret)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    TURN_USERNAME_FIELD_NUMBER: _builtins.int
+    TURN_PASSWORD_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    RELAY_TOKEN_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    turn_username: _builtins.str
+    """TURN REST: "<expiry unix>:<node id>" """
+    turn_password: _builtins.str
+    """base64(HMAC-SHA1(secret, username))"""
+    expires_unix: _builtins.int
+    """when the credentials below stop working"""
+    relay_token: _builtins.bytes
+    """QUIC/TLS relay: HMAC-SHA256(secret, "ghostrelay-v1\\n" key "\\n" expiry)"""
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RelayRegion]: ...
+    @_builtins.property
+    def fallback(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """(ghostcore.relaywire.token_mac); never sent to a relay as is
+        path kinds in order of preference: "ice", "turn", "stun"
+        """
+
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[Global___RelayRegion] | None = ...,
+        turn_username: _builtins.str = ...,
+        turn_password: _builtins.str = ...,
+        expires_unix: _builtins.int = ...,
+        relay_token: _builtins.bytes = ...,
+        fallback: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix", b"expires_unix", "fallback", b"fallback", "regions", b"regions", "relay_token", b"relay_token", "turn_password", b"turn_password", "turn_username", b"turn_username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayMap: _TypeAlias = RelayMap  # noqa: Y015
 
 @_typing.final
 class FilterRule(_message.Message):
@@ -323,6 +426,7 @@ class MapUpdate(_message.Message):
     SIGNALS_FIELD_NUMBER: _builtins.int
     KEEPALIVE_SECONDS_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    RELAY_MAP_FIELD_NUMBER: _builtins.int
     serial: _builtins.int
     """per stream, strictly increasing; 1 is the full map"""
     full: _builtins.bool
@@ -347,6 +451,10 @@ class MapUpdate(_message.Message):
     def filter(self) -> Global___PacketFilter:
         """set (whole) when this node's inbound filter changed; always on full"""
 
+    @_builtins.property
+    def relay_map(self) -> Global___RelayMap:
+        """set on full maps and whenever regions or credentials change"""
+
     def __init__(
         self_,  # pyright: ignore[reportSelfClsParameterName]
         *,
@@ -358,10 +466,11 @@ class MapUpdate(_message.Message):
         signals: _abc.Iterable[Global___SignalMessage] | None = ...,
         keepalive_seconds: _builtins.int = ...,
         filter: Global___PacketFilter | None = ...,
+        relay_map: Global___RelayMap | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "self", b"self"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "relay_map", b"relay_map", "self", b"self"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "full", b"full", "keepalive_seconds", b"keepalive_seconds", "peers_removed", b"peers_removed", "peers_upserted", b"peers_upserted", "self", b"self", "serial", b"serial", "signals", b"signals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "full", b"full", "keepalive_seconds", b"keepalive_seconds", "peers_removed", b"peers_removed", "peers_upserted", b"peers_upserted", "relay_map", b"relay_map", "self", b"self", "serial", b"serial", "signals", b"signals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,8 +483,14 @@ class StatusReport(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     ADVERTISED_ROUTES_FIELD_NUMBER: _builtins.int
     ADVERTISE_EXIT_NODE_FIELD_NUMBER: _builtins.int
+    HOME_REGION_FIELD_NUMBER: _builtins.int
+    TURN_RELAY_FIELD_NUMBER: _builtins.int
     advertise_exit_node: _builtins.bool
     """offers 0.0.0.0/0 and ::/0"""
+    home_region: _builtins.int
+    """the relay region the node is connected to (0: none)"""
+    turn_relay: _builtins.str
+    """the node's TURN relayed address "ip:port" ("" : none)"""
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -388,10 +503,12 @@ class StatusReport(_message.Message):
         endpoints: _abc.Iterable[_builtins.str] | None = ...,
         advertised_routes: _abc.Iterable[_builtins.str] | None = ...,
         advertise_exit_node: _builtins.bool = ...,
+        home_region: _builtins.int = ...,
+        turn_relay: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_exit_node", b"advertise_exit_node", "advertised_routes", b"advertised_routes", "endpoints", b"endpoints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_exit_node", b"advertise_exit_node", "advertised_routes", b"advertised_routes", "endpoints", b"endpoints", "home_region", b"home_region", "turn_relay", b"turn_relay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

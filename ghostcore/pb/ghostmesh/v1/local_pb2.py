@@ -24,27 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ghostmesh/v1/local.proto\x12\x0cghostmesh.v1\"\x17\n\x15LocalRotateKeyRequest\"D\n\x16LocalRotateKeyResponse\x12\x14\n\x0cold_node_key\x18\x01 \x01(\t\x12\x14\n\x0cnew_node_key\x18\x02 \x01(\t\"\x14\n\x12LocalStatusRequest\"\x90\x02\n\x0bLocalStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0e\n\x06server\x18\x06 \x01(\t\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x12\n\nmap_serial\x18\x08 \x01(\x04\x12\x11\n\tinterface\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x13\n\x0blisten_port\x18\x0b \x01(\r\x12\x15\n\rlast_map_unix\x18\x0c \x01(\x03\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x0e \x01(\x03\"\x13\n\x11LocalPeersRequest\"\xb4\x01\n\tLocalPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08node_key\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x1d\n\x15latest_handshake_unix\x18\x06 \x01(\x03\x12\x10\n\x08rx_bytes\x18\x07 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06online\x18\t \x01(\x08\"<\n\x12LocalPeersResponse\x12&\n\x05peers\x18\x01 \x03(\x0b\x32\x17.ghostmesh.v1.LocalPeer2\xf6\x01\n\tLocalNode\x12\x45\n\x06Status\x12 .ghostmesh.v1.LocalStatusRequest\x1a\x19.ghostmesh.v1.LocalStatus\x12J\n\x05Peers\x12\x1f.ghostmesh.v1.LocalPeersRequest\x1a .ghostmesh.v1.LocalPeersResponse\x12V\n\tRotateKey\x12#.ghostmesh.v1.LocalRotateKeyRequest\x1a$.ghostmesh.v1.LocalRotateKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ghostmesh/v1/local.proto\x12\x0cghostmesh.v1\"\x11\n\x0fNetcheckRequest\"o\n\x0cRelayLatency\x12\x0e\n\x06region\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0e\n\x06mapped\x18\x05 \x01(\t\x12\x0c\n\x04home\x18\x06 \x01(\x08\"\xa1\x01\n\x0eNetcheckReport\x12\x0b\n\x03udp\x18\x01 \x01(\x08\x12\x17\n\x0fpublic_endpoint\x18\x02 \x01(\t\x12\x0f\n\x07mapping\x18\x03 \x01(\t\x12*\n\x06relays\x18\x04 \x03(\x0b\x32\x1a.ghostmesh.v1.RelayLatency\x12\x13\n\x0bhome_region\x18\x05 \x01(\r\x12\x17\n\x0frelay_transport\x18\x06 \x01(\t\"\x17\n\x15LocalRotateKeyRequest\"D\n\x16LocalRotateKeyResponse\x12\x14\n\x0cold_node_key\x18\x01 \x01(\t\x12\x14\n\x0cnew_node_key\x18\x02 \x01(\t\"\x14\n\x12LocalStatusRequest\"\x90\x02\n\x0bLocalStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0e\n\x06server\x18\x06 \x01(\t\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x12\n\nmap_serial\x18\x08 \x01(\x04\x12\x11\n\tinterface\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x13\n\x0blisten_port\x18\x0b \x01(\r\x12\x15\n\rlast_map_unix\x18\x0c \x01(\x03\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x0e \x01(\x03\"\x13\n\x11LocalPeersRequest\"\xe5\x01\n\tLocalPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08node_key\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x1d\n\x15latest_handshake_unix\x18\x06 \x01(\x03\x12\x10\n\x08rx_bytes\x18\x07 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06online\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\r\n\x05relay\x18\x0b \x01(\t\x12\x12\n\nlatency_ms\x18\x0c \x01(\x01\"<\n\x12LocalPeersResponse\x12&\n\x05peers\x18\x01 \x03(\x0b\x32\x17.ghostmesh.v1.LocalPeer2\xbf\x02\n\tLocalNode\x12\x45\n\x06Status\x12 .ghostmesh.v1.LocalStatusRequest\x1a\x19.ghostmesh.v1.LocalStatus\x12J\n\x05Peers\x12\x1f.ghostmesh.v1.LocalPeersRequest\x1a .ghostmesh.v1.LocalPeersResponse\x12V\n\tRotateKey\x12#.ghostmesh.v1.LocalRotateKeyRequest\x1a$.ghostmesh.v1.LocalRotateKeyResponse\x12G\n\x08Netcheck\x12\x1d.ghostmesh.v1.NetcheckRequest\x1a\x1c.ghostmesh.v1.NetcheckReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ghostcore.pb.ghostmesh.v1.local_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOCALROTATEKEYREQUEST']._serialized_start=42
-  _globals['_LOCALROTATEKEYREQUEST']._serialized_end=65
-  _globals['_LOCALROTATEKEYRESPONSE']._serialized_start=67
-  _globals['_LOCALROTATEKEYRESPONSE']._serialized_end=135
-  _globals['_LOCALSTATUSREQUEST']._serialized_start=137
-  _globals['_LOCALSTATUSREQUEST']._serialized_end=157
-  _globals['_LOCALSTATUS']._serialized_start=160
-  _globals['_LOCALSTATUS']._serialized_end=432
-  _globals['_LOCALPEERSREQUEST']._serialized_start=434
-  _globals['_LOCALPEERSREQUEST']._serialized_end=453
-  _globals['_LOCALPEER']._serialized_start=456
-  _globals['_LOCALPEER']._serialized_end=636
-  _globals['_LOCALPEERSRESPONSE']._serialized_start=638
-  _globals['_LOCALPEERSRESPONSE']._serialized_end=698
-  _globals['_LOCALNODE']._serialized_start=701
-  _globals['_LOCALNODE']._serialized_end=947
+  _globals['_NETCHECKREQUEST']._serialized_start=42
+  _globals['_NETCHECKREQUEST']._serialized_end=59
+  _globals['_RELAYLATENCY']._serialized_start=61
+  _globals['_RELAYLATENCY']._serialized_end=172
+  _globals['_NETCHECKREPORT']._serialized_start=175
+  _globals['_NETCHECKREPORT']._serialized_end=336
+  _globals['_LOCALROTATEKEYREQUEST']._serialized_start=338
+  _globals['_LOCALROTATEKEYREQUEST']._serialized_end=361
+  _globals['_LOCALROTATEKEYRESPONSE']._serialized_start=363
+  _globals['_LOCALROTATEKEYRESPONSE']._serialized_end=431
+  _globals['_LOCALSTATUSREQUEST']._serialized_start=433
+  _globals['_LOCALSTATUSREQUEST']._serialized_end=453
+  _globals['_LOCALSTATUS']._serialized_start=456
+  _globals['_LOCALSTATUS']._serialized_end=728
+  _globals['_LOCALPEERSREQUEST']._serialized_start=730
+  _globals['_LOCALPEERSREQUEST']._serialized_end=749
+  _globals['_LOCALPEER']._serialized_start=752
+  _globals['_LOCALPEER']._serialized_end=981
+  _globals['_LOCALPEERSRESPONSE']._serialized_start=983
+  _globals['_LOCALPEERSRESPONSE']._serialized_end=1043
+  _globals['_LOCALNODE']._serialized_start=1046
+  _globals['_LOCALNODE']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

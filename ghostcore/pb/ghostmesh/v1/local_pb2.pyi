@@ -19,6 +19,98 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class NetcheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetcheckRequest: _TypeAlias = NetcheckRequest  # noqa: Y015
+
+@_typing.final
+class RelayLatency(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    MAPPED_FIELD_NUMBER: _builtins.int
+    HOME_FIELD_NUMBER: _builtins.int
+    region: _builtins.int
+    name: _builtins.str
+    address: _builtins.str
+    """the STUN address asked"""
+    latency_ms: _builtins.float
+    """STUN round trip; < 0: no answer"""
+    mapped: _builtins.str
+    """public endpoint this relay saw ("ip:port"; "" if no answer)"""
+    home: _builtins.bool
+    """the node's home relay now"""
+    def __init__(
+        self,
+        *,
+        region: _builtins.int = ...,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        latency_ms: _builtins.float = ...,
+        mapped: _builtins.str = ...,
+        home: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "home", b"home", "latency_ms", b"latency_ms", "mapped", b"mapped", "name", b"name", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayLatency: _TypeAlias = RelayLatency  # noqa: Y015
+
+@_typing.final
+class NetcheckReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UDP_FIELD_NUMBER: _builtins.int
+    PUBLIC_ENDPOINT_FIELD_NUMBER: _builtins.int
+    MAPPING_FIELD_NUMBER: _builtins.int
+    RELAYS_FIELD_NUMBER: _builtins.int
+    HOME_REGION_FIELD_NUMBER: _builtins.int
+    RELAY_TRANSPORT_FIELD_NUMBER: _builtins.int
+    udp: _builtins.bool
+    """some relay answered STUN over UDP"""
+    public_endpoint: _builtins.str
+    """"ip:port" as the first answering relay saw it"""
+    mapping: _builtins.str
+    """"endpoint-independent", "varies-by-destination", "unknown" """
+    home_region: _builtins.int
+    relay_transport: _builtins.str
+    """how the home relay is reached: "quic", "tcp" or "" (none)"""
+    @_builtins.property
+    def relays(self) -> _containers.RepeatedCompositeFieldContainer[Global___RelayLatency]: ...
+    def __init__(
+        self,
+        *,
+        udp: _builtins.bool = ...,
+        public_endpoint: _builtins.str = ...,
+        mapping: _builtins.str = ...,
+        relays: _abc.Iterable[Global___RelayLatency] | None = ...,
+        home_region: _builtins.int = ...,
+        relay_transport: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["home_region", b"home_region", "mapping", b"mapping", "public_endpoint", b"public_endpoint", "relay_transport", b"relay_transport", "relays", b"relays", "udp", b"udp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetcheckReport: _TypeAlias = NetcheckReport  # noqa: Y015
+
+@_typing.final
 class LocalRotateKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -160,6 +252,9 @@ class LocalPeer(_message.Message):
     RX_BYTES_FIELD_NUMBER: _builtins.int
     TX_BYTES_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     name: _builtins.str
     node_key: _builtins.str
@@ -171,6 +266,12 @@ class LocalPeer(_message.Message):
     tx_bytes: _builtins.int
     online: _builtins.bool
     """as ghostmesh reports it"""
+    path: _builtins.str
+    """"direct", "relay" (QUIC/TLS relay), "turn", or "" (no path yet)"""
+    relay: _builtins.str
+    """the region name a relayed path goes through"""
+    latency_ms: _builtins.float
+    """last connectivity-check round trip; < 0: unknown"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -185,10 +286,13 @@ class LocalPeer(_message.Message):
         rx_bytes: _builtins.int = ...,
         tx_bytes: _builtins.int = ...,
         online: _builtins.bool = ...,
+        path: _builtins.str = ...,
+        relay: _builtins.str = ...,
+        latency_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoint", b"endpoint", "latest_handshake_unix", b"latest_handshake_unix", "name", b"name", "node_id", b"node_id", "node_key", b"node_key", "online", b"online", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoint", b"endpoint", "latency_ms", b"latency_ms", "latest_handshake_unix", b"latest_handshake_unix", "name", b"name", "node_id", b"node_id", "node_key", b"node_key", "online", b"online", "path", b"path", "relay", b"relay", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,11 @@ class LocalNodeStub:
                 request_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyResponse.FromString,
                 _registered_method=True)
+        self.Netcheck = channel.unary_unary(
+                '/ghostmesh.v1.LocalNode/Netcheck',
+                request_serializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckReport.FromString,
+                _registered_method=True)
 
 
 class LocalNodeServicer:
@@ -73,6 +78,13 @@ class LocalNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Netcheck(self, request, context):
+        """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +102,11 @@ def add_LocalNodeServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyResponse.SerializeToString,
+            ),
+            'Netcheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.Netcheck,
+                    request_deserializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +190,33 @@ class LocalNode:
             '/ghostmesh.v1.LocalNode/RotateKey',
             ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyRequest.SerializeToString,
             ghostmesh_dot_v1_dot_local__pb2.LocalRotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Netcheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.LocalNode/Netcheck',
+            ghostmesh_dot_v1_dot_local__pb2.NetcheckRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_local__pb2.NetcheckReport.FromString,
             options,
             channel_credentials,
             insecure,

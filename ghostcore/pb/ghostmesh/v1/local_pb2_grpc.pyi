@@ -35,6 +35,8 @@ class LocalNodeStub:
     Peers: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalPeersRequest, _local_pb2.LocalPeersResponse]
     RotateKey: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalRotateKeyRequest, _local_pb2.LocalRotateKeyResponse]
     """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
+    Netcheck: _grpc.UnaryUnaryMultiCallable[_local_pb2.NetcheckRequest, _local_pb2.NetcheckReport]
+    """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port."""
 
 @_typing.type_check_only
 class LocalNodeAsyncStub(LocalNodeStub):
@@ -43,6 +45,8 @@ class LocalNodeAsyncStub(LocalNodeStub):
     Peers: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalPeersRequest, _local_pb2.LocalPeersResponse]  # type: ignore[assignment]
     RotateKey: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalRotateKeyRequest, _local_pb2.LocalRotateKeyResponse]  # type: ignore[assignment]
     """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
+    Netcheck: _aio.UnaryUnaryMultiCallable[_local_pb2.NetcheckRequest, _local_pb2.NetcheckReport]  # type: ignore[assignment]
+    """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port."""
 
 class LocalNodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +70,13 @@ class LocalNodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_local_pb2.LocalRotateKeyResponse, _abc.Awaitable[_local_pb2.LocalRotateKeyResponse]]:
         """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
+
+    @_abc_1.abstractmethod
+    def Netcheck(
+        self,
+        request: _local_pb2.NetcheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.NetcheckReport, _abc.Awaitable[_local_pb2.NetcheckReport]]:
+        """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port."""
 
 def add_LocalNodeServicer_to_server(servicer: LocalNodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

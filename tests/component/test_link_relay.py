@@ -1,0 +1,487 @@
+"""ghostlink's relayed data path on 127.0.0.1: two RelayProxy instances, each with a fake "WireGuard" UDP
+socket, exchange packets through ghostgate's real relay (in-process, QUIC and TLS over TCP), through TURN on
+ghostgate and on Debian's coturn; relay connections that go silent are noticed within ~2 s and the home
+region moves; packets sent before any relay is connected are delivered once one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aioice import stun
+
+from ghostcore import relaywire as rw
+from ghostcore.errors import Unavailable
+from ghostgate.config import GateConfig, RelayConfig, TurnConfig
+from ghostgate.relay import RelayServer, start_relay
+from ghostlink import turnclient
+from ghostlink.proxy import Region, RelayCreds, RelayProxy
+from ghostlink.relayclient import RelayClient
+from ghostlink.turnclient import TurnClient, parse_addr
+from tests.component._gate_fixtures import SECRET as GATE_SECRET
+from tests.component._gate_fixtures import Collector, rest_credentials
+from tests.component._gate_fixtures import start as start_gate
+
+SECRET = GATE_SECRET  # one secret for the relay and TURN, as ghostmesh and the gates share it
+TIMEOUT = 5.0
+
+
+async def until(cond: Callable[[], bool], what: str, limit: float = TIMEOUT) -> float:
+    """Wait (bounded) for ``cond``; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if cond():
+            return time.monotonic() - start
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {limit} s waiting for {what}")
+
+
+async def start_relay_server() -> RelayServer:
+    cfg = GateConfig(relay=RelayConfig(listen="127.0.0.1:0"), turn=TurnConfig(secret=SECRET))
+    return await start_relay(cfg, SECRET.encode())
+
+
+def creds(key: bytes, ttl: int = 3600) -> RelayCreds:
+    expiry = int(time.time()) + ttl
+    username, password = rest_credentials(base64.b64encode(key[:6]).decode(), ttl)
+    token = rw.token_mac(SECRET.encode(), base64.b64encode(key).decode(), expiry)
+    return RelayCreds(username, password, expiry, token)
+
+
+def region(rid: int, quic_port: int, tcp_port: int, stun_port: int = 0, turn: bool = False) -> Region:
+    return Region(rid, f"r{rid}", "127.0.0.1", stun_port, quic_port, tcp_port, turn)
+
+
+def relay_region(rid: int, server: RelayServer, *, quic: bool = True) -> Region:
+    quic_port = server.quic_address[1] if quic and server.quic_address else closed_udp_port()
+    return region(rid, quic_port, server.tcp_address[1])
+
+
+def closed_udp_port() -> int:
+    """A UDP port nobody listens on (bound, then released)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Node:
+    """One RelayProxy and its fake WireGuard socket."""
+
+    def __init__(self, wg: asyncio.DatagramTransport, coll: Collector, proxy: RelayProxy, key: bytes) -> None:
+        self.wg = wg
+        self.coll = coll
+        self.proxy = proxy
+        self.key = key
+        self.changes = 0
+
+    def send_to(self, peer: Node, data: bytes) -> None:
+        """What WireGuard does: send to the peer's endpoint, which is our proxy's socket for it."""
+        host, port = self.proxy.endpoint(peer.key).split(":")
+        self.wg.sendto(data, (host, int(port)))
+
+    async def recv(self) -> tuple[bytes, tuple[str, int]]:
+        return await asyncio.wait_for(self.coll.queue.get(), TIMEOUT)
+
+
+@asynccontextmanager
+async def nodes(n: int = 2) -> AsyncIterator[list[Node]]:
+    loop = asyncio.get_running_loop()
+    out: list[Node] = []
+    try:
+        for _ in range(n):
+            wg, coll = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+            key = os.urandom(32)
+            node = Node(wg, coll, None, key)  # type: ignore[arg-type]
+            node.proxy = RelayProxy(
+                wg_port=wg.get_extra_info("sockname")[1], node_key=key, on_change=lambda nd=node: _bump(nd)
+            )
+            out.append(node)
+        yield out
+    finally:
+        for node in out:
+            await node.proxy.close()
+            node.wg.close()
+
+
+def _bump(node: Node) -> None:
+    node.changes += 1
+
+
+async def configure(ns: list[Node], regions: list[Region], *, use_turn: bool = False) -> None:
+    for nd in ns:
+        await nd.proxy.configure(regions, creds(nd.key), node_key=nd.key, use_turn=use_turn)
+
+
+def route_all(ns: list[Node]) -> None:
+    for a in ns:
+        for b in ns:
+            if a is not b:
+                a.proxy.set_route(b.key, b.proxy.home_region, b.proxy.turn_relay)
+
+
+async def exchange(a: Node, b: Node, count: int = 5, size: int = 200) -> None:
+    """Packets both ways, each arriving at the other's WireGuard from the sender's local socket there."""
+    for i in range(count):
+        payload = bytes([i % 256]) * size
+        a.send_to(b, payload)
+        data, src = await b.recv()
+        assert data == payload
+        assert f"{src[0]}:{src[1]}" == b.proxy.endpoint(a.key)
+        b.send_to(a, payload[::-1] + b"!")
+        data, src = await a.recv()
+        assert data == payload[::-1] + b"!"
+        assert f"{src[0]}:{src[1]}" == a.proxy.endpoint(b.key)
+
+
+async def test_two_proxies_over_quic() -> None:
+    server = await start_relay_server()
+    try:
+        async with nodes() as (a, b):
+            await configure([a, b], [relay_region(1, server)])
+            await until(lambda: a.proxy.home_region == 1 and b.proxy.home_region == 1, "home region 1")
+            assert a.changes >= 1
+            route_all([a, b])
+            await exchange(a, b)
+            await exchange(a, b, count=3, size=1452)  # too big for one DATAGRAM: SEND / RECV on stream 0
+            assert a.proxy.regions()[0][:3] == (1, "r1", "quic")
+            assert a.proxy.regions()[0][3] > 0
+            assert a.proxy.path_of(b.key) == ("relay", "r1")
+            assert a.proxy.counters["to_relay"] == 8
+            assert b.proxy.counters["from_relay"] == 8
+        assert server.stats()["forwarded"] == 16
+    finally:
+        await server.close()
+    assert not server.hub.live
+
+
+def test_two_proxies_over_quic_on_uvloop() -> None:
+    """The daemon runs on uvloop when installed (ghostcore.aio.run): the same path there."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test_two_proxies_over_quic())
+
+
+async def test_unknown_and_removed_peers_are_dropped() -> None:
+    server = await start_relay_server()
+    try:
+        async with nodes(3) as (a, b, c):
+            await configure([a, b, c], [relay_region(1, server)])
+            await until(lambda: all(n.proxy.home_region == 1 for n in (a, b, c)), "all connected")
+            route_all([a, b])
+            c.proxy.set_route(b.key, 1, "")  # c knows b, b does not know c
+            c.send_to(b, b"who am i")
+            await until(lambda: b.proxy.counters["drop_unknown_key"] == 1, "unknown key dropped")
+            await exchange(a, b, count=1)
+            old = b.proxy.endpoint(a.key)
+            b.proxy.remove_peer(a.key)
+            a.send_to(b, b"after removal")
+            await until(lambda: b.proxy.counters["drop_unknown_key"] == 2, "removed peer dropped")
+            assert b.coll.queue.empty()
+            assert b.proxy.path_of(a.key) == ("", "")
+            host, port = old.split(":")
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                probe.bind((host, int(port)))  # the removed peer's socket is closed: its port is free again
+            finally:
+                probe.close()
+    finally:
+        await server.close()
+
+
+async def test_node_key_change_reauthenticates() -> None:
+    server = await start_relay_server()
+    try:
+        async with nodes() as (a, b):
+            regions = [relay_region(1, server)]
+            await configure([a, b], regions)
+            await until(lambda: a.proxy.home_region == 1 and b.proxy.home_region == 1, "connected")
+            route_all([a, b])
+            await exchange(a, b, count=1)
+            old, a.key = a.key, os.urandom(32)
+            await a.proxy.configure(regions, creds(a.key), node_key=a.key, use_turn=False)
+            await until(lambda: a.key in server.hub.core.routes, "relay routes the new key")
+            await until(lambda: old not in server.hub.core.routes, "old key gone from the relay")
+            b.proxy.remove_peer(old)
+            route_all([a, b])
+            await until(lambda: a.proxy.home_region == 1, "a connected again")
+            await exchange(a, b, count=2)
+    finally:
+        await server.close()
+
+
+async def test_quic_port_closed_falls_back_to_tls() -> None:
+    server = await start_relay_server()
+    try:
+        async with nodes() as (a, b):
+            await configure([a, b], [relay_region(1, server, quic=False)])
+            await until(lambda: a.proxy.home_region == 1 and b.proxy.home_region == 1, "home over TLS")
+            assert a.proxy.regions()[0][2] == "tcp"
+            route_all([a, b])
+            await exchange(a, b)
+            await exchange(a, b, count=2, size=1452)
+    finally:
+        await server.close()
+
+
+async def test_udp_dropped_silently_falls_back_to_tls_within_about_a_second() -> None:
+    server = await start_relay_server()
+    assert server.quic_address is not None
+    hole = Blackhole(server.quic_address)
+    hole.silent = True  # a firewall that drops UDP: no answer, no ICMP
+    try:
+        async with nodes(1) as (a,):
+            await a.proxy.configure(
+                [region(1, hole.port, server.tcp_address[1])], creds(a.key), node_key=a.key, use_turn=False
+            )
+            took = await until(lambda: a.proxy.home_region == 1, "connected over TLS")
+            assert 0.8 < took < 3.0, took  # QUIC given ~1 s, then TLS
+            assert a.proxy.regions()[0][2] == "tcp"
+    finally:
+        await server.close()
+        hole.close()
+
+
+async def test_first_packets_buffered_until_a_relay_connects() -> None:
+    server = await start_relay_server()
+    try:
+        async with nodes() as (a, b):
+            # Routes and endpoints before any relay: WireGuard's first handshake goes out at once.
+            a.proxy.set_route(b.key, 1, "")
+            b.proxy.set_route(a.key, 1, "")
+            b.proxy.endpoint(a.key)
+            for i in range(3):
+                a.send_to(b, b"early-%d" % i)
+            await until(lambda: a.proxy.counters["buffered"] == 3, "buffered packets")
+            await configure([b], [relay_region(1, server)])
+            await until(lambda: b.proxy.home_region == 1, "b connected")
+            await configure([a], [relay_region(1, server)])
+            got = [(await b.recv())[0] for _ in range(3)]
+            assert got == [b"early-0", b"early-1", b"early-2"]
+    finally:
+        await server.close()
+
+
+class Blackhole:
+    """A UDP forwarder in front of a QUIC relay (one upstream socket per client) that can go silent: a relay
+    host that vanished without a FIN, a CONNECTION_CLOSE or an ICMP error."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.target = target
+        self.silent = False
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.ups: dict[tuple[str, int], socket.socket] = {}
+        self.loop.add_reader(self.sock.fileno(), self._down)
+
+    def _down(self) -> None:
+        data, addr = self.sock.recvfrom(65535)
+        up = self.ups.get(addr)
+        if up is None:
+            up = self.ups[addr] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            up.setblocking(False)
+            up.connect(self.target)
+            self.loop.add_reader(up.fileno(), self._up, up, addr)
+        if not self.silent:
+            up.send(data)
+
+    def _up(self, up: socket.socket, addr: tuple[str, int]) -> None:
+        data = up.recv(65535)
+        if not self.silent:
+            self.sock.sendto(data, addr)
+
+    def close(self) -> None:
+        for s in (self.sock, *self.ups.values()):
+            self.loop.remove_reader(s.fileno())
+            s.close()
+
+
+async def test_silent_relay_is_noticed_and_home_moves() -> None:
+    servers = [await start_relay_server(), await start_relay_server()]
+    holes = []
+    for srv in servers:
+        assert srv.quic_address is not None
+        holes.append(Blackhole(srv.quic_address))
+    try:
+        async with nodes() as (a, b):
+            regions = [region(i + 1, h.port, 0) for i, h in enumerate(holes)]  # QUIC only, behind the holes
+            await configure([a, b], regions)
+            await until(lambda: all(r[2] for n in (a, b) for r in n.proxy.regions()), "both regions up")
+            route_all([a, b])
+            await exchange(a, b, count=2)
+            home = a.proxy.home_region
+            other = 3 - home
+            assert home in (1, 2)
+            holes[home - 1].silent = True  # a's home relay vanishes without a word
+            took = await until(lambda: a.proxy.home_region == other, "a's home moves", 5.0)
+            assert took < 3.5, took
+            await until(lambda: b.proxy.home_region == other, "b's home moves", 5.0)
+            assert a.proxy.regions()[home - 1][2] == ""  # no longer connected
+            # The peers' homes from the map may be the dead region: any live relay carries the packets.
+            await exchange(a, b, count=2)
+            assert a.proxy.path_of(b.key) == ("relay", f"r{other}")
+    finally:
+        for srv in servers:
+            await srv.close()
+        for h in holes:
+            h.close()
+
+
+async def test_bad_token_is_refused_and_retried_without_alive() -> None:
+    server = await start_relay_server()
+    got: list[bytes] = []
+    try:
+        client = RelayClient(
+            name="r1",
+            host="127.0.0.1",
+            quic_port=server.quic_address[1] if server.quic_address else 0,
+            tcp_port=0,
+            node_key=os.urandom(32),
+            expiry=int(time.time()) + 60,
+            token=b"\0" * 32,
+            on_recv=lambda k, p: got.append(p),
+        )
+        client.start()
+        await until(lambda: client.counters["error"] >= 1, "ERROR from the relay")
+        assert not client.alive
+        assert not client.send(os.urandom(32), b"x")
+        assert client.counters["drop_not_connected"] == 1
+        await client.close()
+        assert server.stats()["auth_failed"] >= 1
+    finally:
+        await server.close()
+
+
+# ----- TURN
+
+
+async def _turn_pair(server_port: int) -> None:
+    async with nodes() as (a, b):
+        regions = [region(1, 0, 0, stun_port=server_port, turn=True)]
+        await configure([a, b], regions, use_turn=True)
+        await until(lambda: bool(a.proxy.turn_relay and b.proxy.turn_relay), "TURN allocations", 10.0)
+        assert a.changes >= 1
+        assert a.proxy.home_region == 0
+        route_all([a, b])
+        assert a.proxy.path_of(b.key) == ("turn", "r1")
+        await exchange(a, b, count=5, size=1200)
+        assert a.proxy.counters["to_turn"] == 5
+        assert b.proxy.counters["from_turn"] == 5
+
+
+async def test_turn_path_through_ghostgate() -> None:
+    gate = await start_gate(denied=[])  # the relayed addresses are on loopback, which the default refuses
+    try:
+        await _turn_pair(gate.address[1])
+        for _ in range(50):
+            if not gate.core.allocations:
+                break
+            await asyncio.sleep(0.05)
+        assert not gate.core.allocations  # closing the proxies released both allocations
+        assert gate.stats()["relayed_to_peer"] >= 10
+    finally:
+        gate.close()
+
+
+async def test_turn_peer_let_in_before_we_send_and_binding_kept_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(turnclient, "REBIND_INTERVAL", 0.3)  # the real one is 240 s (permissions last 300 s)
+    gate = await start_gate(denied=[])
+    loop = asyncio.get_running_loop()
+    peer_t, peer = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+    peer_addr = peer_t.get_extra_info("sockname")
+    got: list[tuple[bytes, tuple[str, int]]] = []
+    username, password = rest_credentials("turn-test")
+    try:
+        client = await TurnClient.allocate(
+            gate.address, username, password, on_recv=lambda d, a: got.append((d, a))
+        )
+        try:
+            relayed = parse_addr(client.relayed)
+            assert relayed is not None
+            client.add_peer(peer_addr)
+            await until(lambda: client.counters["bound"] >= 1, "channel bound")
+            peer_t.sendto(b"hello first", relayed)  # we never sent to the peer: the binding let it in
+            await until(lambda: bool(got), "data from the peer")
+            assert got == [(b"hello first", peer_addr)]
+            await until(lambda: client.counters["bound"] >= 3, "binding refreshed")
+            assert client.sendto(b"back", peer_addr)
+            assert (await asyncio.wait_for(peer.queue.get(), TIMEOUT)) == (b"back", relayed)
+        finally:
+            await client.close()
+        assert not client.alive
+        await until(lambda: not gate.core.allocations, "allocation released")
+    finally:
+        peer_t.close()
+        gate.close()
+
+
+async def test_turn_with_wrong_password_is_unavailable() -> None:
+    gate = await start_gate(denied=[])
+    username, _ = rest_credentials("turn-test")
+    try:
+        with pytest.raises(Unavailable, match="TURN allocation"):
+            await TurnClient.allocate(gate.address, username, "wrong", on_recv=lambda d, a: None)
+        assert gate.stats()["auth_failed"] >= 1
+        assert not gate.core.allocations
+    finally:
+        gate.close()
+
+
+TURNSERVER = shutil.which("turnserver")
+
+
+@pytest.mark.skipif(TURNSERVER is None, reason="coturn's turnserver missing: apt-get install coturn")
+async def test_turn_path_through_coturn(tmp_path: Path) -> None:
+    assert TURNSERVER is not None
+    port = closed_udp_port()
+    proc = await asyncio.create_subprocess_exec(
+        TURNSERVER, "-n", "--listening-ip", "127.0.0.1", "--listening-port", str(port), "--relay-ip",
+         "127.0.0.1", "--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "ghost",
+         "--allow-loopback-peers", "--no-tls", "--no-dtls", "--no-cli", "--no-tcp-relay", "--simple-log",
+         "--log-file", str(tmp_path / "coturn.log"), "--pidfile", str(tmp_path / "coturn.pid"),
+         "--db", str(tmp_path / "turndb"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await _wait_stun(port)
+        await _turn_pair(port)
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _wait_stun(port: int) -> None:
+    """Until coturn answers a STUN binding request (bounded)."""
+    loop = asyncio.get_running_loop()
+    t, coll = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+    try:
+        for _ in range(50):
+            t.sendto(bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)), ("127.0.0.1", port))
+            try:
+                await asyncio.wait_for(coll.queue.get(), 0.2)
+                return
+            except TimeoutError:
+                continue
+        raise AssertionError("coturn never answered STUN")
+    finally:
+        t.close()
