@@ -67,6 +67,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries' own chatter (grpc at INFO, every netlink message pyroute2 sees at DEBUG) drowns ours.
-    for noisy in ("grpc", "pyroute2"):
+    # Libraries' own chatter (grpc at INFO, every netlink message pyroute2 sees at DEBUG, aioice's every
+    # TURN channel bind, aioquic's every connection event) drowns ours.
+    for noisy in ("grpc", "pyroute2", "aioice", "quic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -53,6 +53,7 @@ M_SYNC = f"{SERVICE}/Sync"
 M_REPORT = f"{SERVICE}/ReportStatus"
 M_ROTATE = f"{SERVICE}/RotateKey"
 M_ROTATE_NEW = f"{M_ROTATE}#new"  # what RotateKeyRequest.new_key_proof is bound to (coordination.proto)
+ENDPOINT_GUARD_INTERVAL = 0.5  # how soon an endpoint WireGuard roamed away from the chosen path is put back
 MAX_MESSAGE = 64 * 1024 * 1024  # a full map of 10k peers is a few MiB; bound it anyway
 
 CHANNEL_OPTIONS = (
@@ -259,6 +260,7 @@ class Daemon:
         self._announced = False
         self._stop = asyncio.Event()
         self._kicks: dict[str, asyncio.Task[None]] = {}
+        self._guard: asyncio.Task[None] | None = None
         self._kick_again: set[str] = set()
         # Key rotation (ghostlink.rotate): run before each Sync stream (finishes a rotation left pending).
         self.before_session: Callable[[], Awaitable[None]] | None = None
@@ -280,12 +282,58 @@ class Daemon:
             )
             await self.traversal.start()
 
+            self._guard = asyncio.create_task(self._guard_endpoints())
+
     async def close(self) -> None:
         """Stop NAT traversal and the relay proxy (WireGuard itself is the backend's to close)."""
-        for task in self._kicks.values():
+        for task in [*self._kicks.values(), *([self._guard] if self._guard is not None else [])]:
             task.cancel()
         if self.traversal is not None:
             await self.traversal.close()
+
+    async def reassert_endpoints(self) -> int:
+        """Put back the endpoints WireGuard roamed away from; returns how many.
+
+        WireGuard moves a peer's endpoint to wherever its last authenticated packet came from (roaming).
+        While the two ends switch paths at slightly different moments, a packet relayed by the proxy
+        can move an end that already chose the direct path back to the proxy's socket (or a stray direct
+        packet can move a relayed end to a dead path), and nothing would move it back: the path choice
+        of ghostlink.paths is what WireGuard must use. Only peers whose endpoint traversal chose are
+        checked (one UAPI get), and only the endpoint is set again: the session is kept.
+        """
+        chosen = self.traversal.endpoints() if self.traversal is not None else {}
+        async with self._lock:
+            dev = await self.backend.read()
+            stale = [
+                spec
+                for key, spec in self.applied.peers.items()
+                if spec.endpoint is not None
+                and chosen.get(key) == spec.endpoint
+                and key in dev.peers
+                and dev.peers[key].endpoint not in (None, spec.endpoint)
+            ]
+            if stale:
+                for spec in stale:
+                    log.debug(
+                        "peer %s…: WireGuard roamed to %s, back to %s",
+                        spec.public_key[:8],
+                        dev.peers[spec.public_key].endpoint,
+                        spec.endpoint,
+                    )
+                await self.backend.apply(
+                    engine.Plan(
+                        peers_update=tuple(engine.PeerUpdate(s, frozenset({"endpoint"})) for s in stale)
+                    )
+                )
+            return len(stale)
+
+    async def _guard_endpoints(self) -> None:
+        while True:
+            await asyncio.sleep(ENDPOINT_GUARD_INTERVAL)
+            try:
+                await self.reassert_endpoints()
+            except (GhostError, OSError) as exc:
+                log.debug("endpoint check failed: %s", exc)
 
     def _kick(self, name: str, job: Callable[[], Awaitable[object]]) -> None:
         """Run ``job`` soon in the background; kicks while it runs make it run once more after."""

@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -326,7 +327,7 @@ class SharedPort:
         self._waiters.clear()
 
     def _on_datagram(self, dg: Datagram) -> None:
-        ev = self.core.receive(dg.payload, dg.src, self._loop.time())
+        ev = self.core.receive(dg.payload, dg.src, time.perf_counter())
         if isinstance(ev, Answer):
             self._sock.sendto(ev.data, ev.dst)
             if self.on_check is not None:
@@ -350,7 +351,7 @@ class SharedPort:
         deadline = self._loop.time() + budget
         try:
             for i in range(ATTEMPTS):
-                req = self.core.request(dst, self._loop.time(), username)
+                req = self.core.request(dst, time.perf_counter(), username)
                 if req is None:
                     break
                 txid, data = req

@@ -75,6 +75,9 @@ class Mesh:
     nodes: dict[str, Node] = field(default_factory=dict)
     server: Proc | None = None
     _lan_next: dict[str, int] = field(default_factory=dict)
+    # Where ghostmesh listens (natmesh moves it to the one TCP port a UDP-blocking firewall lets out).
+    server_ip: str = SERVER_IP
+    server_port: int = SERVER_PORT
 
     @classmethod
     def build(cls, lab: Lab, workdir: Path) -> Mesh:
@@ -98,7 +101,7 @@ class Mesh:
         """ghostmesh.toml for the lab; ``server_keys`` go into [server], ``extra`` tables are appended."""
         path = self.workdir / "ghostmesh.toml"
         path.write_text(
-            f'[server]\nbind = "{SERVER_IP}:{SERVER_PORT}"\nadmin_socket = "{self.admin_socket}"\n'
+            f'[server]\nbind = "{self.server_ip}:{self.server_port}"\nadmin_socket = "{self.admin_socket}"\n'
             f'state_dir = "{self.workdir / "mesh"}"\n{server_keys}\n[mapper]\nbatch_delay = "50ms"\n\n'
             f'[log]\nlevel = "debug"\n{extra}'
         )
@@ -167,7 +170,7 @@ class Mesh:
 
     def start_node(self, node: Node, verb: str, *extra: str) -> Proc:
         argv = [
-            GHOSTLINK, verb, "--server", f"{SERVER_IP}:{SERVER_PORT}", "--hostname", node.name,
+            GHOSTLINK, verb, "--server", f"{self.server_ip}:{self.server_port}", "--hostname", node.name,
             "--state-dir", str(node.state_dir), "--interface", node.ifname,
             "--listen-port", str(node.listen_port), "--socket", str(node.socket),
             "--backend", "wireguard-go", "--log-level", "debug", *extra,
