@@ -3,8 +3,8 @@
 ``ghostctl status``  this node: name, overlay addresses, server, connected or not, backend, interface,
                      map serial, last error.
 ``ghostctl peers``   one row per peer: NAME, ADDRESSES, PATH (direct, relay <region>, turn <region>, -),
-                     ENDPOINT (where WireGuard sends: the peer, or the local relay proxy), LATENCY (last
-                     connectivity check), HANDSHAKE, RX, TX, ONLINE.
+                     ENDPOINT (where WireGuard sends: the peer, or the local relay proxy), LATENCY (direct:
+                     the last check's round trip; relay: ours to the relay), HANDSHAKE, RX, TX, ONLINE.
 ``ghostctl netcheck`` STUN from WireGuard's port to every relay now: UDP works or not, the NAT's mapping
                      behaviour (endpoint-independent or varies by destination), the public endpoint, each
                      relay's latency and what it saw, the home relay and how it is reached (quic / tcp).

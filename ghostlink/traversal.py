@@ -95,7 +95,11 @@ class Traversal:
         self.relay = nm.relay
         fallback = nm.relay.fallback if nm.relay is not None else ("ice", "turn", "stun")
         self.pm.enabled = self.port is not None and "ice" in fallback
-        if nm.relay is not None and self._configured != (nm.relay, self._key_raw()):
+        # The relay knows us by the key ghostmesh has for us: the token is bound to it, and peers address
+        # relayed packets to it. During a key rotation that is the old key until the server promotes the
+        # new one, and the same map update then carries the re-minted token.
+        relay_key = _raw(nm.self_node.node_key) if nm.self_node is not None else self._key_raw()
+        if nm.relay is not None and self._configured != (nm.relay, relay_key):
             r = nm.relay
             await self.proxy.configure(
                 [
@@ -103,10 +107,10 @@ class Traversal:
                     for g in r.regions
                 ],
                 RelayCreds(r.turn_username, r.turn_password, r.expires_unix, r.relay_token),
-                node_key=self._key_raw(),
+                node_key=relay_key,
                 use_turn="turn" in r.fallback,
             )
-            self._configured = (nm.relay, self._key_raw())
+            self._configured = (nm.relay, relay_key)
             self._wake.set()  # STUN the (new) regions now
         me = nm.self_node.node_key if nm.self_node is not None else ""
         keep: set[str] = set()
@@ -136,13 +140,18 @@ class Traversal:
         return out
 
     def path(self, key: str) -> tuple[str, str, float]:
-        """(path, relay region name, latency ms) for ``ghostctl peers``; path "" when there is none."""
-        rtt = self.pm.latency(key)
-        latency = rtt * 1000.0 if rtt is not None else -1.0
+        """(path, relay region name, latency ms) for ``ghostctl peers``; path "" when there is none.
+
+        Latency: of a direct path, the last check's round trip; of a relayed one, our round trip to that
+        relay (the part of the path this node can measure; -1 when unknown)."""
         if self.pm.direct(key) is not None:
-            return "direct", "", latency
-        kind, region = self.proxy.path_of(_raw(key)) if self.relay is not None else ("", "")
-        return kind, region, latency
+            rtt = self.pm.latency(key)
+            return "direct", "", rtt * 1000.0 if rtt is not None else -1.0
+        if self.relay is None:
+            return "", "", -1.0
+        kind, region = self.proxy.path_of(_raw(key))
+        rtts = {name: ms for _, name, _, ms in self.proxy.regions()}
+        return kind, region, rtts.get(region, -1.0) if kind == "relay" else -1.0
 
     def candidates(self, local: list[str]) -> list[str]:
         """What to report to ghostmesh: the host endpoints and the server-reflexive one."""

@@ -1,9 +1,11 @@
-"""The README's first command: a local demo mesh, built, shown and torn down.
+"""The README's first command: a local demo mesh across NATs, built, shown and torn down.
 
-ghostmesh (embedded SQLite) in a "server" namespace and three ghostlink nodes (real wireguard-go) on two
-routed LANs, all in throw-away network namespaces (tests/netlab.py). Prints `ghostctl nodes list`,
-`ghostctl status` and `ghostctl peers` as a user would see them, pings every pair over the overlay, and
-cleans everything up, also on Ctrl-C. Needs root (namespaces, TUN devices).
+In throw-away network namespaces (tests/netlab.py, tests/natmesh.py): a public segment with ghostmesh
+(embedded SQLite) and two ghostgate relay regions, and four ghostlink nodes (real wireguard-go): one public
+host, two behind "easy" home-router NATs and one behind a "hard" (symmetric) NAT. Prints `ghostctl nodes
+list`, `ghostctl netcheck` and `ghostctl peers` as a user would see them (direct paths between the public and
+easy nodes and public<->hard, the relay for easy<->hard), pings every pair over the overlay, and cleans
+everything up, also on Ctrl-C. Needs root (namespaces, TUN devices, raw sockets).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.meshlab import GHOSTCTL, Mesh  # noqa: E402
-from tests.netlab import Lab, netns_unavailable  # noqa: E402
+from tests.meshlab import GHOSTCTL  # noqa: E402
+from tests.natmesh import NatMesh  # noqa: E402
+from tests.netlab import Lab, WaitTimeout, netns_unavailable  # noqa: E402
 
 
 def _show(title: str, argv: list[str]) -> None:
@@ -39,28 +42,40 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="ghost-demo-") as tmp,
         Lab("demo", artifacts) as lab,
     ):
-        mesh = Mesh.build(lab, Path(tmp))
-        print("demo: starting ghostmesh on 192.0.2.1:7777 (embedded SQLite)")
-        mesh.start_server()
-        key = mesh.authkey("--reusable", "--expiration", "10m")
-        nodes = []
-        for name, lan in (("alpha", "lan_a"), ("bravo", "lan_a"), ("charlie", "lan_b")):
-            print(f"demo: ghostlink join {name} on {lan}")
-            nodes.append(mesh.join(name, lan, key))
-        admin = [GHOSTCTL, "--server", f"unix:{mesh.admin_socket}"]
-        _show("ghostctl nodes list", [*admin, "nodes", "list"])
-        _show("ghostctl status   (on alpha)", [GHOSTCTL, "--socket", str(nodes[0].socket), "status"])
-        addrs = {n.name: n.addresses(mesh) for n in nodes}
+        nm = NatMesh.build(lab, Path(tmp), per_kind={"none": 1, "easy": 2, "hard": 1})
+        print("demo: starting two ghostgate regions (192.0.2.2, 192.0.2.3) and ghostmesh (192.0.2.1)")
+        nm.start()
+        for n in sorted(nm.nodes.values(), key=lambda n: n.name):
+            where = "public" if n.router is None else f"behind a NAT ({n.kind}, leaving as {n.public_ip})"
+            print(f"demo: ghostlink join {n.name}, {where}")
+        nm.join_all()
+        nodes = sorted(nm.nodes.values(), key=lambda n: n.name)
         ok = True
-        print("\n$ ping across the mesh (IPv4 and IPv6 overlay addresses)")
+        print("\n$ ping across the mesh (IPv4 overlay)")
         for a, b in itertools.permutations(nodes, 2):
-            for dst in addrs[b.name]:
-                good = lab.wait_for(lambda a=a, dst=dst: a.host.ping(dst, timeout=1), timeout=10, what="ping")
-                ok &= bool(good)
-                print(f"  {a.name:8} -> {b.name:8} {dst:28} {'ok' if good else 'FAILED'}")
-        _show("ghostctl peers   (on alpha)", [GHOSTCTL, "--socket", str(nodes[0].socket), "peers"])
+            try:
+                nm.ping_both(a, b, timeout=10)
+                good = True
+            except WaitTimeout:
+                good = False
+            ok &= good
+            print(f"  {a.name:6} -> {b.name:6} {nm.v4(b):14} {'ok' if good else 'FAILED'}")
+        easy = nm.of_kind("easy")
+        for a, b in ((easy[0], easy[1]), (nm.of_kind("none")[0], nm.of_kind("hard")[0])):
+            try:
+                nm.wait_path(a, b, {"direct"}, timeout=15)
+            except WaitTimeout as exc:
+                ok = False
+                print(f"demo: {exc}")
+        admin = [GHOSTCTL, "--server", f"unix:{nm.mesh.admin_socket}"]
+        _show("ghostctl nodes list", [*admin, "nodes", "list"])
+        hard = nm.of_kind("hard")[0]
+        hard_ctl = [GHOSTCTL, "--socket", str(hard.node.socket)]
+        _show(f"ghostctl netcheck   (on {hard.name})", [*hard_ctl, "netcheck"])
+        for n in (easy[0], hard):
+            _show(f"ghostctl peers   (on {n.name})", [GHOSTCTL, "--socket", str(n.node.socket), "peers"])
         print(f"\ndemo: cleaning up (processes, namespaces, sockets); daemon logs stay in {artifacts}")
-    print("demo: done" if ok else "demo: some pings failed")
+    print("demo: done" if ok else "demo: some pings or paths failed")
     return 0 if ok else 1
 
 
