@@ -22,7 +22,7 @@ API
 ``nm.start()``: regions, then ghostmesh; ``nm.join_all()``: every node joins (all at once), connected.
 ``nm.add_host(kind) -> NatNode`` (one more host of that kind, not joined), ``nm.join(n, wait=True)``.
 ``nm.of_kind(kind) -> list[NatNode]`` (nodes are found by property, never by position in a list),
-``nm.key_of(n)``, ``nm.v4(n)``.
+``nm.key_of(n, fresh=False)``, ``nm.v4(n)``.
 ``nm.path_of(node, peer) -> (path, relay)`` from ``ghostctl peers --output json`` on ``node``'s ghostlink
 socket: path is "direct", "relay", "turn" or "" (no path yet); "missing" when ``peer`` is not listed.
 ``nm.peer_entry(node, peer) -> dict | None`` (the whole peers row), ``nm.wait_path(a, b, classes, timeout)``
@@ -324,8 +324,9 @@ class NatMesh:
     def of_kind(self, kind: str) -> list[NatNode]:
         return sorted((n for n in self.nodes.values() if n.kind == kind), key=lambda n: n.name)
 
-    def key_of(self, n: NatNode) -> str:
-        if n.name not in self._keys:
+    def key_of(self, n: NatNode, *, fresh: bool = False) -> str:
+        """``n``'s node key (cached; ``fresh``: read it again, e.g. after a key rotation)."""
+        if fresh or n.name not in self._keys:
             self._keys[n.name] = str(n.node.status(self.mesh)["node_key"])
         return self._keys[n.name]
 

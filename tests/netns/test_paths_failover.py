@@ -12,6 +12,9 @@ and two hard nodes, each behind its own router.
 * A dead region: two hard nodes relayed; the region one of them relays through is SIGKILLed: within 5 s
   both sides show a relayed path through the other region, and pings flow again (longest outage <= 5 s);
   ``ghostctl netcheck`` then names a live home region on both.
+* Key rotation on a relayed path: a hard node rotates its WireGuard key during 20 pps ping streams with the
+  other hard node (relayed): the relay must learn the new key (its token is bound to the key ghostmesh
+  holds) and the stream loses at most a few pings; the path stays relayed and pings still flow after.
 * coturn interop: a mesh whose only region is Debian's coturn (TURN REST secret shared with ghostmesh, no
   QUIC/TLS relay): two hard nodes relay through TURN (path "turn", WireGuard's endpoint the local proxy)
   and ping each other; coturn's own log shows the allocations and the permissions to the peers.
@@ -144,6 +147,34 @@ def test_killing_a_relay_region_moves_relayed_nodes_to_the_other_within_5s(nm: N
         assert s.transmitted >= int((killed_at - started) / INTERVAL), (name, s)
         assert longest_gap(s, INTERVAL) <= 5.0, f"{name}: outage over 5 s: {report[name]}"
         assert not _lost_after(s, killed_at - started + 5.0), f"{name}: still losing pings 5 s after the kill"
+
+
+def test_key_rotation_on_a_relayed_path_keeps_traffic_flowing(nm: NatMesh) -> None:
+    h1, h2 = nm.of_kind("hard")
+    nm.ping_both(h1, h2, timeout=15)
+    nm.wait_path(h1, h2, {"relay"}, timeout=10)
+    old_key = nm.key_of(h1)
+    streams = {
+        f"{x.name}->{y.name}": x.host.ping_stream(nm.v4(y), interval=INTERVAL, log_name=f"ping-rot-{y.name}")
+        for x, y in ((h1, h2), (h2, h1))
+    }
+    try:
+        time.sleep(1.0)
+        doc = nm.mesh.ctl("--socket", str(h1.node.socket), "keys", "rotate")
+        assert doc["old_node_key"] == old_key, doc
+        assert nm.key_of(h1, fresh=True) == doc["new_node_key"] != old_key, doc
+        nm.lab.wait_for(lambda: nm.peer_entry(h2, h1), timeout=5, what="h2 lists h1 with its new key")
+        time.sleep(2.0)
+        nm.ping_both(h1, h2, timeout=5)
+    finally:
+        stats = {name: s.stop() for name, s in streams.items()}
+    report = {n: (s.transmitted, s.lost, [round(g, 2) for g in gaps(s, INTERVAL)]) for n, s in stats.items()}
+    print(f"\nkey rotation on a relayed path: {report}")
+    for x, y in ((h1, h2), (h2, h1)):
+        assert nm.path_of(x, y)[0] == "relay", (x.name, y.name, nm.path_of(x, y))
+    for name, s in stats.items():
+        assert s.transmitted >= 50, (name, s)
+        assert longest_gap(s, INTERVAL) <= 1.0, f"{name}: outage over 1 s across the rotation: {report[name]}"
 
 
 @pytest.mark.skipif(not coturn_available(), reason="coturn's turnserver missing: apt-get install coturn")
