@@ -63,6 +63,20 @@ def parse_hostport(text: str, where: str, *, ip_only: bool = False) -> tuple[str
     return host, port
 
 
+# The relay path kinds, in the spec's order: ghostgate's relay.fallback and ghostmesh's (sent to nodes).
+FALLBACK_KINDS = ("ice", "turn", "stun")
+
+
+def check_fallback(items: list[str], where: str) -> None:
+    """A relay ``fallback`` list: known kinds, each at most once (ConfigError naming ``where``)."""
+    for item in items:
+        if item not in FALLBACK_KINDS:
+            kinds = ", ".join(FALLBACK_KINDS)
+            raise ConfigError(f"{where}: unknown kind {item!r} (expected some of {kinds})")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{where}: each kind at most once, got {items!r}")
+
+
 def parse_duration(text: str | int | float, where: str = "duration") -> float:
     """``"1h30m"`` -> 5400.0 seconds. Bare numbers are seconds. Raises ConfigError naming ``where``."""
     if isinstance(text, bool):

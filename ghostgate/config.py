@@ -17,12 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ghostcore.config import duration, load, parse_hostport
+from ghostcore.config import FALLBACK_KINDS, check_fallback, duration, load, parse_hostport
 from ghostcore.errors import ConfigError
 from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTGATE"
-FALLBACK_KINDS = ("ice", "turn", "stun")
 # RFC 8656 §6.2: the default allocation lifetime is 600 s and a server caps requests at 3600 s.
 MAX_LIFETIME = 3600.0
 # Loopback, "this network" and the unspecified addresses: relaying there would reach the relay host itself.
@@ -46,13 +45,7 @@ class RelayConfig:
                 raise ConfigError(f"relay.{name}: expected 0..65535, got {getattr(self, name)}")
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError("relay: set cert_file and key_file together (neither: a self-signed cert)")
-        for item in self.fallback:
-            if item not in FALLBACK_KINDS:
-                raise ConfigError(
-                    f"relay.fallback: unknown kind {item!r} (expected some of {', '.join(FALLBACK_KINDS)})"
-                )
-        if len(set(self.fallback)) != len(self.fallback):
-            raise ConfigError(f"relay.fallback: each kind at most once, got {self.fallback!r}")
+        check_fallback(self.fallback, "relay.fallback")
 
 
 @dataclass(frozen=True)

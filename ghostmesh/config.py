@@ -24,13 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ghostcore.config import build, duration, load, parse_hostport
+from ghostcore.config import FALLBACK_KINDS, build, check_fallback, duration, load, parse_hostport
 from ghostcore.errors import ConfigError
 from ghostcore.ipalloc import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, parse_prefix
 from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTMESH"
-FALLBACK_KINDS = ("ice", "turn", "stun")  # as ghostgate's relay.fallback (programs share no code here)
 MIN_CREDENTIAL_LIFETIME = 60.0
 MAX_REGION_ID = 2**32 - 1  # RelayRegion.id is a uint32
 
@@ -212,13 +211,7 @@ class RelayConfig:
                 f"relay.credential_lifetime: at least 1m (nodes re-fetch credentials at 40% of it), "
                 f"got {self.credential_lifetime}s"
             )
-        for item in self.fallback:
-            if item not in FALLBACK_KINDS:
-                raise ConfigError(
-                    f"relay.fallback: unknown kind {item!r} (expected some of {', '.join(FALLBACK_KINDS)})"
-                )
-        if len(set(self.fallback)) != len(self.fallback):
-            raise ConfigError(f"relay.fallback: each kind at most once, got {self.fallback!r}")
+        check_fallback(self.fallback, "relay.fallback")
         self.region_list()  # validate the regions now, so a bad one names itself at load time
 
     def region_list(self) -> tuple[RegionConfig, ...]:
