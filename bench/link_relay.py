@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ghostcore import relaywire as rw
-from ghostlink.proxy import Region, RelayCreds, RelayProxy
+from ghostlink.engine import RegionInfo
+from ghostlink.proxy import RelayCreds, RelayProxy
 
 SECRET = "bench-secret"  # noqa: S105 - a throw-away secret for one loopback server
 PORT = 34797  # TURN/STUN udp and TLS relay tcp; QUIC relay udp PORT + 1
@@ -61,10 +62,8 @@ async def _run(kind: str, seconds: float, size: int, rate: float) -> tuple[float
         wgs.append(s)
     keys = [os.urandom(32), os.urandom(32)]
     proxies = [RelayProxy(wg_port=w.getsockname()[1], node_key=k) for w, k in zip(wgs, keys, strict=True)]
-    if kind == "turn":
-        region = Region(1, "bench", "127.0.0.1", PORT, 0, 0, True)
-    else:
-        region = Region(1, "bench", "127.0.0.1", PORT, PORT + 1 if kind == "quic" else CLOSED, PORT, False)
+    ports = {"turn": (0, 0), "quic": (PORT + 1, PORT), "tcp": (CLOSED, PORT)}[kind]
+    region = RegionInfo(1, "bench", "127.0.0.1", PORT, *ports, kind == "turn")
     got = 0
 
     def on_wg_b() -> None:

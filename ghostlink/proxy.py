@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ghostcore.aio import Backoff
 from ghostcore.errors import Unavailable
+from ghostlink.engine import RegionInfo
 from ghostlink.relayclient import RelayClient
 from ghostlink.turnclient import Addr, TurnClient, format_addr, parse_addr
 
@@ -45,17 +46,6 @@ HOME_MIN_GAIN_MS = 20.0
 HOME_MIN_RATIO = 2.0
 _BATCH = 64
 _LOCAL = "127.0.0.1"
-
-
-@dataclass(frozen=True)
-class Region:
-    id: int
-    name: str
-    host: str
-    stun_port: int
-    quic_port: int
-    tcp_port: int
-    turn: bool
 
 
 @dataclass(frozen=True)
@@ -137,14 +127,14 @@ class RelayProxy:
         self.counters: Counter[str] = Counter()
         self._loop = asyncio.get_running_loop()
         self._wg_addr = (_LOCAL, wg_port)
-        self._regions: dict[int, Region] = {}
+        self._regions: dict[int, RegionInfo] = {}
         self._clients: dict[int, RelayClient] = {}
         self._creds: RelayCreds | None = None
         self._peers: dict[bytes, _Peer] = {}
         self._by_sock: dict[int, _Peer] = {}
         self._by_turn: dict[Addr, _Peer] = {}
         self._turn: TurnClient | None = None
-        self._turn_want: tuple[Region, str, str] | None = None
+        self._turn_want: tuple[RegionInfo, str, str] | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._turn_wake = asyncio.Event()
         self._closed = False
@@ -152,7 +142,7 @@ class RelayProxy:
     # ----- configuration
 
     async def configure(
-        self, regions: Sequence[Region], creds: RelayCreds, *, node_key: bytes, use_turn: bool
+        self, regions: Sequence[RegionInfo], creds: RelayCreds, *, node_key: bytes, use_turn: bool
     ) -> None:
         """Connect to every region with a relay port; TURN on the first ``turn`` region when ``use_turn``.
         Idempotent: unchanged regions keep their connections."""
@@ -379,7 +369,7 @@ class RelayProxy:
     async def _turn_loop(self) -> None:
         """Hold one allocation on the wanted TURN region; re-allocate when it is lost or the wish changes."""
         backoff = Backoff(initial=0.5, maximum=30.0)
-        held: tuple[Region, str, str] | None = None
+        held: tuple[RegionInfo, str, str] | None = None
         while not self._closed:
             self._turn_wake.clear()
             want = self._turn_want
@@ -443,4 +433,4 @@ class RelayProxy:
         self.home_region = 0
 
 
-__all__ = ["Region", "RelayCreds", "RelayProxy", "format_addr", "pick_home", "pick_relay", "pick_route"]
+__all__ = ["RelayCreds", "RelayProxy", "format_addr", "pick_home", "pick_relay", "pick_route"]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from ghostcore.keys import PrivateKey
 from ghostlink.engine import NetMap, RelayInfo
 from ghostlink.paths import Addr, PathManager
-from ghostlink.proxy import Region, RelayCreds, RelayProxy
+from ghostlink.proxy import RelayCreds, RelayProxy
 from ghostlink.stunport import NetcheckResult, SharedPort
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,7 @@ class Traversal:
         if nm.relay is not None and self._configured != (nm.relay, relay_key):
             r = nm.relay
             await self.proxy.configure(
-                [
-                    Region(g.id, g.name, g.host, g.stun_port, g.quic_port, g.tcp_port, g.turn)
-                    for g in r.regions
-                ],
+                r.regions,
                 RelayCreds(r.turn_username, r.turn_password, r.expires_unix, r.relay_token),
                 node_key=relay_key,
                 use_turn="turn" in r.fallback,

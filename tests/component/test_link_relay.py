@@ -24,7 +24,8 @@ from ghostcore.errors import Unavailable
 from ghostgate.config import GateConfig, RelayConfig, TurnConfig
 from ghostgate.relay import RelayServer, start_relay
 from ghostlink import turnclient
-from ghostlink.proxy import Region, RelayCreds, RelayProxy
+from ghostlink.engine import RegionInfo
+from ghostlink.proxy import RelayCreds, RelayProxy
 from ghostlink.relayclient import RelayClient
 from ghostlink.turnclient import TurnClient, parse_addr
 from tests.component._gate_fixtures import SECRET as GATE_SECRET
@@ -57,11 +58,11 @@ def creds(key: bytes, ttl: int = 3600) -> RelayCreds:
     return RelayCreds(username, password, expiry, token)
 
 
-def region(rid: int, quic_port: int, tcp_port: int, stun_port: int = 0, turn: bool = False) -> Region:
-    return Region(rid, f"r{rid}", "127.0.0.1", stun_port, quic_port, tcp_port, turn)
+def region(rid: int, quic_port: int, tcp_port: int, stun_port: int = 0, turn: bool = False) -> RegionInfo:
+    return RegionInfo(rid, f"r{rid}", "127.0.0.1", stun_port, quic_port, tcp_port, turn)
 
 
-def relay_region(rid: int, server: RelayServer, *, quic: bool = True) -> Region:
+def relay_region(rid: int, server: RelayServer, *, quic: bool = True) -> RegionInfo:
     quic_port = server.quic_address[1] if quic and server.quic_address else closed_udp_port()
     return region(rid, quic_port, server.tcp_address[1])
 
@@ -118,7 +119,7 @@ def _bump(node: Node) -> None:
     node.changes += 1
 
 
-async def configure(ns: list[Node], regions: list[Region], *, use_turn: bool = False) -> None:
+async def configure(ns: list[Node], regions: list[RegionInfo], *, use_turn: bool = False) -> None:
     for nd in ns:
         await nd.proxy.configure(regions, creds(nd.key), node_key=nd.key, use_turn=use_turn)
 
