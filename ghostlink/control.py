@@ -380,6 +380,8 @@ class Daemon:
                 await self.backend.apply(p)
                 await self.net.apply(p)
                 self.applied = engine.applied_after(self.applied, p)
+                if self.traversal is not None:  # WireGuard knows the new peers now: hand it their handshakes
+                    self.traversal.proxy.deliver_held()
             if self.exit_routing is not None:  # after the peer got its 0.0.0.0/0: never a blackhole
                 active = engine.chosen_exit(self.netmap, self.exit_node) is not None
                 await self.exit_routing.apply(active, engine.endpoint_hosts(self.netmap))

@@ -15,6 +15,15 @@ Packets from a relay (RECV, by source key) or from TURN (by the source's relayed
 peer's local socket to WireGuard's port, so WireGuard sees each peer at its own stable endpoint (and roams
 to it). Unknown sources are dropped and counted.
 
+First contact (why two small holds): WireGuard retries a lost handshake initiation only after 5 s
+(REKEY_TIMEOUT, whitepaper §6.4), so losing the first one costs a new peer 5 s. Two races lose it: the peer
+has not connected to the relay yet (the relay answers PEER_GONE), or its map does not name us yet (it
+would drop our packet as from an unknown key). So the last handshake messages (WireGuard message types 1
+and 2) to each peer are kept, and re-sent every ``RETRY_INTERVAL`` for ``HOLD_SECONDS`` after a PEER_GONE
+until the peer answers; and handshake messages from a key that is not a peer yet are held for
+``HOLD_SECONDS`` and delivered by :meth:`RelayProxy.deliver_held` once the daemon has added that peer to
+WireGuard.
+
 Home region (:func:`pick_home`): the live region with the lowest RTT, sticky: it changes only when the
 home dies or another region is more than ``HOME_MIN_GAIN_MS`` better *and* less than half the home's RTT,
 so two similar relays do not make the node flap between homes (each flap is a map change for every peer).
@@ -42,6 +51,10 @@ from ghostlink.turnclient import Addr, TurnClient, format_addr, parse_addr
 log = logging.getLogger(__name__)
 
 MAX_BUFFERED = 32
+HOLD_SECONDS = 5.0  # WireGuard's REKEY_TIMEOUT: after that it retries by itself
+RETRY_INTERVAL = 0.5
+MAX_HELD_KEYS = 256  # handshakes from unknown keys kept at most (a flood cannot grow it)
+_HANDSHAKE_TYPES = (1, 2)  # WireGuard handshake initiation and response (first byte, little-endian u32)
 HOME_MIN_GAIN_MS = 20.0
 HOME_MIN_RATIO = 2.0
 _BATCH = 64
@@ -106,6 +119,8 @@ class _Peer:
     turn_addr: Addr | None = None
     sock: socket.socket | None = None
     buffered: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_BUFFERED))
+    handshakes: deque[bytes] = field(default_factory=lambda: deque(maxlen=2))  # last sent, for retries
+    retry_until: float = 0.0  # re-send ``handshakes`` until then (a PEER_GONE came back)
 
 
 class RelayProxy:
@@ -115,7 +130,8 @@ class RelayProxy:
     ``counters``: to_relay / from_relay, to_turn / from_turn, buffered, and the drops: drop_relay /
     drop_turn (a relay connection's or TURN's buffer full), drop_buffer_full (no path yet, the oldest
     buffered packet went), drop_unknown_key / drop_unknown_turn (a source that is no peer of ours),
-    drop_not_wireguard (a local socket got a packet not from WireGuard's port), drop_to_wireguard.
+    drop_not_wireguard (a local socket got a packet not from WireGuard's port), drop_to_wireguard;
+    first contact: held_unknown (a handshake from a key that is no peer yet, kept), handshake_retries.
     """
 
     def __init__(self, *, wg_port: int, node_key: bytes, on_change: Callable[[], None] | None = None) -> None:
@@ -133,6 +149,7 @@ class RelayProxy:
         self._peers: dict[bytes, _Peer] = {}
         self._by_sock: dict[int, _Peer] = {}
         self._by_turn: dict[Addr, _Peer] = {}
+        self._held: dict[bytes, tuple[float, bytes]] = {}  # unknown key -> (when, its last handshake)
         self._turn: TurnClient | None = None
         self._turn_want: tuple[RegionInfo, str, str] | None = None
         self._turn_task: asyncio.Task[None] | None = None
@@ -166,6 +183,7 @@ class RelayProxy:
                     token=creds.relay_token,
                     on_recv=self._on_relay_recv,
                     on_state=self._on_relay_state,
+                    on_gone=self._on_relay_gone,
                 )
                 self._clients[rid] = c
                 c.start()
@@ -278,9 +296,11 @@ class RelayProxy:
         turn_ok = self._turn is not None and self._turn.alive
         return pick_route(p.home, self.home_region, self._live(), turn_ok, p.turn_relay)
 
-    def _send(self, p: _Peer, packet: bytes) -> bool:
+    def _send(self, p: _Peer, packet: bytes, *, retry: bool = False) -> bool:
         """Send one packet from WireGuard to peer ``p``; False when no path is up (the caller buffers)."""
         kind, rid = self._route(p)
+        if not retry and packet[:1] and packet[0] in _HANDSHAKE_TYPES:
+            p.handshakes.append(packet)
         if kind == "relay":
             if self._clients[rid].send(p.key, packet):
                 self.counters["to_relay"] += 1
@@ -337,10 +357,54 @@ class RelayProxy:
     def _on_relay_recv(self, src: bytes, packet: bytes) -> None:
         p = self._peers.get(src)
         if p is None:
-            self.counters["drop_unknown_key"] += 1
+            self._hold(src, packet)
             return
+        p.retry_until = 0.0  # it answers: no more retries
         self.counters["from_relay"] += 1
         self._deliver(p, packet)
+
+    def _hold(self, src: bytes, packet: bytes) -> None:
+        """A packet from a key that is no peer (yet): keep a handshake a while, drop anything else."""
+        now = self._loop.time()
+        if not (packet[:1] and packet[0] in _HANDSHAKE_TYPES):
+            self.counters["drop_unknown_key"] += 1
+            return
+        for key in [k for k, (at, _) in self._held.items() if now - at > HOLD_SECONDS]:
+            del self._held[key]
+        if src not in self._held and len(self._held) >= MAX_HELD_KEYS:
+            self.counters["drop_unknown_key"] += 1
+            return
+        self._held[src] = (now, packet)
+        self.counters["held_unknown"] += 1
+
+    def deliver_held(self) -> None:
+        """Deliver handshakes held for keys that are peers now (call once WireGuard knows the peers)."""
+        now = self._loop.time()
+        for key, (at, packet) in list(self._held.items()):
+            p = self._peers.get(key)
+            if p is None and now - at <= HOLD_SECONDS:
+                continue
+            del self._held[key]
+            if p is not None and now - at <= HOLD_SECONDS:
+                self.counters["from_relay"] += 1
+                self._deliver(p, packet)
+
+    def _on_relay_gone(self, key: bytes) -> None:
+        """The relay says ``key`` is not connected there: retry its last handshake for a while."""
+        p = self._peers.get(key)
+        if p is None or not p.handshakes:
+            return
+        if p.retry_until < self._loop.time():
+            p.retry_until = self._loop.time() + HOLD_SECONDS
+            self._loop.call_later(RETRY_INTERVAL, self._retry, p)
+
+    def _retry(self, p: _Peer) -> None:
+        if self._closed or self._peers.get(p.key) is not p or self._loop.time() > p.retry_until:
+            return
+        for packet in list(p.handshakes):
+            self.counters["handshake_retries"] += 1
+            self._send(p, packet, retry=True)
+        self._loop.call_later(RETRY_INTERVAL, self._retry, p)
 
     def _on_turn_recv(self, data: bytes, src: Addr) -> None:
         p = self._by_turn.get(src)

@@ -335,6 +335,7 @@ class RelayClient:
         token: bytes,
         on_recv: Callable[[bytes, bytes], None],
         on_state: Callable[[], None] | None = None,
+        on_gone: Callable[[bytes], None] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -345,6 +346,7 @@ class RelayClient:
         self._token = token
         self.on_recv = on_recv
         self.on_state = on_state
+        self.on_gone = on_gone  # PEER_GONE: that node key is not connected to this relay (yet)
         self.counters: Counter[str] = Counter()
         self.transport = ""
         self.rtt_ms = -1.0
@@ -574,6 +576,8 @@ class RelayClient:
                 self._link.send_frame(rw.encode(rw.PONG, f.payload))
         elif f.type == rw.PEER_GONE:
             self.counters["peer_gone"] += 1
+            if self.on_gone is not None and len(f.payload) == rw.KEY_LEN:
+                self.on_gone(f.payload)
         elif f.type == rw.CHALLENGE and stage is not None and not stage.done():
             self.rtt_ms = (time.monotonic() - self._hello_at) * 1000.0  # first sample: the handshake
             if len(f.payload) != rw.CHALLENGE_LEN or self._link is None:

@@ -200,6 +200,60 @@ async def test_unknown_and_removed_peers_are_dropped() -> None:
         await server.close()
 
 
+HANDSHAKE = b"\x01\x00\x00\x00" + b"i" * 144  # a WireGuard handshake initiation's shape (type 1, 148 bytes)
+
+
+async def test_handshake_from_a_key_not_yet_a_peer_is_held_until_wireguard_knows_it() -> None:
+    """The peer's map may name us a moment after our first handshake reaches it: not a 5 s retry."""
+    server = await start_relay_server()
+    try:
+        async with nodes(2) as (a, b):
+            await configure([a, b], [relay_region(1, server)])
+            await until(lambda: a.proxy.home_region == 1 and b.proxy.home_region == 1, "both connected")
+            a.proxy.set_route(b.key, 1, "")  # a knows b; b's map does not name a yet
+            a.send_to(b, b"\x04data before the map")  # not a handshake: dropped as before
+            a.send_to(b, HANDSHAKE)
+            await until(lambda: b.proxy.counters["held_unknown"] == 1, "handshake held")
+            assert b.proxy.counters["drop_unknown_key"] == 1
+            b.proxy.deliver_held()  # nothing to deliver yet: a is still unknown
+            assert b.coll.queue.empty()
+            b.proxy.set_route(a.key, 1, "")  # b's map names a now; the daemon adds a to WireGuard, then:
+            b.proxy.deliver_held()
+            data, src = await b.recv()
+            assert data == HANDSHAKE
+            assert f"{src[0]}:{src[1]}" == b.proxy.endpoint(a.key)
+            b.proxy.deliver_held()
+            assert b.coll.queue.empty()  # delivered once
+    finally:
+        await server.close()
+
+
+async def test_handshake_to_a_peer_not_on_the_relay_yet_is_retried_after_peer_gone() -> None:
+    """The new peer connects to the relay after our first handshake: PEER_GONE, then retries until it is."""
+    server = await start_relay_server()
+    try:
+        async with nodes(2) as (a, b):
+            await configure([a], [relay_region(1, server)])
+            await until(lambda: a.proxy.home_region == 1, "a connected")
+            a.proxy.set_route(b.key, 1, "")
+            a.send_to(b, HANDSHAKE)
+            await until(lambda: server.stats().get("unknown_dest", 0) >= 1, "PEER_GONE for b")
+            await configure([b], [relay_region(1, server)])  # b comes up later
+            b.proxy.set_route(a.key, 1, "")
+            data, _ = await b.recv()
+            assert data == HANDSHAKE
+            assert a.proxy.counters["handshake_retries"] >= 1
+            b.send_to(a, b"\x02response")  # the peer answers: retries stop
+            await a.recv()
+            sent = a.proxy.counters["handshake_retries"]
+            await asyncio.sleep(1.2)  # two retry intervals: none may follow an answer
+            assert a.proxy.counters["handshake_retries"] == sent
+            while not b.coll.queue.empty():
+                assert b.coll.queue.get_nowait()[0] == HANDSHAKE  # retries that crossed the answer
+    finally:
+        await server.close()
+
+
 async def test_node_key_change_reauthenticates() -> None:
     server = await start_relay_server()
     try:
