@@ -7,7 +7,7 @@ import contextlib
 import importlib
 import random
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,3 +59,41 @@ class Backoff:
 
     def reset(self) -> None:
         self._attempt = 0
+
+
+class CoreTimer:
+    """One loop timer kept at the earliest deadline a sans-IO core asks for (its ``next_timer()``).
+
+    ``arm(when)`` only ever moves the timer earlier: a timer that fires before the core's real deadline
+    is harmless (the core does nothing yet and is asked again), one that fires late is not. When it goes
+    off, ``fire(clock())`` runs; ``cancel()`` on shutdown. ``clock`` is the core's clock (unix time for
+    cores whose credentials expire in unix time), converted to the loop's relative delay here.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float], fire: Callable[[float], None]
+    ) -> None:
+        self._loop = loop
+        self._clock = clock
+        self._fire = fire
+        self._handle: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+
+    def arm(self, when: float | None) -> None:
+        if when is None or (self._at is not None and self._at <= when):
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = when
+        self._handle = self._loop.call_later(max(0.0, when - self._clock()), self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        self._at = None
+        self._fire(self._clock())
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self._at = None

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from aioquic.asyncio.server import QuicServer
 
+from ghostcore.aio import CoreTimer
 from ghostcore.config import parse_hostport
 from ghostgate import quic, stream, tlscert
 from ghostgate.config import GateConfig, relay_ports
@@ -56,8 +57,7 @@ class RelayHub:
         self.live: dict[int, Edge] = {}  # transports not yet gone (a closed connection may still flush)
         self.counters: Counter[str] = Counter()
         self._ids = itertools.count(1)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = CoreTimer(loop, clock, self._on_timer)
         self._closed = False
 
     @property
@@ -111,27 +111,17 @@ class RelayHub:
         self._schedule()
 
     def _schedule(self) -> None:
-        when = self.core.next_timer()
-        if when is None or (self._timer_at is not None and self._timer_at <= when):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+        self._timer.arm(self.core.next_timer())
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self._apply(self.core.timer(self.clock()))
+    def _on_timer(self, now: float) -> None:
+        self._apply(self.core.timer(now))
 
     def close(self) -> None:
         """Close every connection (ERROR "shutting down" first) and stop the timer."""
         self._closed = True
         for cid in list(self.edges):
             self._apply(self.core.reject(cid, "relay: shutting down", "shutdown"))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
 
 class RelayServer:

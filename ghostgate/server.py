@@ -17,6 +17,7 @@ import socket
 import time
 from collections import Counter
 
+from ghostcore.aio import CoreTimer
 from ghostcore.config import parse_hostport
 from ghostcore.errors import Unavailable
 from ghostgate.config import MAX_LIFETIME, GateConfig, relay_host
@@ -56,8 +57,7 @@ class GateServer:
         self.loop = loop
         self.counters: Counter[str] = Counter()
         self.relays: dict[Addr, socket.socket] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = CoreTimer(loop, time.time, self._on_timer)
         self.loop.add_reader(self.sock.fileno(), self._on_listen)
 
     @property
@@ -127,18 +127,10 @@ class GateServer:
                     s.close()
 
     def _schedule(self) -> None:
-        when = self.core.next_timer()
-        if when is None or (self._timer_at is not None and self._timer_at <= when):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_later(max(0.0, when - time.time()), self._on_timer)
+        self._timer.arm(self.core.next_timer())
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self._apply(self.core.handle_timer(time.time()))
+    def _on_timer(self, now: float) -> None:
+        self._apply(self.core.handle_timer(now))
         self._schedule()
 
     def stats(self) -> dict[str, int]:
@@ -146,8 +138,7 @@ class GateServer:
         return {**self.core.counters, **self.counters}
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self._apply([Release(r) for r in list(self.relays)])
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
