@@ -6,7 +6,8 @@ server's (RFC 8656) settings. The TURN REST shared secret (``turn.secret`` or ``
 out of every repr and message. What this build serves is told by :func:`served`: STUN always; with a secret,
 TURN and the relay over a TLS stream (TCP ``relay.tcp_port``, default the listen port), and the QUIC relay
 (UDP ``relay.quic_port``, default listen port + 1) when ``use_quic``; the relay shares the TURN secret with
-ghostmesh. ``fallback`` is validated and reported, but nodes are not told it yet.
+ghostmesh. ``fallback`` is validated and reported; nodes follow the ``relay.fallback`` of ghostmesh, which
+sends it in every relay map (a gate cannot tell nodes anything: it never sees the map).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def served(
         if cfg.relay.use_quic:
             serving.append(f"quic relay udp/{quic_port}")
         serving.append(f"tls relay tcp/{tcp_port}")
-    # relay.fallback is the order nodes try paths in; it reaches nodes once ghostmesh hands out relay maps.
-    missing.append(f"relay.fallback {'/'.join(cfg.relay.fallback) or '(empty)'} (not yet sent to nodes)")
+    # relay.fallback is the order nodes try paths in; nodes get it from ghostmesh's relay map, not from here.
+    fallback = "/".join(cfg.relay.fallback) or "(empty)"
+    missing.append(f"relay.fallback {fallback} (nodes follow ghostmesh's relay.fallback)")
     return serving, missing

@@ -37,7 +37,7 @@ def test_example_loads() -> None:
         [
             "turn (no turn.secret or turn.secret_file)",
             "relay (no turn.secret or turn.secret_file: the relay shares the TURN secret)",
-            "relay.fallback ice/turn/stun (not yet sent to nodes)",
+            "relay.fallback ice/turn/stun (nodes follow ghostmesh's relay.fallback)",
         ],
     )
 
@@ -76,7 +76,7 @@ def test_secret_sources_and_no_leak(tmp_path: Path) -> None:
     assert "fromenv" not in repr(env)
     assert served(env, b"x") == (
         ["stun", "turn", "tls relay tcp/3478"],  # use_quic = false: the TLS relay only
-        ["relay.fallback ice/turn/stun (not yet sent to nodes)"],
+        ["relay.fallback ice/turn/stun (nodes follow ghostmesh's relay.fallback)"],
     )
     assert served(load_config(None), b"x")[0] == ["stun", "turn", "quic relay udp/3479", "tls relay tcp/3478"]
     assert served(load_config(None), b"x", (5000, 6000))[0][2:] == [
