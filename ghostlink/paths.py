@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 Addr = tuple[str, int]
+MAX_LEARNED = 8  # peer-reflexive candidates kept per peer (a NAT gives a peer one per path to us)
 
 
 def parse_candidate(text: str) -> Addr | None:
@@ -113,6 +114,11 @@ class PathManager:
             return  # not a peer of ours (the map hides it, or it is gone)
         cand = peer.cands.get(addr)
         if cand is None:
+            # Anyone who knows a peer's (public) key can send checks in its name: keep a few learned
+            # candidates per peer, dropping the oldest one that is not the direct path.
+            learned = [a for a, c in peer.cands.items() if c.learned and a != peer.direct]
+            if len(learned) >= MAX_LEARNED:
+                del peer.cands[learned[0]]
             cand = peer.cands[addr] = _Cand(addr, learned=True)
         if not cand.in_flight:
             cand.next_check = now

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ghostlink.paths import PathManager, parse_candidate
+from ghostlink.paths import MAX_LEARNED, PathManager, parse_candidate
 
 A = ("198.51.100.7", 41641)
 B = ("192.0.2.9", 5000)
@@ -102,3 +102,19 @@ def test_disabled_never_checks() -> None:
     assert pm.due(0.0) == []
     pm.remove_peer("k")
     assert pm.peers() == []
+
+
+def test_learned_candidates_are_bounded_and_the_direct_one_is_kept() -> None:
+    pm = PathManager()
+    pm.set_peer("k", [], now=0.0)
+    pm.learn("k", B, 0.0)
+    pm.due(0.0)
+    pm.result("k", B, 0.001, 0.0)
+    assert pm.direct("k") == B
+    for i in range(3 * MAX_LEARNED):  # a flood of checks in the peer's name from many addresses
+        pm.learn("k", ("203.0.113.5", 1000 + i), 1.0)
+    due = [addr for _, addr in pm.due(1.0)]
+    assert B in due  # the direct path is still checked
+    assert len(due) == MAX_LEARNED + 1
+    assert ("203.0.113.5", 1000 + 3 * MAX_LEARNED - 1) in due  # the newest are kept
+    assert pm.direct("k") == B
