@@ -7,13 +7,8 @@ frames (``relaywire.encode_datagram``). The relay delivers RECV as a DATAGRAM wh
 full-size WireGuard packet still gets through a 1500-byte path, reliably). Data on any other stream is a
 protocol error (ERROR + close).
 
-aioquic pitfalls handled here (../shared/platform-notes.md): ``max_datagram_size`` must be at least 1450, or a
-1200-byte DATAGRAM never fits a packet and blocks every later one; and a DATAGRAM larger than a packet's room
-stays at the head of aioquic's queue forever, so we never queue one above ``datagram_room()``. aioquic's
-pacer bursts at most 16 packets between event-loop timer ticks of 1 ms, which capped a relay connection well
-below what it could carry: ``TickPacer`` lets a burst cover a tick. aioquic's datagram queue and stream send
-buffer are unbounded: deliveries to a connection over ``MAX_PENDING_DATAGRAMS`` or ``MAX_STREAM_BACKLOG`` are
-dropped (the hub counts them) instead of growing memory or waiting.
+The QUIC settings both ends share and the aioquic workarounds (datagram sizes, the tick pacer, bounded
+queues: a delivery over a bound is dropped and the hub counts it) are :mod:`ghostcore.relayquic`'s.
 """
 
 from __future__ import annotations
@@ -30,60 +25,29 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
-from aioquic.quic.recovery import QuicPacketPacer
 
 from ghostcore import relaywire as rw
 from ghostcore.errors import Unavailable
+from ghostcore.relayquic import (
+    CONTROL_STREAM,
+    configuration,
+    queue_packet,
+    stream_backlog,
+    use_tick_pacer,
+)
 from ghostgate.tlscert import CertPair
 
 if TYPE_CHECKING:
     from ghostgate.relay import RelayHub
 
-ALPN = "ghostrelay"
-CONTROL_STREAM = 0
-MAX_DATAGRAM_SIZE = 1452  # UDP payload on a 1500-byte IPv6 path (1500 - 40 - 8); >= 1450, see above
-MAX_DATAGRAM_FRAME_SIZE = 65536
-IDLE_TIMEOUT = 10.0
-# Room lost from a packet of MAX_DATAGRAM_SIZE before the DATAGRAM payload: short header (1 + up to 20 bytes
-# of connection id + 4 of packet number), AEAD tag (16), frame type (1) and length varint (2).
-_DATAGRAM_OVERHEAD = 1 + 20 + 4 + 16 + 1 + 2
-MAX_PENDING_DATAGRAMS = 512
-MAX_STREAM_BACKLOG = 1 << 20  # unacknowledged bytes on stream 0 before RECVs to that client are dropped
 MAX_CONTROL_BACKLOG = 4 << 20  # beyond this even control frames stop: the client is not reading; close it
 # Kernel buffers of the relay's one UDP socket: every client's bursts share it, and a datagram the kernel
 # drops is a loss to aioquic's congestion control (RFC 9002 s7), which DATAGRAM frames obey (RFC 9221 s5.4).
 SOCKET_BUFFER = 1 << 20
-# aioquic's pacer (RFC 9002 s7.7) lets out at most 16 packets, then waits on a loop timer; asyncio's epoll
-# timeout and uvloop's timers both have 1 ms resolution, so a relay connection could never pass more than
-# ~16 packets per ms, and fewer while the loop is busy (bench.link_relay: ~5-8k packets/s with the senders
-# dropping at MAX_PENDING_DATAGRAMS while idle). The burst allowance covers PACING_TICK instead.
-PACING_TICK = 0.002
-
-
-def datagram_room() -> int:
-    """The largest DATAGRAM payload the relay queues (bigger RECVs go on stream 0)."""
-    return MAX_DATAGRAM_SIZE - _DATAGRAM_OVERHEAD
-
-
-class TickPacer(QuicPacketPacer):
-    """aioquic's pacer with a burst allowance of at least one event-loop timer tick (``PACING_TICK``)."""
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
-        # bucket_max is in seconds of the pacing rate (cwnd / srtt): a tick's worth, never beyond one window
-        self.bucket_max = max(self.bucket_max, min(smoothed_rtt, PACING_TICK))
 
 
 def server_configuration(pair: CertPair) -> QuicConfiguration:
-    return QuicConfiguration(
-        is_client=False,
-        alpn_protocols=[ALPN],
-        max_datagram_size=MAX_DATAGRAM_SIZE,
-        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
-        idle_timeout=IDLE_TIMEOUT,
-        certificate=pair.certificate,
-        private_key=pair.private_key,
-    )
+    return configuration(is_client=False, certificate=pair.certificate, private_key=pair.private_key)
 
 
 class RelayQuicProtocol(QuicConnectionProtocol):
@@ -93,7 +57,7 @@ class RelayQuicProtocol(QuicConnectionProtocol):
         self, quic: QuicConnection, stream_handler: QuicStreamHandler | None = None, *, hub: RelayHub
     ) -> None:
         super().__init__(quic, stream_handler)
-        quic._loss._pacer = TickPacer(max_datagram_size=MAX_DATAGRAM_SIZE)  # no public hook: see PACING_TICK
+        use_tick_pacer(quic)
         self._hub = hub
         self._cid: int | None = None
         self._closing = False
@@ -172,7 +136,7 @@ class RelayQuicProtocol(QuicConnectionProtocol):
     def send_frame(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._stream_backlog() > MAX_CONTROL_BACKLOG:
+        if stream_backlog(self._quic) > MAX_CONTROL_BACKLOG:
             self._hub.counters["closed_slow"] += 1
             self.close_edge("relay: client is not reading")
             return
@@ -185,20 +149,8 @@ class RelayQuicProtocol(QuicConnectionProtocol):
     def deliver(self, src: bytes, packet: bytes) -> bool:
         if self._closing:
             return False
-        dgram = rw.encode_datagram(rw.RECV, src, packet)
-        # aioquic keeps the peer's transport parameter privately; None = the client did not enable DATAGRAM
-        remote_max = self._quic._remote_max_datagram_frame_size
-        if len(dgram) <= datagram_room() and remote_max is not None and len(dgram) < remote_max:
-            if len(self._quic._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
-                return False
-            self._quic.send_datagram_frame(dgram)
-        else:
-            if self._stream_backlog() > MAX_STREAM_BACKLOG:
-                return False
-            try:
-                self._quic.send_stream_data(CONTROL_STREAM, rw.encode(rw.RECV, src + packet))
-            except ValueError:
-                return False
+        if not queue_packet(self._quic, rw.RECV, src, packet):
+            return False
         self._transmit_soon()
         return True
 
@@ -210,11 +162,6 @@ class RelayQuicProtocol(QuicConnectionProtocol):
         # CONNECTION_CLOSE. Its reason phrase repeats the ERROR for a client that missed the frame.
         self.transmit()
         self.close(reason_phrase=reason[:200])
-
-    def _stream_backlog(self) -> int:
-        # Bytes written on stream 0 and not yet acknowledged (aioquic exposes no public accessor).
-        stream = self._quic._streams.get(CONTROL_STREAM)
-        return 0 if stream is None else len(stream.sender._buffer)
 
 
 async def serve_quic(

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from aioquic.asyncio.server import QuicServer
 
+from ghostcore import relayquic
 from ghostcore.aio import CoreTimer
 from ghostcore.config import parse_hostport
 from ghostgate import quic, stream, tlscert
@@ -176,7 +177,7 @@ async def start_relay(cfg: GateConfig, secret: bytes, *, core: RelayCore | None 
     pair = tlscert.for_config(cfg)
     loop = asyncio.get_running_loop()
     hub = RelayHub(core or RelayCore(secret), loop)
-    tls = await stream.serve_tls(hub, host, tcp_port, tlscert.server_ssl_context(pair, quic.ALPN))
+    tls = await stream.serve_tls(hub, host, tcp_port, tlscert.server_ssl_context(pair, relayquic.ALPN))
     if not cfg.relay.use_quic:
         return RelayServer(hub, tls, None, None)
     try:

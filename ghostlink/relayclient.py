@@ -41,16 +41,14 @@ from collections.abc import Callable
 from typing import cast
 
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.recovery import QuicPacketPacer
 
+from ghostcore import relayquic
 from ghostcore import relaywire as rw
 from ghostcore.aio import Backoff
 
 log = logging.getLogger(__name__)
 
-ALPN = "ghostrelay"
 PING_INTERVAL = 0.5
 DEAD_AFTER = 2.0
 QUIC_CONNECT_TIMEOUT = 1.0
@@ -58,35 +56,11 @@ TCP_CONNECT_TIMEOUT = 3.0
 AUTH_TIMEOUT = 3.0
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
-# aioquic pitfall (platform notes): a DATAGRAM larger than a packet's room blocks every later one, and the
-# default 1200 is too small; 1452 = UDP payload of a 1500-byte IPv6 path, as ghostgate's server uses.
-MAX_DATAGRAM_SIZE = 1452
-MAX_DATAGRAM_FRAME_SIZE = 65536
-# short header (1 + up to 20 bytes of connection id + 4 of packet number), AEAD tag, frame type, length
-_DATAGRAM_OVERHEAD = 1 + 20 + 4 + 16 + 1 + 2
-DATAGRAM_ROOM = MAX_DATAGRAM_SIZE - _DATAGRAM_OVERHEAD
-MAX_PENDING_DATAGRAMS = 512
-MAX_STREAM_BACKLOG = 1 << 20
 MAX_TCP_BUFFER = 1 << 20
-QUIC_IDLE_TIMEOUT = 10.0
 _BATCH = 64
 _SOCKET_BUFFER = 1 << 20
-# aioquic's pacer (RFC 9002 s7.7) lets out at most 16 packets, then waits on a loop timer; asyncio's epoll
-# timeout and uvloop's timers both have 1 ms resolution, so the relay link could never pass more than ~16
-# packets per ms, and fewer while the loop is busy (bench.link_relay: ~5-8k packets/s with send() dropping at
-# MAX_PENDING_DATAGRAMS while the loop sat idle). The burst allowance covers _PACING_TICK instead.
-_PACING_TICK = 0.002
 _RTT_ALPHA = 0.3  # EWMA weight of a new RTT sample (smooth enough for the sticky home choice)
 _PING = struct.Struct("!Q")
-
-
-class _TickPacer(QuicPacketPacer):
-    """aioquic's pacer with a burst allowance of at least one event-loop timer tick (``_PACING_TICK``)."""
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
-        # bucket_max is in seconds of the pacing rate (cwnd / srtt): a tick's worth, never beyond one window
-        self.bucket_max = max(self.bucket_max, min(smoothed_rtt, _PACING_TICK))
 
 
 class _Link:
@@ -127,17 +101,13 @@ class _QuicLink(_Link):
         self._on_datagram = on_datagram
         self._on_lost = on_lost
         self._on_ready = on_ready
-        config = QuicConfiguration(
+        config = relayquic.configuration(
             is_client=True,
-            alpn_protocols=[ALPN],
-            max_datagram_size=MAX_DATAGRAM_SIZE,
-            max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
-            idle_timeout=QUIC_IDLE_TIMEOUT,
             verify_mode=ssl.CERT_NONE,  # self-signed relay certificate: see the module docstring
             server_name=server_name,
         )
         self._quic = QuicConnection(configuration=config)
-        self._quic._loss._pacer = _TickPacer(max_datagram_size=MAX_DATAGRAM_SIZE)  # no public hook
+        relayquic.use_tick_pacer(self._quic)
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -215,27 +185,12 @@ class _QuicLink(_Link):
     def send_frame(self, data: bytes) -> None:
         if self._closed:
             return
-        self._quic.send_stream_data(0, data)
+        self._quic.send_stream_data(relayquic.CONTROL_STREAM, data)
         self._transmit_soon()
 
-    def _stream_backlog(self) -> int:
-        # aioquic exposes no accessor for unacknowledged stream bytes; ghostgate reads the same field
-        stream = self._quic._streams.get(0)
-        return 0 if stream is None else len(stream.sender._buffer)
-
     def send_packet(self, dst: bytes, packet: bytes) -> bool:
-        if self._closed:
+        if self._closed or not relayquic.queue_packet(self._quic, rw.SEND, dst, packet):
             return False
-        dgram = rw.encode_datagram(rw.SEND, dst, packet)
-        remote_max = self._quic._remote_max_datagram_frame_size  # None: the relay did not enable DATAGRAM
-        if len(dgram) <= DATAGRAM_ROOM and remote_max is not None and len(dgram) < remote_max:
-            if len(self._quic._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
-                return False
-            self._quic.send_datagram_frame(dgram)
-        else:
-            if self._stream_backlog() > MAX_STREAM_BACKLOG:
-                return False
-            self._quic.send_stream_data(0, rw.encode(rw.SEND, dst + packet))
         self._transmit_soon()
         return True
 
@@ -312,7 +267,7 @@ def _client_tls() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # self-signed relay certificate: see the module docstring
-    ctx.set_alpn_protocols([ALPN])
+    ctx.set_alpn_protocols([relayquic.ALPN])
     return ctx
 
 

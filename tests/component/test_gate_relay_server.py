@@ -25,8 +25,8 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
+from ghostcore import relayquic
 from ghostcore import relaywire as rw
-from ghostgate import quic
 from ghostgate.config import GateConfig, RelayConfig, TurnConfig
 from ghostgate.relay import RelayServer, start_relay
 from ghostgate.relay_core import RelayCore
@@ -144,10 +144,10 @@ def quic_client_config() -> QuicConfiguration:
     # What a client needs (ghostlink has its own): the ALPN, DATAGRAM support, a packet size >= 1450.
     return QuicConfiguration(
         is_client=True,
-        alpn_protocols=[quic.ALPN],
+        alpn_protocols=[relayquic.ALPN],
         verify_mode=ssl.CERT_NONE,  # self-signed relay cert; see ghostgate.tlscert for why that is fine
-        max_datagram_size=quic.MAX_DATAGRAM_SIZE,
-        max_datagram_frame_size=quic.MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=relayquic.MAX_DATAGRAM_SIZE,
+        max_datagram_frame_size=relayquic.MAX_DATAGRAM_FRAME_SIZE,
         server_name="ghostgate",
     )
 
@@ -205,7 +205,7 @@ async def test_two_quic_nodes_exchange_datagrams_and_ping() -> None:
             b.send_datagram(a_key, b"wg-packet-2")
             assert await a.datagram() == (rw.RECV, b_key, b"wg-packet-2")
             # too big for one DATAGRAM on a 1452-byte packet: comes as a RECV frame on stream 0
-            big = os.urandom(quic.datagram_room())
+            big = os.urandom(relayquic.DATAGRAM_ROOM)
             a.send(rw.SEND, b_key + big)
             got = await b.frame()
             assert (got.type, got.payload) == (rw.RECV, a_key + big)

@@ -1,4 +1,4 @@
-"""The relay's QUIC pacers (ghostgate.quic.TickPacer, ghostlink.relayclient._TickPacer).
+"""The relay's QUIC pacer (ghostcore.relayquic.TickPacer, used by ghostgate's server and ghostlink's client).
 
 aioquic's own pacer lets out 16 packets and then waits on a loop timer of 1 ms resolution; these check that
 the relay pacers let a tick's worth out at once, never more than one window, and keep aioquic's rate.
@@ -6,11 +6,19 @@ the relay pacers let a tick's worth out at once, never more than one window, and
 
 from __future__ import annotations
 
-import pytest
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
 
-from ghostgate.quic import MAX_DATAGRAM_SIZE, PACING_TICK, TickPacer
-from ghostlink.relayclient import _PACING_TICK, _TickPacer
+from ghostcore.relayquic import (
+    ALPN,
+    MAX_DATAGRAM_SIZE,
+    PACING_TICK,
+    TickPacer,
+    configuration,
+    use_tick_pacer,
+)
+from ghostgate.quic import server_configuration
+from ghostgate.tlscert import self_signed
 
 
 def _burst(pacer: QuicPacketPacer, now: float) -> int:
@@ -23,22 +31,32 @@ def _burst(pacer: QuicPacketPacer, now: float) -> int:
     return sent
 
 
-@pytest.mark.parametrize(("cls", "tick"), [(TickPacer, PACING_TICK), (_TickPacer, _PACING_TICK)])
-def test_burst_covers_a_tick_at_lan_rates(cls: type[QuicPacketPacer], tick: float) -> None:
+def test_burst_covers_a_tick_at_lan_rates() -> None:
     cwnd, srtt = 800_000, 0.01  # 80 MB/s: ~55k 1452-byte packets/s
     stock = QuicPacketPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
-    ours = cls(max_datagram_size=MAX_DATAGRAM_SIZE)
+    ours = TickPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
     for p in (stock, ours):
         p.update_rate(congestion_window=cwnd, smoothed_rtt=srtt)
     assert ours.packet_time == stock.packet_time  # same rate
     assert _burst(stock, 10.0) <= 17
-    per_tick = tick * cwnd / srtt / MAX_DATAGRAM_SIZE
+    per_tick = PACING_TICK * cwnd / srtt / MAX_DATAGRAM_SIZE
     assert _burst(ours, 10.0) >= int(per_tick) - 1
 
 
-@pytest.mark.parametrize("cls", [TickPacer, _TickPacer])
-def test_burst_never_exceeds_one_window(cls: type[QuicPacketPacer]) -> None:
+def test_burst_never_exceeds_one_window() -> None:
     cwnd, srtt = 20 * MAX_DATAGRAM_SIZE, 0.0005  # RTT below a tick: the whole window may go at once, no more
-    pacer = cls(max_datagram_size=MAX_DATAGRAM_SIZE)
+    pacer = TickPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
     pacer.update_rate(congestion_window=cwnd, smoothed_rtt=srtt)
     assert _burst(pacer, 10.0) <= 21
+
+
+def test_both_ends_get_the_tick_pacer() -> None:
+    client = QuicConnection(configuration=configuration(is_client=True))
+    # a server connection exists only for a client's first packet (its original destination connection id)
+    server = QuicConnection(
+        configuration=server_configuration(self_signed()), original_destination_connection_id=bytes(8)
+    )
+    for quic in (client, server):
+        use_tick_pacer(quic)
+        assert isinstance(quic._loss._pacer, TickPacer)
+    assert server.configuration.alpn_protocols == client.configuration.alpn_protocols == [ALPN]
