@@ -302,6 +302,8 @@ class Daemon:
         checked (one UAPI get), and only the endpoint is set again: the session is kept.
         """
         chosen = self.traversal.endpoints() if self.traversal is not None else {}
+        if not chosen:
+            return 0  # nothing chosen by traversal: no UAPI read every guard interval
         async with self._lock:
             dev = await self.backend.read()
             stale = [
