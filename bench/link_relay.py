@@ -17,7 +17,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import os
 import socket
 import subprocess
 import sys
@@ -27,8 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ghostcore import relaywire as rw
+from ghostcore import tlscert
+from ghostcore.keys import PrivateKey
 from ghostlink.engine import RegionInfo
-from ghostlink.proxy import RelayCreds, RelayProxy
+from ghostlink.nodekey import NodeKey
+from ghostlink.traversal.proxy import RelayCreds, RelayProxy
 
 SECRET = "bench-secret"  # noqa: S105 - a throw-away secret for one loopback server
 PORT = 34797  # TURN/STUN udp and TLS relay tcp; QUIC relay udp PORT + 1
@@ -40,7 +42,9 @@ def _creds(key: bytes) -> RelayCreds:
     username = f"{expiry}:bench{key[:3].hex()}"
     password = base64.b64encode(hmac.new(SECRET.encode(), username.encode(), hashlib.sha1).digest()).decode()
     token = rw.token_mac(SECRET.encode(), base64.b64encode(key).decode(), expiry)
-    return RelayCreds(username, password, expiry, token)
+    return RelayCreds(
+        username, password, expiry, token, rw.relay_static_key(SECRET.encode()).public_key().raw
+    )
 
 
 async def _until(cond: Callable[[], bool], what: str = "setup", limit: float = 10.0) -> None:
@@ -60,10 +64,12 @@ async def _run(kind: str, seconds: float, size: int, rate: float) -> tuple[float
         s.bind(("127.0.0.1", 0))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         wgs.append(s)
-    keys = [os.urandom(32), os.urandom(32)]
-    proxies = [RelayProxy(wg_port=w.getsockname()[1], node_key=k) for w, k in zip(wgs, keys, strict=True)]
+    holders = [NodeKey(PrivateKey.generate()) for _ in wgs]
+    keys = [h.public.raw for h in holders]
+    proxies = [RelayProxy(wg_port=w.getsockname()[1], keys=h) for w, h in zip(wgs, holders, strict=True)]
     ports = {"turn": (0, 0), "quic": (PORT + 1, PORT), "tcp": (CLOSED, PORT)}[kind]
-    region = RegionInfo(1, "bench", "127.0.0.1", PORT, *ports, kind == "turn")
+    pin = tlscert.key_pin(tlscert.derived_key(rw.relay_tls_seed(SECRET.encode())))
+    region = RegionInfo(1, "bench", "127.0.0.1", PORT, *ports, kind == "turn", pin)
     got = 0
 
     def on_wg_b() -> None:

@@ -1,9 +1,9 @@
 """Benchmark: throughput and join latency of each path class, each as a ratio to a reference from this run.
 
-The NAT lab of tests/natmesh.py (ghostmesh, ghostgate regions, every node behind its own NAT router):
+The NAT lab of lab/natmesh.py (ghostmesh, ghostgate regions, every node behind its own NAT router):
 
 * direct path through two easy NATs: iperf3 TCP over the mesh ÷ a hand-configured wireguard-go tunnel
-  (netlab's ``wg_pair``, endpoints set to the routers' public addresses) between the same two namespaces,
+  (the lab's ``wg_pair``, endpoints set to the routers' public addresses) between the same two namespaces,
   running beside the mesh on its own port and addresses (target >= 0.95: no Python on the direct path);
 * QUIC relay ÷ direct: the same two nodes with their direct path cut (nftables in one router), so
   ghostlink relays through a ghostgate region;
@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.natmesh import NatMesh, NatNode, RegionSpec, coturn_available, coturn_region
-from tests.netlab import Host, Lab, WgPair, netns_unavailable
+from lab import Host, Lab, WgPair, netns_unavailable
+from lab.natmesh import NatMesh, NatNode
+from lab.regions import RegionSpec, coturn_available, coturn_region
 
 REPO = Path(__file__).resolve().parent.parent
 IPERF_PORT = 5201
@@ -58,7 +59,7 @@ def iperf(lab: Lab, client: Host, server: Host, dst: str, seconds: float) -> flo
 
 
 def reference_tunnel(lab: Lab, a: NatNode, b: NatNode) -> WgPair:
-    """netlab's hand-made tunnel, pointed at each router's public address (the LAN ones are unroutable)."""
+    """The lab's hand-made tunnel, pointed at each router's public address (the LAN ones are unroutable)."""
     pair = lab.wg_pair(a.host, b.host, listen_port=51820)
     for end, peer, peer_pub in ((pair.a, pair.b, b.public_ip), (pair.b, pair.a, a.public_ip)):
         end.host.exec(

@@ -26,6 +26,15 @@ removed or reordered entry breaks the ``seq`` run or the ``prev_hash`` link. Rem
 entries leaves a shorter chain that is still valid; only a :class:`Checkpoint` taken earlier (the last
 ``(seq, hash)`` someone saw, plus the key) detects that. Whoever holds the server's private key can rewrite
 everything, which is why the checkpoint also pins the public key.
+
+Pruning (a retention): the server first appends an entry with action :data:`PRUNE_ACTION` whose detail
+(:func:`prune_detail`) names the last entry it removes, ``(through_seq, through_hash)``, and only then
+removes the entries up to it. The kept log then starts at ``through_seq + 1`` with ``prev_hash =
+through_hash``, and :func:`verify` accepts a log that does not start at seq 1 only when a prune entry in
+it (signed, and covered by the chain after it) names exactly that start. So cutting the oldest entries
+without such an entry is still detected; what the pruned entries said is gone for good. A checkpoint
+whose entry was pruned since is checked as far as the kept log allows: its key, that the log goes past
+it, and its hash when the cut was exactly there.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ghostcore.errors import InvalidArgument
 
 DOMAIN = b"ghostmesh-audit-v1\x00"
+PRUNE_ACTION = "audit.prune"
 GENESIS = bytes(32)
 HASH_LEN = 32
 KEY_LEN = 32
@@ -122,12 +132,14 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The outcome of :func:`verify`: ``problem`` is None when the chain is good."""
+    """The outcome of :func:`verify`: ``problem`` is None when the chain is good. ``first_seq`` is where
+    the log starts (above 1 after a prune)."""
 
     count: int
     last_seq: int
     last_hash: bytes
     problem: Problem | None
+    first_seq: int = 1
 
     @property
     def ok(self) -> bool:
@@ -148,6 +160,25 @@ def public_key_from_base64(text: str) -> bytes:
 def canonical_detail(detail: Mapping[str, object] | None) -> str:
     """Canonical JSON for an entry's detail: sorted keys, compact separators, UTF-8 kept as is."""
     return json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def prune_detail(through_seq: int, through_hash: bytes) -> dict[str, object]:
+    """The detail of a :data:`PRUNE_ACTION` entry: the last entry removed (its seq and hash, hex)."""
+    return {"through_seq": through_seq, "through_hash": through_hash.hex()}
+
+
+def pruned_through(rec: AuditRecord) -> tuple[int, bytes] | None:
+    """``(through_seq, through_hash)`` of a prune entry; None for any other entry or a malformed one."""
+    if rec.action != PRUNE_ACTION:
+        return None
+    try:
+        doc = json.loads(rec.detail)
+        seq, digest = doc["through_seq"], bytes.fromhex(doc["through_hash"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(seq, int) or isinstance(seq, bool) or len(digest) != HASH_LEN:
+        return None
+    return seq, digest
 
 
 def _lp(data: bytes) -> bytes:
@@ -210,10 +241,11 @@ def verify(
 ) -> Verdict:
     """Check a whole log, oldest first, against ``public_key`` (raw 32 bytes) and an optional checkpoint.
 
-    Checked in order: the checkpoint's key equals ``public_key``; then for each entry: ``seq`` is 1, 2, 3...
-    without gaps, ``prev_hash`` links to the previous entry, the hash matches the recomputed one, and the
-    signature over it verifies; finally that the checkpoint's ``(seq, hash)`` is still in the log.
-    Stops at the first problem.
+    Checked in order: the checkpoint's key equals ``public_key``; then for each entry: ``seq`` runs on
+    without gaps from the first (1, or after a prune the entry a prune entry names), ``prev_hash`` links to
+    the previous entry, the hash matches the recomputed one, and the signature over it verifies; then that
+    a log starting after seq 1 starts where a prune entry in it says; finally that the checkpoint's
+    ``(seq, hash)`` is still in the log, or was pruned. Stops at the first problem.
     """
     if len(public_key) != KEY_LEN:
         return Verdict(0, 0, GENESIS, Problem(0, "audit key is not a 32-byte ed25519 public key"))
@@ -225,33 +257,55 @@ def verify(
             Problem(0, "the server's audit key differs from the one in the checkpoint (key replaced)"),
         )
     pub = Ed25519PublicKey.from_public_bytes(public_key)
-    prev = GENESIS
+    first = entries[0].seq if entries else 1
+    start = max(first, 1)
+    prev = entries[0].prev_hash if first > 1 else GENESIS
+    cuts: set[tuple[int, bytes]] = set()  # (through_seq, through_hash) of every prune entry
     seen_at_checkpoint: bytes | None = None
     for index, rec in enumerate(entries):
-        problem = _check_entry(rec, index + 1, prev, pub)
+        problem = _check_entry(rec, start + index, prev, pub)
         if problem is not None:
-            return Verdict(index, index, prev, problem)
+            return Verdict(index, start + index - 1, prev, problem, start)
         prev = rec.hash
+        cut = pruned_through(rec)
+        if cut is not None:
+            cuts.add(cut)
         if checkpoint is not None and rec.seq == checkpoint.seq:
             seen_at_checkpoint = rec.hash
     count = len(entries)
+    last = start + count - 1
+    if start > 1 and (start - 1, entries[0].prev_hash) not in cuts:
+        return Verdict(
+            0,
+            0,
+            GENESIS,
+            Problem(
+                start - 1,
+                f"missing: the log starts at seq {start} but no signed {PRUNE_ACTION} entry records "
+                f"removing seq 1..{start - 1} (oldest entries removed)",
+            ),
+            start,
+        )
     if checkpoint is not None and checkpoint.seq > 0:
-        if seen_at_checkpoint is None:
-            return Verdict(
-                count,
-                count,
-                prev,
-                Problem(
-                    checkpoint.seq,
-                    f"missing: the checkpoint saw the log up to seq {checkpoint.seq} but it now ends at "
-                    f"seq {count} (newest entries removed)",
-                ),
-            )
-        if seen_at_checkpoint != checkpoint.hash:
-            return Verdict(
-                count,
-                count,
-                prev,
-                Problem(checkpoint.seq, "hash differs from the checkpoint's (log rewritten)"),
-            )
-    return Verdict(count, count, prev, None)
+        problem = _against_checkpoint(checkpoint, seen_at_checkpoint, start, last, entries)
+        if problem is not None:
+            return Verdict(count, last, prev, problem, start)
+    return Verdict(count, last, prev, None, start)
+
+
+def _against_checkpoint(
+    checkpoint: Checkpoint, seen: bytes | None, start: int, last: int, entries: Sequence[AuditRecord]
+) -> Problem | None:
+    if checkpoint.seq < start:  # pruned since the checkpoint: only the cut itself can be compared
+        if checkpoint.seq == start - 1 and entries[0].prev_hash != checkpoint.hash:
+            return Problem(checkpoint.seq, "hash differs from the checkpoint's (log rewritten)")
+        return None
+    if seen is None:
+        return Problem(
+            checkpoint.seq,
+            f"missing: the checkpoint saw the log up to seq {checkpoint.seq} but it now ends at "
+            f"seq {last} (newest entries removed)",
+        )
+    if seen != checkpoint.hash:
+        return Problem(checkpoint.seq, "hash differs from the checkpoint's (log rewritten)")
+    return None

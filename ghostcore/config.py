@@ -7,7 +7,8 @@ defaults < file < environment < flags. Environment names are derived from the sc
 key upper-cased and joined by ``_`` (``GHOSTMESH_SERVER_BIND``). Flags are passed in as a dotted-path dict
 by the program's CLI.
 
-Field types understood: ``str``, ``int``, ``float``, ``bool``, ``list[str]``, nested dataclasses, and
+Field types understood: ``str``, ``int``, ``float``, ``bool``, ``list[str]``, ``dict[str, list[str]]``
+(a table of string lists), nested dataclasses, and
 durations: a ``float`` field with ``metadata={"duration": True}`` takes ``"90s"``, ``"1h30m"``, ``"50ms"``,
 ``"180d"`` or a number of seconds. Validators beyond types live in each schema's ``__post_init__`` and
 raise ``ConfigError`` naming their key path.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import re
 import tomllib  # stdlib since 3.11, our floor; tomli is the same parser for older Pythons we don't support
 import typing
@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ghostcore import addr
 from ghostcore.errors import ConfigError
 
 T = TypeVar("T")
@@ -36,35 +37,35 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parse_hostport(text: str, where: str, *, ip_only: bool = False) -> tuple[str, int]:
     """``"0.0.0.0:7777"`` / ``"[::]:7777"`` / ``"host:7777"`` -> (host, port); ConfigError naming ``where``.
 
-    An IPv6 address must be bracketed; ``ip_only`` refuses host names (a socket to bind, a relay address).
+    The rules are :func:`ghostcore.addr.split_hostport`'s (an IPv6 address in brackets, no zone ID, port
+    0..65535); ``ip_only`` refuses host names (a socket to bind, a relay address).
     """
-    example = '"0.0.0.0:7777" or "[::]:7777"'
-    bad = ConfigError(f"{where}: expected {'IP' if ip_only else 'host'}:port (e.g. {example}), got {text!r}")
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise bad
-    bracketed = host.startswith("[")
-    if bracketed:
-        if not host.endswith("]"):
-            raise bad
-        host = host[1:-1]
-    elif ":" in host:
-        raise bad  # a bare IPv6 address must be bracketed
-    if bracketed or ip_only:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            raise bad from None
-        if bracketed and ip.version != 6:
-            raise bad
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: port must be 0..65535, got {port}")
-    return host, port
+    try:
+        return addr.split_hostport(text, "address", ip_only=ip_only)
+    except addr.AddressError as exc:
+        raise ConfigError(exc.for_key(where)) from None
 
 
 # The relay path kinds, in the spec's order: ghostgate's relay.fallback and ghostmesh's (sent to nodes).
 FALLBACK_KINDS = ("ice", "turn", "stun")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]`` of ghostmesh and ghostgate: where ``/metrics``, ``/healthz`` and ``/readyz`` are served
+    (:mod:`ghostcore.metrics_http`); empty ``listen``: not served. An IP, not a name: it is a socket to bind,
+    and it should be a private one (the pages need no credentials)."""
+
+    listen: str = ""  # e.g. "127.0.0.1:9090"
+
+    def __post_init__(self) -> None:
+        check_metrics_listen(self.listen, "metrics.listen")
+
+
+def check_metrics_listen(text: str, where: str) -> None:
+    """Empty (off) or ``ip:port``; ConfigError naming ``where``."""
+    if text:
+        parse_hostport(text, where, ip_only=True)
 
 
 def check_fallback(items: list[str], where: str) -> None:
@@ -117,6 +118,15 @@ def _convert(value: Any, tp: Any, where: str, *, is_duration: bool, from_env: bo
         if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
             raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}")
         return list(value)
+    if origin is dict:  # only dict[str, list[str]]: a TOML table of string lists (dns.split)
+        if from_env and isinstance(value, str):
+            raise ConfigError(f"{where}: a table cannot be set from the environment; use the config file")
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in value.items()
+        ):
+            raise ConfigError(f"{where}: expected a table of string lists, got {value!r}")
+        return {k: list(v) for k, v in value.items()}
     if tp is bool:
         if from_env and isinstance(value, str):
             low = value.lower()

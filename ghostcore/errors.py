@@ -19,6 +19,9 @@ secrets.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class GhostError(Exception):
     """Root of every deliberate ghost* error. ``str(err)`` is a one-line, secret-free message."""
@@ -52,5 +55,27 @@ class Unavailable(GhostError):
     """Transient: a server or peer is unreachable or overloaded; retrying may help."""
 
 
+class ResourceExhausted(Unavailable):
+    """A limit was reached (a quota, a rate): nothing changed; retrying later may work."""
+
+
 class ProtocolError(GhostError):
     """The peer violated the wire contract."""
+
+
+def os_reason(exc: BaseException) -> str:
+    """One line saying why a system call failed: ``Address already in use (EADDRINUSE)``.
+
+    uvloop raises a bare ``OSError("could not bind to local_addr …")`` (errno and strerror None) with the
+    real error as its ``__cause__``, so the chain is searched for the first error carrying an errno;
+    without one, the message itself.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain is short; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno:
+            name = errno.errorcode.get(seen.errno, str(seen.errno))
+            return f"{seen.strerror or os.strerror(seen.errno)} ({name})"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__

@@ -18,6 +18,7 @@ _TO_CODE: tuple[tuple[type[e.GhostError], grpc.StatusCode], ...] = (
     (e.AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (e.NotFound, grpc.StatusCode.NOT_FOUND),
     (e.Conflict, grpc.StatusCode.ALREADY_EXISTS),
+    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (e.ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -31,7 +32,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[e.GhostError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: e.ConfigError,
     grpc.StatusCode.UNAVAILABLE: e.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: e.Unavailable,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: e.InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: e.ResourceExhausted,
 }
 
 
@@ -42,13 +43,22 @@ def status_for(err: e.GhostError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def from_rpc_error(exc: grpc.RpcError, target: str = "") -> e.GhostError:
-    """The GhostError a failed call stands for; ``target`` names the server in Unavailable messages."""
+DEFAULT_HINT = "is it running and reachable?"
+
+
+def from_rpc_error(exc: grpc.RpcError, target: str = "", hint: str = DEFAULT_HINT) -> e.GhostError:
+    """The GhostError a failed call stands for.
+
+    An unreachable server or a deadline becomes ``Unavailable("cannot reach <target> (<why>); <hint>")``:
+    ``target`` names the server, ``hint`` says what to do (each caller knows best: a flag to check, a
+    daemon to start). Everything else keeps the server's first line of detail.
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    first = details.splitlines()[0] if details else ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        where = f" at {target}" if target else ""
-        first = details.splitlines()[0] if details else ""
-        return e.Unavailable(f"cannot reach the server{where} ({first}); is it running and reachable?")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            first = "timed out"
+        return e.Unavailable(f"cannot reach {target or 'the server'} ({first}); {hint}")
     cls = _FROM_CODE.get(code, e.GhostError)
-    return cls(details.splitlines()[0] if details else str(code))
+    return cls(first or str(code))

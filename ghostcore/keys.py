@@ -89,6 +89,13 @@ class PrivateKey:
     def from_base64(cls, text: str) -> PrivateKey:
         return cls(X25519PrivateKey.from_private_bytes(_decode_b64_key(text, "private key")))
 
+    @classmethod
+    def from_raw(cls, raw: bytes) -> PrivateKey:
+        """32 bytes (RFC 7748 clamps them), e.g. derived from a shared secret with HKDF."""
+        if len(raw) != KEY_LEN:
+            raise InvalidArgument("invalid private key: expected 32 bytes")
+        return cls(X25519PrivateKey.from_private_bytes(raw))
+
     def _raw(self) -> bytes:
         return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
@@ -102,8 +109,17 @@ class PrivateKey:
         return PublicKey(self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
 
     def exchange(self, peer: PublicKey) -> bytes:
-        """X25519 shared secret with ``peer`` (RFC 7748 section 6.1)."""
-        return self._key.exchange(X25519PublicKey.from_public_bytes(peer.raw))
+        """X25519 shared secret with ``peer`` (RFC 7748 section 6.1).
+
+        A low-order ``peer`` point gives the all-zero secret, which RFC 7748 section 6.1 says to refuse
+        (``cryptography`` raises ValueError): InvalidArgument, so a key anyone can send is never a crash.
+        """
+        try:
+            return self._key.exchange(X25519PublicKey.from_public_bytes(peer.raw))
+        except ValueError:
+            raise InvalidArgument(
+                f"invalid public key {peer.short()}…: a low-order point, no shared secret with it"
+            ) from None
 
     def __repr__(self) -> str:
         return f"PrivateKey(public={self.public_key().short()}…, secret=<redacted>)"

@@ -58,8 +58,23 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# Libraries' own chatter (grpc at INFO, every netlink message pyroute2 sees at DEBUG, aioice's every TURN
+# channel bind, aioquic's every connection event, SSDP traffic, asyncio's selector per pyroute2 call) drowns
+# ours: below WARNING they are dropped at the handler. A filter, not a logger level, because importing
+# pyroute2 resets its logger's level.
+QUIET_LIBRARIES = ("grpc", "pyroute2", "aioice", "quic", "async_upnp_client", "asyncio")
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == n or record.name.startswith(n + ".") for n in QUIET_LIBRARIES)
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_QuietLibraries())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -67,7 +82,3 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries' own chatter (grpc at INFO, every netlink message pyroute2 sees at DEBUG, aioice's every
-    # TURN channel bind, aioquic's every connection event) drowns ours.
-    for noisy in ("grpc", "pyroute2", "aioice", "quic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

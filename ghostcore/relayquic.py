@@ -3,20 +3,23 @@
 Both ends of a relay connection must agree on these choices (ALPN, datagram sizes), and both have to work
 around the same aioquic behaviour, so the settings and the workarounds live here once:
 
-* ``max_datagram_size`` must be at least 1450 (../shared/platform-notes.md): with the default 1200 a
-  1200-byte DATAGRAM frame (RFC 9221) never fits a packet and blocks every later one. A DATAGRAM larger than
-  a packet's room also stays at the head of aioquic's queue forever, so :func:`queue_packet` never queues
-  one above ``DATAGRAM_ROOM``: a bigger packet goes as a frame on stream 0 instead (reliably, still whole).
+* ``max_datagram_size`` must be at least 1450 (measured with aioquic 1.7: with the default 1200, a
+  1200-byte DATAGRAM frame (RFC 9221) never fits a packet and silently blocks every later one). A DATAGRAM
+  larger than a packet's room also stays at the head of aioquic's queue forever, so :func:`queue_packet`
+  never queues one above ``DATAGRAM_ROOM``: a bigger packet goes as a frame on stream 0 instead (reliably,
+  still whole).
 * aioquic's pacer (RFC 9002 §7.7) lets out at most 16 packets, then waits on a loop timer; asyncio's epoll
   timeout and uvloop's timers both have 1 ms resolution, so a relay connection could never pass more than
   ~16 packets per ms, and fewer while the loop is busy (bench.link_relay: ~5-8k packets/s with senders
   dropping at ``MAX_PENDING_DATAGRAMS`` while their loop sat idle). :class:`TickPacer` lets a burst cover
   ``PACING_TICK``, never more than one congestion window, at aioquic's own rate.
 * aioquic's datagram queue and stream send buffer are unbounded: :func:`queue_packet` drops (returns False,
-  the caller counts) above ``MAX_PENDING_DATAGRAMS`` / ``MAX_STREAM_BACKLOG`` instead of growing memory.
+  the caller counts) above ``MAX_PENDING_DATAGRAMS`` / ``MAX_STREAM_BACKLOG`` instead of growing memory, and
+  control frames stop at ``MAX_CONTROL_BACKLOG`` (:class:`ghostcore.quicdriver.QuicDriver` enforces it).
 
-aioquic offers no public hook for the pacer, the queued datagrams, the peer's DATAGRAM transport parameter
-or a stream's unacknowledged bytes; the private attributes read here are read nowhere else.
+aioquic offers no public hook for the pacer, the queued datagrams, the peer's DATAGRAM transport parameter,
+a stream's unacknowledged bytes or the peer's certificate (which a node checks against the relay map's
+pin, :func:`peer_certificate`); the private attributes read here are read nowhere else.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
+from cryptography import x509
 
 from ghostcore import relaywire as rw
 
@@ -40,6 +44,7 @@ _DATAGRAM_OVERHEAD = 1 + 20 + 4 + 16 + 1 + 2
 DATAGRAM_ROOM = MAX_DATAGRAM_SIZE - _DATAGRAM_OVERHEAD  # the largest DATAGRAM payload queued
 MAX_PENDING_DATAGRAMS = 512
 MAX_STREAM_BACKLOG = 1 << 20  # unacknowledged bytes on stream 0 before packets to that end are dropped
+MAX_CONTROL_BACKLOG = 4 << 20  # ... before even control frames stop: that end is not reading; close it
 PACING_TICK = 0.002
 
 
@@ -67,6 +72,14 @@ def configuration(*, is_client: bool, **extra: Any) -> QuicConfiguration:
 def use_tick_pacer(quic: QuicConnection) -> None:
     """Replace the connection's pacer with :class:`TickPacer` (at creation, before any packet)."""
     quic._loss._pacer = TickPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+
+
+def peer_certificate(quic: QuicConnection) -> x509.Certificate | None:
+    """The certificate the other end presented in the TLS 1.3 handshake (RFC 9001 section 4), None before
+    it arrived. Reading it fails closed: if aioquic ever drops the attribute this returns None and a
+    pinned connection is refused."""
+    cert = getattr(quic.tls, "_peer_certificate", None)
+    return cert if isinstance(cert, x509.Certificate) else None
 
 
 def stream_backlog(quic: QuicConnection) -> int:

@@ -14,7 +14,7 @@ type   name         dir     payload
 =====  ===========  ======  =================================================================
 0x01   HELLO        c -> s  ``MAGIC``
 0x02   CHALLENGE    s -> c  32 random bytes, fresh per connection
-0x03   AUTH         c -> s  node key (32) | expiry (u64) | proof (32)
+0x03   AUTH         c -> s  node key (32) | expiry (u64) | token proof (32) | key proof (32)
 0x04   AUTH_OK      s -> c  empty
 0x05   ERROR        s -> c  UTF-8 reason; the server then closes the connection
 0x10   SEND         c -> s  destination node key (32) | packet
@@ -24,10 +24,23 @@ type   name         dir     payload
 0x21   PONG         both    the PING's 8 bytes
 =====  ===========  ======  =================================================================
 
-Authentication: ghostmesh hands each node ``token_mac(secret, node_key, expiry)`` (the relay shares
-``secret`` with ghostmesh, as TURN REST does). The token itself never goes to a relay: the node proves it
-holds it with ``proof = HMAC-SHA256(token, "ghostrelay-auth-v1" | challenge)`` over the relay's fresh
-challenge, so a recorded AUTH is useless on any other connection (replay) and ``expiry`` bounds its life.
+Authentication proves two things over the relay's fresh per-connection challenge, so a recorded AUTH is
+useless on any other connection (replay):
+
+* **ghostmesh let this key use the relays until expiry.** ghostmesh hands each node
+  ``token_mac(secret, node_key, expiry)`` (the relay shares ``secret`` with ghostmesh, as TURN REST does).
+  The token itself never goes to a relay: ``token proof = HMAC-SHA256(token, "ghostrelay-auth-v1" |
+  challenge)``.
+* **the sender holds the node key's private half**, so a token that leaked (a map read on a node, a log)
+  cannot be used by anyone else, nor evict the real node's connection: ``key proof = HMAC-SHA256(K,
+  "ghostrelay-key-v1" | challenge | node key | expiry)`` with ``K = HKDF-SHA256(X25519(node private,
+  relay static public))`` (RFC 7748 section 6.1: both ends compute it, the relay from its static private
+  key and the claimed node key). The relay's static X25519 key is derived from the shared secret
+  (:func:`relay_static_key`), so ghostmesh can publish its public half in the relay map with no new
+  setting.
+
+The relays' TLS key (both transports) is derived from the same secret (:func:`relay_tls_seed`) unless an
+operator configures a certificate, so ghostmesh can put its pin in the relay map and nodes verify it.
 """
 
 from __future__ import annotations
@@ -38,9 +51,13 @@ import hmac
 import struct
 from dataclasses import dataclass
 
-from ghostcore.errors import ProtocolError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MAGIC = b"ghostrelay-v1"
+from ghostcore.errors import InvalidArgument, ProtocolError
+from ghostcore.keys import PrivateKey, PublicKey
+
+MAGIC = b"ghostrelay-v2"  # v2: AUTH carries the key proof
 HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR = 0x01, 0x02, 0x03, 0x04, 0x05
 SEND, RECV, PEER_GONE = 0x10, 0x11, 0x12
 PING, PONG = 0x20, 0x21
@@ -51,7 +68,7 @@ CHALLENGE_LEN = 32
 PROOF_LEN = 32
 MAX_PAYLOAD = 65535
 _HEADER = struct.Struct("!BI")
-_AUTH = struct.Struct("!32sQ32s")
+_AUTH = struct.Struct("!32sQ32s32s")
 
 
 class RelayProtocolError(ProtocolError):
@@ -123,25 +140,57 @@ def auth_proof(token: bytes, challenge: bytes) -> bytes:
     return hmac.new(token, b"ghostrelay-auth-v1" + challenge, hashlib.sha256).digest()
 
 
-def encode_auth(node_key: bytes, expiry: int, token: bytes, challenge: bytes) -> bytes:
+def _hkdf(ikm: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+def relay_static_key(secret: bytes) -> PrivateKey:
+    """The relays' static X25519 key, derived from the shared secret (ghostmesh publishes its public half)."""
+    return PrivateKey.from_raw(_hkdf(secret, b"ghostrelay-static-v1"))
+
+
+def relay_tls_seed(secret: bytes) -> bytes:
+    """Bytes a relay's TLS private key is derived from when no certificate is configured
+    (:func:`ghostcore.tlscert.derived_key`), so ghostmesh can compute the pin nodes check."""
+    return _hkdf(secret, b"ghostrelay-tls-v1", 48)
+
+
+def _key_proof(shared: bytes, challenge: bytes, node_key: bytes, expiry: int) -> bytes:
+    k = _hkdf(shared, b"ghostrelay-key-proof-v1")
+    return hmac.new(
+        k, b"ghostrelay-key-v1" + challenge + node_key + struct.pack("!Q", expiry), hashlib.sha256
+    ).digest()
+
+
+def encode_auth(
+    node: PrivateKey, relay_static: PublicKey, expiry: int, token: bytes, challenge: bytes
+) -> bytes:
     """The AUTH payload a node sends in answer to ``challenge``."""
-    return _AUTH.pack(node_key, expiry, auth_proof(token, challenge))
+    key = node.public_key().raw
+    proof = _key_proof(node.exchange(relay_static), challenge, key, expiry)
+    return _AUTH.pack(key, expiry, auth_proof(token, challenge), proof)
 
 
-def decode_auth(payload: bytes) -> tuple[bytes, int, bytes]:
-    """(node key, expiry, proof) of an AUTH payload."""
+def decode_auth(payload: bytes) -> tuple[bytes, int, bytes, bytes]:
+    """(node key, expiry, token proof, key proof) of an AUTH payload."""
     if len(payload) != _AUTH.size:
         raise RelayProtocolError(f"relay AUTH: {len(payload)} bytes, expected {_AUTH.size}")
-    key, expiry, proof = _AUTH.unpack(payload)
-    return key, expiry, proof
+    key, expiry, token_proof, key_proof = _AUTH.unpack(payload)
+    return key, expiry, token_proof, key_proof
 
 
-def verify_auth(secret: bytes, payload: bytes, challenge: bytes, now: float) -> bytes:
+def verify_auth(secret: bytes, static: PrivateKey, payload: bytes, challenge: bytes, now: float) -> bytes:
     """The authenticated node key (raw 32 bytes) of an AUTH payload, or RelayProtocolError saying why not."""
-    key, expiry, proof = decode_auth(payload)
+    key, expiry, token_proof, key_proof = decode_auth(payload)
     if expiry < now:
         raise RelayProtocolError("relay AUTH: credentials expired")
     want = auth_proof(token_mac(secret, base64.b64encode(key).decode(), expiry), challenge)
-    if not hmac.compare_digest(want, proof):
-        raise RelayProtocolError("relay AUTH: bad proof")
+    if not hmac.compare_digest(want, token_proof):
+        raise RelayProtocolError("relay AUTH: bad token proof")
+    try:
+        shared = static.exchange(PublicKey(key))
+    except InvalidArgument:
+        raise RelayProtocolError("relay AUTH: the node key is not a usable X25519 key") from None
+    if not hmac.compare_digest(_key_proof(shared, challenge, key, expiry), key_proof):
+        raise RelayProtocolError("relay AUTH: bad key proof (the sender does not hold the node's key)")
     return key

@@ -12,7 +12,7 @@ from typing import Any
 from ghostcore.pb.ghostmesh.v1 import admin_pb2
 from ghostctl import output
 from ghostctl.argtypes import duration_arg
-from ghostctl.context import Context
+from ghostctl.context import Context, with_pin
 
 KEY_HEADERS = ("ID", "CREATED", "EXPIRES", "LAST USED", "STATE")
 SHOWN_ONCE = "This API key is shown only once; store it now (ghostmesh keeps only a hash)."
@@ -61,12 +61,13 @@ def run_create(ctx: Context, args: argparse.Namespace) -> int:
         stub.CreateApiKey, admin_pb2.CreateApiKeyRequest(expiration_seconds=args.expiration), where
     )
     k = resp.key
+    secret = with_pin(resp.secret, resp.pin)
 
     def render() -> str:
         expires = output.until(k.expires_unix, ctx.now)
-        return f"created API key {k.id} (expires {expires}):\n{resp.secret}\n{SHOWN_ONCE}"
+        return f"created API key {k.id} (expires {expires}):\n{secret}\n{SHOWN_ONCE}"
 
-    ctx.emit({**key_doc(k), "secret": resp.secret}, render)
+    ctx.emit({**key_doc(k), "secret": secret}, render)
     return 0
 
 

@@ -1,15 +1,19 @@
 """``ghostctl audit list [--after N] [--limit N] | verify [--checkpoint FILE] [--key BASE64]``.
 
-``list`` shows ghostmesh's audit log (who changed what, when, from where). ``verify`` fetches the whole
-log and the server's audit public key and checks it here, client-side, with
-:mod:`ghostcore.auditchain` (the same code the server seals with): seq contiguous from 1, every
-``prev_hash`` linking to the previous entry, every hash recomputed, every signature valid.
+``list`` shows ghostmesh's audit log (who changed what, when, from where): one reply, at most the
+server's page (1000 entries; ``--limit 0`` asks for that many). ``verify`` fetches the whole log, page by
+page, and the server's audit public key and checks it here, client-side, with
+:mod:`ghostcore.auditchain` (the same code the server seals with): seq contiguous from the first entry,
+every ``prev_hash`` linking to the previous entry, every hash recomputed, every signature valid. A log
+the server pruned (``audit.retention``) starts after seq 1; it verifies only when a signed
+``audit.prune`` entry in it records exactly that cut.
 
 What a verifier can know: an edited, removed or reordered entry anywhere before the newest one is
 detected from the log alone. Removing the *newest* entries leaves a shorter log that is still a valid
 chain, so it can only be detected by someone who saw those entries: ``--checkpoint FILE`` remembers the
-key and the last (seq, hash) after each good run and requires them on the next. ``--key`` pins the
-public key expected (otherwise the key the server reports is trusted, or the checkpoint's).
+key and the last (seq, hash) after each good run and requires them on the next (a checkpoint's entry
+pruned since can only be checked for its key and, when the cut is exactly there, its hash). ``--key``
+pins the public key expected (otherwise the key the server reports is trusted, or the checkpoint's).
 
 A failed verification prints the first bad seq and why, and exits 7 (``ghostctl.errors``).
 """
@@ -32,9 +36,10 @@ from ghostctl.context import Context
 from ghostctl.errors import VerifyFailed
 
 AUDIT_HEADERS = ("SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "REMOTE")
-PAGE = 1000  # entries per ListAudit call while verifying, so no reply grows without bound
+PAGE = 1000  # entries per ListAudit call while verifying (the server's maximum), so no reply grows unbounded
 VERIFY_HELP = (
-    "fetch the whole log and verify it here: seq contiguous from 1, hash links, hashes, signatures. "
+    "fetch the whole log and verify it here: seq contiguous from 1 (or from where a signed audit.prune "
+    "entry says the server's retention cut it), hash links, hashes, signatures. "
     "Without a checkpoint, removal of the newest entries cannot be detected by anyone who never saw "
     "them: use --checkpoint FILE on every run (it stores the key and the last seq and hash after a good "
     "run, and later runs require the log to still contain them under the same key)."
@@ -54,7 +59,13 @@ def register(
     cmds = group.add_subparsers(dest="audit_cmd", metavar="{list,verify}", required=True)
     p = cmds.add_parser("list", parents=[common], help="list audit entries, oldest first")
     p.add_argument("--after", type=_non_negative, default=0, metavar="SEQ", help="only entries after SEQ")
-    p.add_argument("--limit", type=_non_negative, default=0, metavar="N", help="at most N entries (0: all)")
+    p.add_argument(
+        "--limit",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help=f"at most N entries (0: the server's maximum per call, {PAGE}; page on with --after)",
+    )
     p.set_defaults(func=run_list)
     p = cmds.add_parser("verify", parents=[common], help="verify the log's hash chain and signatures")
     p.description = VERIFY_HELP
@@ -126,9 +137,9 @@ def _fetch_all(ctx: Context, stub: admin_pb2_grpc.AdminStub, where: str) -> list
     while True:
         req = admin_pb2.ListAuditRequest(after_seq=after, limit=PAGE)
         page = list(ctx.call(stub.ListAudit, req, where).entries)
-        records.extend(record_of(m) for m in page)
-        if len(page) < PAGE:
+        if not page:  # only an empty page ends the log: a server may answer fewer than PAGE per call
             return records
+        records.extend(record_of(m) for m in page)
         if page[-1].seq <= after:  # a server going backwards would loop forever
             raise e.ProtocolError(f"{where}: ListAudit after {after} returned seq {page[-1].seq}")
         after = page[-1].seq
@@ -173,6 +184,7 @@ def run_verify(ctx: Context, args: argparse.Namespace) -> int:
     doc = {
         "ok": True,
         "entries": verdict.count,
+        "first_seq": verdict.first_seq,
         "last_seq": verdict.last_seq,
         "last_hash": verdict.last_hash.hex(),
         "public_key": key_text,
@@ -181,6 +193,8 @@ def run_verify(ctx: Context, args: argparse.Namespace) -> int:
 
     def render() -> str:
         text = f"ok: {verdict.count} entries verified (last seq {verdict.last_seq}), audit key {key_text}"
+        if verdict.first_seq > 1:
+            text += f"\nseq 1..{verdict.first_seq - 1} were pruned, as a signed audit.prune entry records"
         if args.checkpoint is not None:
             text += f"\ncheckpoint saved to {args.checkpoint}"
         else:

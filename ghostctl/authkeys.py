@@ -12,7 +12,7 @@ from typing import Any
 from ghostcore.pb.ghostmesh.v1 import admin_pb2
 from ghostctl import output
 from ghostctl.argtypes import duration_arg, tags_arg
-from ghostctl.context import Context
+from ghostctl.context import Context, with_pin
 
 KEY_HEADERS = ("ID", "USER", "REUSABLE", "EPHEMERAL", "TAGS", "CREATED", "EXPIRES", "USED", "STATE")
 SHOWN_ONCE = "This key is shown only once; store it now (ghostmesh keeps only a hash)."
@@ -83,6 +83,7 @@ def run_create(ctx: Context, args: argparse.Namespace) -> int:
     )
     resp = ctx.call(stub.CreateAuthKey, req, where)
     k = resp.key
+    secret = with_pin(resp.secret, resp.pin)
 
     def render() -> str:
         kind = ", ".join(
@@ -93,9 +94,9 @@ def run_create(ctx: Context, args: argparse.Namespace) -> int:
                 *([f"tags {output.joined(k.tags)}"] if k.tags else []),
             ]
         )
-        return f"created auth key {k.id} for user {k.user} ({kind}):\n{resp.secret}\n{SHOWN_ONCE}"
+        return f"created auth key {k.id} for user {k.user} ({kind}):\n{secret}\n{SHOWN_ONCE}"
 
-    ctx.emit({**key_doc(k), "secret": resp.secret}, render)
+    ctx.emit({**key_doc(k), "secret": secret}, render)
     return 0
 
 

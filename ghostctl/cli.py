@@ -15,13 +15,19 @@ flag               environment             meaning
 ``--server``       ``GHOSTCTL_SERVER``     ghostmesh admin endpoint: ``unix:/path`` (default
                                            unix:/var/run/ghostmesh/admin.sock) or ``host:port``
 ``--api-key``      ``GHOSTCTL_API_KEY``    API key for ``--server host:port`` (sent as
-                                           ``authorization: Bearer``; never printed)
+                                           ``authorization: Bearer`` over TLS; never printed); as
+                                           ``apikeys create`` prints it, it carries the server's pin
+``--pin``          ``GHOSTCTL_PIN``        the server's TLS key (``sha256:…``, ``server pin``) when
+                                           the API key does not carry it
+``--ca-file``      ``GHOSTCTL_CA_FILE``    without a pin: CAs for the server's certificate
+                                           (default: the system's)
 ``--timeout``      ``GHOSTCTL_TIMEOUT``    seconds per call (default 5)
 =================  ======================  =====================================================
 
-Commands: ``status``, ``peers`` (node, ``ghostctl.node_cmds``), ``keys rotate`` (node,
-``ghostctl.keys``); ``users``, ``nodes``, ``authkeys``,
-``apikeys``, ``audit``, ``route`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
+Commands: ``status``, ``peers``, ``netcheck`` (node, ``ghostctl.node_cmds``), ``ping`` (node,
+``ghostctl.ping``), ``dns status`` / ``dns query`` (node, ``ghostctl.dns_cmds``), ``keys rotate`` (node,
+``ghostctl.keys``); ``users``, ``nodes``, ``authkeys``, ``apikeys``, ``audit``, ``acl``, ``route``, ``lock``,
+``server`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
 ``GHOSTCTL_DEBUG=1`` to get a traceback for an unexpected internal error.
 """
 
@@ -34,7 +40,21 @@ import traceback
 from collections.abc import Sequence
 
 from ghostcore import errors as e
-from ghostctl import acl, apikeys, audit, authkeys, keys, node_cmds, nodes, routes, users
+from ghostctl import (
+    acl,
+    apikeys,
+    audit,
+    authkeys,
+    dns_cmds,
+    keys,
+    lock,
+    node_cmds,
+    nodes,
+    ping,
+    routes,
+    server,
+    users,
+)
 from ghostctl.context import DEFAULT_SERVER, DEFAULT_SOCKET, DEFAULT_TIMEOUT, Context
 from ghostctl.errors import EXIT_GENERIC, EXIT_INTERRUPTED, EXIT_USAGE, exit_code_for, redact
 from ghostctl.output import OUTPUT_MODES
@@ -85,6 +105,18 @@ def _add_globals(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="API key for --server host:port; prefer the environment variable [GHOSTCTL_API_KEY]",
     )
     p.add_argument(
+        "--pin",
+        metavar="PIN",
+        default=d(env.get("GHOSTCTL_PIN") or None),
+        help="the server's TLS key pin sha256:… for --server host:port [GHOSTCTL_PIN]",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        default=d(env.get("GHOSTCTL_CA_FILE") or None),
+        help="CA certificates for --server host:port without a pin [GHOSTCTL_CA_FILE]",
+    )
+    p.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=_positive_float,
@@ -105,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_globals(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     node_cmds.register(sub, common)
+    ping.register(sub, common)
+    dns_cmds.register(sub, common)
     keys.register(sub, common)
     users.register(sub, common)
     nodes.register(sub, common)
@@ -113,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.register(sub, common)
     acl.register(sub, common)
     routes.register(sub, common)
+    lock.register(sub, common)
+    server.register(sub, common)
     return parser
 
 
@@ -135,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), message already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    # "acl check" runs offline unless a server was asked for by name (flag or environment)
+    args.server_given = "GHOSTCTL_SERVER" in os.environ or any(
+        a == "--server" or a.startswith("--server=") for a in argv_list
+    )
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -143,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_path=args.socket,
         server=args.server,
         api_key=args.api_key,
+        pin=args.pin,
+        ca_file=args.ca_file,
         timeout=float(args.timeout),
     )
     try:

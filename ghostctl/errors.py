@@ -59,19 +59,17 @@ def exit_code_for(err: BaseException) -> int:
 
 def rpc_failure(exc: grpc.RpcError, target: str, hint: str) -> e.GhostError:
     """The GhostError for a failed call to ``target``; unreachable targets get ``hint`` (what to do)."""
-    err = from_rpc_error(exc, target)
-    code = exc.code() if hasattr(exc, "code") else None
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        details = (exc.details() if hasattr(exc, "details") else "") or str(code)
-        first = details.splitlines()[0] if details else ""
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            first = "timed out; raise --timeout if it is just slow"
-        return e.Unavailable(f"cannot reach {target} ({first}); {hint}")
-    return err
+    if hasattr(exc, "code") and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        hint = f"raise --timeout if it is just slow; {hint}"
+    return from_rpc_error(exc, target, hint)
 
 
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with ``secret`` replaced, so an API key can never reach stderr even if a server echoes it."""
-    if secret:
-        text = text.replace(secret, "<redacted>")
+    """``text`` with ``secret`` replaced, so an API key can never reach stderr even if a server echoes it.
+
+    The key part alone (before the ``.sha256:`` pin a handed-out key carries) is redacted too.
+    """
+    for part in (secret, (secret or "").split(".")[0]):
+        if part:
+            text = text.replace(part, "<redacted>")
     return " ".join(text.splitlines()).strip()

@@ -52,6 +52,14 @@ def status_doc(st: local_pb2.LocalStatus) -> dict[str, Any]:
         **output.time_fields("last_map", st.last_map_unix),
         "last_error": st.last_error,
         **output.time_fields("expires", st.expires_unix),
+        "lock": {
+            "enabled": st.lock_enabled,
+            "key_signed": st.key_signed,
+            "request": st.lock_request,
+            "trusted_keys": list(st.lock_trusted),
+        },
+        "refused": list(st.refused),
+        "refused_total": st.refused_total,
     }
 
 
@@ -76,8 +84,18 @@ def render_status(st: local_pb2.LocalStatus, now: float) -> str:
             ("map serial", serial),
             ("expires", output.until(st.expires_unix, now)),
             ("last error", st.last_error),
+            ("node-key signing", _lock_line(st)),
+            ("signing request", st.lock_request if st.lock_enabled and not st.key_signed else ""),
+            *(("refused", line) for line in st.refused),
         ]
     )
+
+
+def _lock_line(st: local_pb2.LocalStatus) -> str:
+    if not st.lock_enabled:
+        return "off"
+    signed = "this node is signed" if st.key_signed else "this node is NOT signed: peers refuse it"
+    return f"on ({len(st.lock_trusted)} trusted keys); {signed}"
 
 
 def run_status(ctx: Context, args: argparse.Namespace) -> int:
@@ -164,7 +182,7 @@ def netcheck_doc(r: local_pb2.NetcheckReport) -> dict[str, Any]:
 def render_netcheck(r: local_pb2.NetcheckReport) -> str:
     mapping = {
         "endpoint-independent": "endpoint-independent (easy NAT or none: direct paths work)",
-        "varies-by-destination": "varies by destination (hard NAT: direct only with a peer that has none)",
+        "varies-by-destination": "varies by destination (hard NAT: direct to easy NATs by birthday probing)",
     }.get(r.mapping, r.mapping or "unknown")
     home = next((x.name for x in r.relays if x.home), "")
     head = output.key_values(

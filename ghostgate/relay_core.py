@@ -1,24 +1,29 @@
 """The sans-IO ghost relay server (DERP-like): bytes and ``now`` in, actions out.
 
-Speaks :mod:`ghostcore.relaywire` (read its docstring for the frames and the auth). The I/O edges
-(:mod:`ghostgate.quic`, :mod:`ghostgate.stream`) give every transport connection an opaque integer id and
-call :meth:`RelayCore.open`, :meth:`RelayCore.stream` (bytes of the control stream: QUIC stream 0 or the TLS
-byte stream), :meth:`RelayCore.datagram` (a QUIC DATAGRAM frame), :meth:`RelayCore.lost` (the transport went
-away) and :meth:`RelayCore.timer` at :meth:`RelayCore.next_timer`. Each returns :class:`Send` (a stream frame
-to write), :class:`Deliver` (a packet for a connection; the edge picks the form: a QUIC DATAGRAM when it fits,
-else a RECV stream frame) and :class:`Close` actions.
+Speaks :mod:`ghostcore.relaywire` (read its docstring for the frames and the auth). The hub
+(:mod:`ghostgate.relay_hub`, fed by the QUIC and TLS edges) gives every transport connection an opaque integer
+id and calls :meth:`RelayCore.open`, :meth:`RelayCore.stream` (bytes of the control stream: QUIC stream 0 or
+the TLS byte stream), :meth:`RelayCore.datagram` (a QUIC DATAGRAM frame), :meth:`RelayCore.lost` (the
+transport went away) and :meth:`RelayCore.timer` at :meth:`RelayCore.next_timer`. Each returns :class:`Send`
+(a stream frame to write), :class:`Deliver` (a packet for a connection; the edge picks the form: a QUIC
+DATAGRAM when it fits, else a RECV stream frame) and :class:`Close` actions.
 
 Per connection: await HELLO -> CHALLENGE sent -> authenticated. The challenge is 32 fresh random bytes per
 connection, so a recorded AUTH fails the proof on any other connection (replay) and ``expiry`` bounds a
 token's life. One route per node key: a newer authenticated connection for a key replaces the older one,
 which gets ERROR and is closed (a node that reconnected after a network change wins over its dead past).
 
-Robustness (issue 3 §7): nothing a client sends raises out of these methods. Anything before AUTH_OK other
-than the handshake, bad frames, unknown types, oversize lengths, bad or expired proofs, and handshakes that
-take longer than ``handshake_timeout`` end in ERROR + :class:`Close`, counted in ``counters``; a closed
-connection is forgotten at once (no state outlives it). SEND to a key with no connection answers PEER_GONE,
-at most once per destination per ``peer_gone_interval`` and ``peer_gone_burst`` per interval in total, so
-a flood is not echoed 1:1.
+Robustness against bad input: nothing a client sends raises out of these methods. Anything before AUTH_OK
+other than the handshake, bad frames, unknown types, oversize lengths, bad or expired proofs, and handshakes
+that take longer than ``handshake_timeout`` end in ERROR + :class:`Close`, counted in ``counters``; a closed
+connection is forgotten at once (no state outlives it). SEND to a key with no connection answers PEER_GONE, at
+most once per destination per ``peer_gone_interval`` and ``peer_gone_burst`` per interval in total, so a flood
+is not echoed 1:1.
+
+Revocation (with ``[control]``: a :class:`ghostgate.nodeset.NodeSet` ghostmesh keeps current): an AUTH whose
+credentials verify is still refused when its node key is not in the set ("relay AUTH: node not current",
+``not_current``), and :meth:`RelayCore.revoke` closes the connections of keys that just left it (a node
+deleted or expired, the old key of a rotation; ``revoked``). Without a set, credentials alone decide.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ghostcore import relaywire as rw
+from ghostgate.nodeset import NodeSet, Revoked
 
 HANDSHAKE_TIMEOUT = 10.0
 PEER_GONE_INTERVAL = 1.0
@@ -39,6 +45,8 @@ PEER_GONE_BURST = 16
 # A RECV stream frame carries the 32-byte source key in front of the packet, within MAX_PAYLOAD.
 MAX_PACKET = rw.MAX_PAYLOAD - rw.KEY_LEN
 PING_LEN = 8
+NOT_CURRENT = "relay AUTH: node not current (deleted, expired or its key replaced at ghostmesh)"
+REVOKED = "relay: node not current (deleted, expired or its key replaced at ghostmesh)"
 
 
 @dataclass(frozen=True)
@@ -105,8 +113,11 @@ class RelayCore:
         peer_gone_interval: float = PEER_GONE_INTERVAL,
         peer_gone_burst: int = PEER_GONE_BURST,
         random: Callable[[int], bytes] = os.urandom,
+        roster: NodeSet | None = None,
     ) -> None:
         self._secret = secret
+        self.roster = roster  # None: no [control], credentials alone decide
+        self._static = rw.relay_static_key(secret)  # the key proofs of AUTH are made for (relaywire)
         self.handshake_timeout = handshake_timeout
         self.peer_gone_interval = peer_gone_interval
         self.peer_gone_burst = peer_gone_burst
@@ -175,6 +186,18 @@ class RelayCore:
         c = self.conns.get(conn)
         return [] if c is None else self._fail(c, reason, counter)
 
+    def revoke(self, revoked: Revoked) -> list[Action]:
+        """Close the authenticated connections of keys that left the roster (``revoked.everything``: check
+        every connection, after the first set a gate ever got)."""
+        roster = self.roster
+        if roster is None or not revoked:
+            return []
+        keys = self.routes if revoked.everything else revoked.keys
+        out: list[Action] = []
+        for key in [k for k in keys if k in self.routes and not roster.allows_key(k)]:
+            out += self._fail(self.conns[self.routes[key]], REVOKED, "revoked")
+        return out
+
     def timer(self, now: float) -> list[Action]:
         """Close connections whose handshake did not finish in ``handshake_timeout``."""
         out: list[Action] = []
@@ -228,16 +251,18 @@ class RelayCore:
 
     def _auth(self, c: Conn, payload: bytes, now: float) -> list[Action]:
         try:
-            _, expiry, _ = rw.decode_auth(payload)
+            _, expiry, _, _ = rw.decode_auth(payload)
         except rw.RelayProtocolError as exc:
             return self._fail(c, str(exc), "malformed")
         if expiry < now:
             reason = "relay AUTH: credentials expired (ask ghostmesh for a new map)"
             return self._fail(c, reason, "auth_expired")
         try:
-            key = rw.verify_auth(self._secret, payload, c.challenge, now)
+            key = rw.verify_auth(self._secret, self._static, payload, c.challenge, now)
         except rw.RelayProtocolError as exc:
             return self._fail(c, str(exc), "auth_failed")
+        if self.roster is not None and not self.roster.allows_key(key):
+            return self._fail(c, NOT_CURRENT, "not_current")
         out: list[Action] = []
         old = self.routes.get(key)
         if old is not None and old != c.id and old in self.conns:
@@ -256,6 +281,7 @@ class RelayCore:
         target = self.routes.get(dst)
         if target is not None:
             self.counters["forwarded"] += 1
+            self.counters["forwarded_bytes"] += len(packet)
             return [Deliver(target, src, packet)]
         self.counters["unknown_dest"] += 1
         if now - c.gone_window >= self.peer_gone_interval:

@@ -7,14 +7,15 @@ Validation beyond types (interface name length, port range, backend names, host:
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ghostcore.config import duration, load
-from ghostcore.errors import ConfigError
+from ghostcore.addr import AddressError, HostPort, parse_prefix, split_hostport
+from ghostcore.config import MetricsConfig, duration, load
+from ghostcore.errors import ConfigError, InvalidArgument
+from ghostcore.joinkey import parse_pin
 from ghostcore.logsetup import LogConfig
 
 ENV_PREFIX = "GHOSTLINK"
@@ -23,21 +24,18 @@ BACKENDS = ("auto", "kernel", "wireguard-go")
 IFNAME_MAX = 15
 
 
-def split_host_port(text: str, where: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ConfigError naming ``where`` otherwise."""
-    bad = ConfigError(f"{where}: {text!r} is not host:port; use e.g. 203.0.113.1:7777 or [2001:db8::1]:7777")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise bad
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise bad
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise bad
-    return host, int(port_text)
+def check_server(text: str) -> HostPort:
+    """``node.server``: ``host:port`` or ``[v6]:port`` with a port to connect to (1..65535), parsed by
+    :func:`ghostcore.addr.split_hostport`; ConfigError otherwise."""
+    try:
+        host, port = split_hostport(text, "node.server")
+    except AddressError:
+        host, port = "", 0
+    if port == 0:
+        raise ConfigError(
+            f"node.server: {text!r} is not host:port; use e.g. 203.0.113.1:7777 or [2001:db8::1]:7777"
+        )
+    return host, port
 
 
 def validate_ifname(name: str, where: str = "wireguard.interface") -> str:
@@ -60,26 +58,34 @@ class NodeConfig:
     advertise_routes: list[str] = field(default_factory=list)
     advertise_exit_node: bool = False
     exit_node: str = ""  # name of the peer to send all internet traffic through ("": none)
+    # Install the subnet routes peers offer (as `tailscale up --accept-routes`); off: peers' own addresses
+    # (and the chosen exit node's default routes) only.
+    accept_routes: bool = False
+    # The server's TLS key, "sha256:…" (ghostcore.joinkey), when the auth key does not carry it (an OIDC
+    # join) or to trust a server whose key changed; saved at join and checked on every connection.
+    pin: str = ""
 
     def __post_init__(self) -> None:
         for i, prefix in enumerate(self.advertise_routes):
             try:
-                net = ipaddress.ip_network(prefix, strict=True)
-            except ValueError:
-                raise ConfigError(
-                    f"node.advertise_routes[{i}]: {prefix!r} is not a prefix without host bits, "
-                    "e.g. 10.1.1.0/24"
-                ) from None
+                net = parse_prefix(prefix, "route")
+            except AddressError as exc:
+                raise ConfigError(exc.for_key(f"node.advertise_routes[{i}]")) from None
             if net.prefixlen == 0:
                 raise ConfigError(f"node.advertise_routes[{i}]: use node.advertise_exit_node for {prefix}")
         if self.key_rotation < 0:
             raise ConfigError('node.key_rotation: must be 0 (off) or a positive duration such as "30d"')
         if self.server:
-            split_host_port(self.server, "node.server")
+            check_server(self.server)
         if not self.state_dir:
             raise ConfigError("node.state_dir: must not be empty")
         if len(self.hostname) > 63:
             raise ConfigError("node.hostname: at most 63 characters")
+        if self.pin:
+            try:
+                parse_pin(self.pin, "node.pin")
+            except InvalidArgument as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ class ControlConfig:
     socket: str = "/var/run/ghostlink/ghostlink.sock"
     reconnect_max: float = duration(30.0)
     connect_timeout: float = duration(5.0)
+    # Without a pin, ghostmesh's certificate must chain to a CA: these (a PEM file), else the system's.
+    ca_file: str = ""
 
     def __post_init__(self) -> None:
         if not self.socket:
@@ -121,11 +129,28 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class TraversalConfig:
+    # Ask the gateway to map WireGuard's port (PCP, NAT-PMP, UPnP IGD) and offer the mapped endpoint.
+    port_mapping: bool = True
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    # Point the host's resolver (systemd-resolved, or /etc/resolv.conf) at the node resolver while the
+    # map carries DNS settings, as `tailscale up --accept-dns`; off: the resolver at 100.100.100.100
+    # still answers, but the host is left alone.
+    accept: bool = True
+
+
+@dataclass(frozen=True)
 class LinkConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     wireguard: WireGuardConfig = field(default_factory=WireGuardConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
 
 def load_config(

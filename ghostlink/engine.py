@@ -14,10 +14,12 @@ Three steps, all sans-IO (no sockets, no netlink, no clock):
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ghostcore.addr import AddressError, parse_endpoint, parse_ip
 from ghostcore.errors import InvalidArgument, ProtocolError
 from ghostcore.keys import PublicKey
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2
@@ -43,6 +45,7 @@ class NodeInfo:
     exit_node: bool = False
     home_region: int = 0  # relay region the node is connected to (0: none)
     turn_relay: str = ""  # its TURN relayed address, "" none
+    key_signature: bytes = field(default=b"", repr=False)  # node-key signing: ghostcore.lock chain
 
     @classmethod
     def from_pb(cls, n: coordination_pb2.Node) -> NodeInfo:
@@ -61,6 +64,7 @@ class NodeInfo:
             exit_node=n.exit_node,
             home_region=n.home_region,
             turn_relay=n.turn_relay,
+            key_signature=n.key_signature,
         )
 
 
@@ -90,6 +94,7 @@ class RegionInfo:
     quic_port: int
     tcp_port: int
     turn: bool
+    tls_pin: bytes = b""  # SHA-256 of the relay certificate's SubjectPublicKeyInfo
 
 
 @dataclass(frozen=True)
@@ -102,14 +107,46 @@ class RelayInfo:
     expires_unix: int = 0
     relay_token: bytes = field(default=b"", repr=False)
     fallback: tuple[str, ...] = ("ice", "turn", "stun")
+    relay_static_key: bytes = b""  # the relays' X25519 public key (relay AUTH key proofs)
 
     @classmethod
     def from_pb(cls, m: coordination_pb2.RelayMap) -> RelayInfo:
         regions = tuple(
-            RegionInfo(r.id, r.name, r.host, r.stun_port, r.quic_port, r.tcp_port, r.turn) for r in m.regions
+            RegionInfo(r.id, r.name, r.host, r.stun_port, r.quic_port, r.tcp_port, r.turn, r.tls_pin)
+            for r in m.regions
         )
         return cls(
-            regions, m.turn_username, m.turn_password, m.expires_unix, m.relay_token, tuple(m.fallback)
+            regions,
+            m.turn_username,
+            m.turn_password,
+            m.expires_unix,
+            m.relay_token,
+            tuple(m.fallback),
+            m.relay_static_key,
+        )
+
+
+@dataclass(frozen=True)
+class DnsInfo:
+    """The map's DNS settings (an immutable ``coordination_pb2.DnsConfig``), as sent: the resolver core
+    (:mod:`ghostlink.dns_core`) parses each value strictly and skips what does not parse."""
+
+    magic_dns: bool
+    base_domain: str
+    nameservers: tuple[str, ...] = ()
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (domain, servers)
+    search_domains: tuple[str, ...] = ()
+    extra_records: tuple[tuple[str, str, str], ...] = ()  # (name, type, value)
+
+    @classmethod
+    def from_pb(cls, m: coordination_pb2.DnsConfig) -> DnsInfo:
+        return cls(
+            m.magic_dns,
+            m.base_domain,
+            tuple(m.nameservers),
+            tuple((s.domain, tuple(s.servers)) for s in m.split),
+            tuple(m.search_domains),
+            tuple((r.name, r.type, r.value) for r in m.extra_records),
         )
 
 
@@ -128,6 +165,8 @@ class NetMap:
     has_full: bool = False  # a full map arrived on the current stream
     filter: tuple[FilterSpec, ...] | None = None
     relay: RelayInfo | None = None  # None: the server has no relay regions
+    lock_log: tuple[bytes, ...] = ()  # node-key signing: the lock's signed updates as the map sends them
+    dns: DnsInfo | None = None  # None: the server sends no DNS settings (the host's resolver is left alone)
 
     def begin_stream(self) -> None:
         """A new Sync stream starts: serials restart at 1; keep the map until the full one replaces it."""
@@ -147,6 +186,8 @@ class NetMap:
             self.peers = {}
             self.has_full = True
             self.relay = None  # a full map without relay_map: the regions are gone
+            self.lock_log = ()  # likewise the lock log (whether to believe that is ghostlink.trust's call)
+            self.dns = None  # and the DNS settings
         if update.HasField("self"):
             self.self_node = NodeInfo.from_pb(update.self)
         for rid in update.peers_removed:
@@ -159,6 +200,10 @@ class NetMap:
             self.filter = tuple(FilterSpec.from_pb(r) for r in update.filter.rules)
         if update.HasField("relay_map"):
             self.relay = RelayInfo.from_pb(update.relay_map) if update.relay_map.regions else None
+        if update.HasField("lock"):
+            self.lock_log = tuple(update.lock.updates)
+        if update.HasField("dns"):
+            self.dns = DnsInfo.from_pb(update.dns)
         self.serial = update.serial
 
 
@@ -254,17 +299,40 @@ def chosen_exit(nm: NetMap, exit_node: str) -> NodeInfo | None:
 
 
 def endpoint_hosts(nm: NetMap) -> frozenset[str]:
-    """The underlay addresses of every peer's endpoints and of the relays (never routed into the tunnel)."""
+    """The underlay addresses of every peer's endpoints and of the relays (never routed into the tunnel).
+
+    Malformed endpoints and relay hosts given by name are skipped: only addresses can be routed around.
+    """
     out: set[str] = set()
-    relays = [f"{g.host}:0" for g in nm.relay.regions] if nm.relay is not None else []
-    for ep in [e for p in nm.peers.values() for e in (*p.endpoints, p.turn_relay) if e] + relays:
-        if ep:
-            host = ep.rpartition(":")[0].strip("[]")
-            try:
-                out.add(str(ipaddress.ip_address(host)))
-            except ValueError:
-                continue
+    for ep in (e for p in nm.peers.values() for e in (*p.endpoints, p.turn_relay) if e):
+        with contextlib.suppress(AddressError):
+            out.add(parse_endpoint(ep)[0])
+    for g in nm.relay.regions if nm.relay is not None else ():
+        with contextlib.suppress(AddressError):
+            out.add(str(parse_ip(g.host, "relay host")))
     return frozenset(out)
+
+
+def reassert_plan(
+    applied: DesiredState, current: Mapping[str, str | None], chosen: Mapping[str, str]
+) -> Plan:
+    """The endpoints to set again because WireGuard roamed away from the path traversal chose.
+
+    ``chosen``: peer key -> the endpoint traversal chose (direct candidate or relay proxy socket);
+    ``current``: peer key -> the endpoint WireGuard reports now. A peer is stale when what was applied is
+    the chosen endpoint and WireGuard moved elsewhere (a relayed packet during a switch, or a stray direct
+    one). Only the endpoint is set again, so the session is kept; peers traversal did not choose an
+    endpoint for roam as WireGuard likes.
+    """
+    stale = tuple(
+        spec
+        for key, spec in applied.peers.items()
+        if spec.endpoint is not None
+        and chosen.get(key) == spec.endpoint
+        and key in current
+        and current[key] not in (None, spec.endpoint)
+    )
+    return Plan(peers_update=tuple(PeerUpdate(s, frozenset({"endpoint"})) for s in stale))
 
 
 def desired_state(
@@ -272,9 +340,9 @@ def desired_state(
 ) -> DesiredState:
     """What the device should look like for ``nm``. Malformed peers are skipped (the server validates).
 
-    ``endpoints`` (peer key -> "ip:port") is the path choice of ghostlink.paths: a direct endpoint that
-    passed connectivity checks, or the local relay proxy's socket. A peer not in it keeps the first
-    endpoint the map lists (no relays configured: the behaviour of a plain routed network).
+    ``endpoints`` (peer key -> "ip:port") is the path choice of NAT traversal (ghostlink.traversal): a
+    direct endpoint that passed connectivity checks, or the local relay proxy's socket. A peer not in it
+    keeps the first endpoint the map lists (no relays configured: the behaviour of a plain routed network).
 
     An exit node's 0.0.0.0/0 and ::/0 are kept only on the peer chosen with ``exit_node`` (see
     :func:`chosen_exit`) and never become routes here: ghostlink.exitroute installs the default routes

@@ -6,13 +6,20 @@ interfaces. This module flips ``net.ipv4.ip_forward`` and ``net.ipv6.conf.all.fo
 ip-sysctl.rst) on when the node becomes a router and writes back the values it found when it stops
 being one or shuts down, so ghostlink leaves the host as it was. The sysctls are per network namespace.
 Masquerading of the forwarded traffic lives in :mod:`ghostlink.nft` (the same table as the filter).
+
+The values found are journaled (:mod:`ghostlink.hostjournal`) before the first write and forgotten once
+written back; after a crash, :func:`restore` writes the journaled ones back, so that the next run finds
+(and will restore) what the host had, not the "1" the crashed run left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+
+from ghostlink.hostjournal import HostJournal
 
 log = logging.getLogger(__name__)
 
@@ -23,30 +30,47 @@ def is_router(primary_routes: tuple[str, ...], exit_node: bool) -> bool:
     return bool(primary_routes) or exit_node
 
 
+def restore(saved: Mapping[str, str]) -> None:
+    """Write each sysctl back to its saved value (blocking); OSError naming those that failed."""
+    failed = []
+    for path, value in saved.items():
+        try:
+            Path(path).write_text(value + "\n")
+        except OSError as exc:
+            failed.append(f"{path} to {value} ({exc.strerror})")
+    if failed:
+        raise OSError(f"cannot restore {', '.join(failed)}")
+
+
 class Forwarding:
     """Turns forwarding on and back to what it was; the paths are injectable for tests."""
 
-    def __init__(self, paths: tuple[Path, ...] = SYSCTLS) -> None:
+    def __init__(self, paths: tuple[Path, ...] = SYSCTLS, journal: HostJournal | None = None) -> None:
         self.paths = paths
-        self._saved: dict[Path, str] | None = None  # set while forwarding is on because of us
+        self._saved: dict[str, str] | None = None  # set while forwarding is on because of us
+        self._journal = journal  # None: nothing journaled (tests that run it alone)
 
     @property
     def on(self) -> bool:
         return self._saved is not None
 
     def _enable(self) -> None:
-        saved = {p: p.read_text().strip() for p in self.paths}
+        saved = {str(p): p.read_text().strip() for p in self.paths}
+        if self._journal is not None:
+            self._journal.record_sysctls(saved)
         for p in self.paths:
             p.write_text("1\n")
         self._saved = saved
 
     def _restore(self) -> None:
         saved, self._saved = self._saved, None
-        for p, value in (saved or {}).items():
-            try:
-                p.write_text(value + "\n")
-            except OSError as exc:
-                log.warning("restoring %s to %s failed: %s", p, value, exc)
+        try:
+            restore(saved or {})
+        except OSError as exc:
+            log.warning("%s", exc)
+            return  # still journaled: the next start tries again
+        if self._journal is not None:
+            self._journal.record_sysctls({})
 
     async def apply(self, router: bool) -> None:
         """Forwarding on while ``router``; restored when it no longer is. Idempotent."""

@@ -29,6 +29,9 @@ _IGNORABLE = {errno.EEXIST, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENOENT}
 # Mesh routes get a metric above the kernel's for connected routes (0 for IPv4, 256 for IPv6), so when a
 # peer routes a subnet this host is itself on (a standby subnet router on the same LAN), the LAN wins.
 ROUTE_METRIC = 2000
+_SCOPE_HOST = 254  # RT_SCOPE_HOST (linux/rtnetlink.h)
+_IFA_F_NODAD = 0x02  # linux/if_addr.h
+_FOREVER = 0xFFFFFFFF  # INFINITY_LIFE_TIME: valid forever
 
 
 class NetLayer(Protocol):
@@ -84,6 +87,34 @@ def apply_sync(ifname: str, plan: Plan, netns: str | None = None) -> None:
         for r in plan.routes_add:
             # "replace" is idempotent: an existing identical route is not an error.
             ip.route("replace", dst=r, oif=idx, priority=ROUTE_METRIC)
+
+
+def add_service_addresses(ifname: str, addresses: Iterable[str], netns: str | None = None) -> None:
+    """Add addresses this host serves on (the node resolver's) to ``ifname``, never to be a source.
+
+    Linux picks a packet's source address among the outgoing interface's addresses: an overlay packet
+    leaving from 100.100.100.100 would be dropped by every peer (it is not in our allowed IPs there). So
+    the IPv4 address gets host scope (never chosen for a route of wider scope, RFC-less but Linux's
+    ``inet_select_addr``) and the IPv6 one is added deprecated (preferred lifetime 0: RFC 6724 section 5,
+    rule 3 avoids it as a source), and without DAD; both still take packets addressed to them. Idempotent.
+    """
+    with _iproute(netns) as ip:
+        found = ip.link_lookup(ifname=ifname)
+        if not found:
+            raise Unavailable(f"interface {ifname} does not exist; is WireGuard running?")
+        for text in addresses:
+            addr = ipaddress.ip_address(text)
+            try:
+                if addr.version == 4:
+                    ip.addr("add", index=found[0], address=text, prefixlen=32, scope=_SCOPE_HOST)
+                else:
+                    ip.addr(
+                        "add", index=found[0], address=text, prefixlen=128, flags=_IFA_F_NODAD,
+                        IFA_CACHEINFO={"ifa_preferred": 0, "ifa_valid": _FOREVER, "cstamp": 0, "tstamp": 0},
+                    )  # fmt: skip
+            except OSError as exc:
+                if not _ignorable(exc):
+                    raise
 
 
 def usable_endpoints(addrs: Iterable[tuple[str, str]], listen_port: int, exclude_ifname: str) -> list[str]:

@@ -19,13 +19,18 @@ passes no input device there); ``ROUTED_MARK`` is one bit, OR-ed in so other mar
 rules decide first: a packet the node's filter does not accept is dropped before it is ever marked.
 
 The policy compiler on ghostmesh is the judge of who may reach what; this module only renders its
-``FilterRule``s. A rule without protocols accepts any protocol when it covers every port, and TCP, UDP
-and ICMP on its ports otherwise (ports do not exist for ICMP; Tailscale also lets a rule's ICMP through).
+``FilterRule``s, protocol by protocol as written (:mod:`ghostcore.policy.protocols`): TCP, UDP and SCTP
+on the rule's ports, ICMP (IPv4) and ICMPv6 (IPv6) whatever the ports (they have none), any other
+protocol (GRE, ESP, a number) only when the rule covers every port. A rule without protocols admits
+Tailscale's default set, TCP, UDP, ICMP and ICMPv6: never GRE, SCTP or anything else.
 
 Replacing: the whole table is rewritten in ONE ``nft -f -`` transaction ("add table; delete table; add
 table {...}"), which nftables applies atomically (nftables wiki, "Atomic rule replacement"), so there is
 never a moment without rules. :func:`render` is pure and unit tested; :class:`NftFirewall` is the
 subprocess edge.
+
+The table is journaled (:mod:`ghostlink.hostjournal`) before it is first created and forgotten once it is
+deleted; :func:`delete_table` removes the one a crashed run left, by its journaled name.
 """
 
 from __future__ import annotations
@@ -36,7 +41,11 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 
+from ghostcore import addr
+from ghostcore.errors import InvalidArgument
+from ghostcore.policy import protocols
 from ghostlink.engine import FilterSpec
+from ghostlink.hostjournal import HostJournal
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +58,18 @@ def table_name(ifname: str) -> str:
 
 
 def _collapse(prefixes: Iterable[str], version: int) -> list[str]:
-    nets = [ipaddress.ip_network(p, strict=False) for p in prefixes]
-    nets = [n for n in nets if n.version == version]
-    # overlapping elements are an error in an nft interval set: merge them first
-    return [str(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
+    """The ``version`` prefixes merged (overlapping elements are an error in an nft interval set).
+
+    Each is parsed strictly (``ghostcore.addr.parse_prefix``): only canonical prefixes reach a script, so
+    no map value can add a token, a statement or a line to it. InvalidArgument otherwise.
+    """
+    nets = [addr.parse_prefix(p, "filter prefix") for p in prefixes]
+    if version == 4:
+        merged = ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv4Network))
+        return [str(n) for n in merged]
+    return [
+        str(n) for n in ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv6Network))
+    ]
 
 
 def _match(field: str, items: Sequence[str]) -> str:
@@ -67,28 +84,45 @@ def _ports(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
+def _proto_line(head: str, proto: str, version: int, lo: int, hi: int) -> str | None:
+    """One accept statement for ``proto`` (canonical, :mod:`ghostcore.policy.protocols`), or None when
+    the protocol cannot match here: ICMP is IPv4's and ICMPv6 is IPv6's, and a protocol without ports
+    matches only a rule covering every port (as Tailscale's filter does)."""
+    if proto in protocols.WITH_PORTS:
+        if (lo, hi) == _FULL:
+            return f"{head}meta l4proto {proto} accept"
+        return f"{head}{proto} dport {_ports(lo, hi)} accept"
+    if proto in protocols.PORTLESS_ICMP:
+        if (proto == "icmp") != (version == 4):
+            return None
+        return f"{head}meta l4proto {proto} accept"  # whatever the ports: ICMP has none
+    if (lo, hi) != _FULL:
+        return None
+    return f"{head}meta l4proto {protocols.number(proto)} accept"  # by number: nft knows few names
+
+
 def rule_lines(rules: Sequence[FilterSpec]) -> list[str]:
-    """The accept statements for ``rules`` (no chain boilerplate)."""
+    """The accept statements for ``rules`` (no chain boilerplate). A rule without protocols admits
+    Tailscale's default set (TCP, UDP, ICMP, ICMPv6), never every protocol."""
     out: list[str] = []
     for r in rules:
-        for version, fam, icmp in ((4, "ip", "icmp"), (6, "ip6", "ipv6-icmp")):
+        protos = protocols.effective(r.protocols)
+        for proto in protos:
+            if not protocols.is_canonical(proto):
+                raise InvalidArgument(f"filter protocol {proto[:20]!r} is not a protocol name or number")
+        for version, fam in ((4, "ip"), (6, "ip6")):
             src = _collapse(r.src, version)
             if not src:
                 continue
-            dsts = [
-                (p, lo, hi) for p, lo, hi in r.dst if ipaddress.ip_network(p, strict=False).version == version
-            ]
+            dsts = [(p, lo, hi) for p, lo, hi in r.dst if addr.parse_prefix(p).version == version]
             for prefix, lo, hi in dsts:
+                if not 0 <= lo <= hi <= 65535:
+                    raise InvalidArgument(f"filter port range {lo}-{hi} is not within 0..65535")
                 head = f"{_match(fam + ' saddr', src)}{_match(fam + ' daddr', [prefix])}"
-                protos = r.protocols
-                if not protos and (lo, hi) == _FULL:
-                    out.append(f"{head}accept")
-                    continue
-                for proto in protos or ("tcp", "udp", "icmp"):
-                    if proto == "icmp":
-                        out.append(f"{head}meta l4proto {icmp} accept")
-                    elif proto in ("tcp", "udp"):
-                        out.append(f"{head}{proto} dport {_ports(lo, hi)} accept")
+                for proto in protos:
+                    line = _proto_line(head, proto, version, lo, hi)
+                    if line is not None:
+                        out.append(line)
     # equal lines (e.g. the same grant from two rules) would only slow the chain down
     return list(dict.fromkeys(out))
 
@@ -127,8 +161,12 @@ def render(ifname: str, rules: Sequence[FilterSpec], masquerade: bool = False) -
 
 
 def render_delete(ifname: str) -> str:
-    name = table_name(ifname)
-    return f"add table inet {name}\ndelete table inet {name}\n"
+    return _delete_script(table_name(ifname))
+
+
+def _delete_script(table: str) -> str:
+    # "add" first: deleting a table that is not there would fail the transaction
+    return f"add table inet {table}\ndelete table inet {table}\n"
 
 
 def _quote(ifname: str) -> str:
@@ -137,44 +175,58 @@ def _quote(ifname: str) -> str:
     return f'"{ifname}"'
 
 
+async def run_script(nft: str, script: str, what: str) -> None:
+    """``nft -f -`` with ``script`` (one atomic transaction); OSError with nft's first line on refusal."""
+    proc = await asyncio.create_subprocess_exec(
+        nft,
+        "-f",
+        "-",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate(script.encode("utf-8"))
+    if proc.returncode != 0:
+        first = err.decode("utf-8", "replace").strip().splitlines()[:1]
+        raise OSError(f"nft refused {what}: {first[0] if first else proc.returncode}")
+
+
+async def delete_table(table: str, nft: str = "nft") -> None:
+    """Delete ``table inet <table>`` (a crashed run's, by its journaled name); gone already is fine."""
+    await run_script(nft, _delete_script(table), f"deleting table inet {table}")
+
+
 class NftFirewall:
     """Applies a filter to one interface's table by running ``nft -f -`` (the I/O edge)."""
 
-    def __init__(self, ifname: str, nft: str = "nft") -> None:
+    def __init__(self, ifname: str, nft: str = "nft", journal: HostJournal | None = None) -> None:
         self.ifname = ifname
         self.nft = nft
         self.applied: tuple[FilterSpec, ...] | None = None
         self.masquerade = False
+        self._journal = journal  # None: nothing journaled (tests that run the firewall alone)
 
     async def _run(self, script: str) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            self.nft,
-            "-f",
-            "-",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await proc.communicate(script.encode("utf-8"))
-        if proc.returncode != 0:
-            first = err.decode("utf-8", "replace").strip().splitlines()[:1]
-            raise OSError(
-                f"nft refused the filter of {self.ifname}: {first[0] if first else proc.returncode}"
-            )
+        await run_script(self.nft, script, f"the filter of {self.ifname}")
 
     async def apply(self, rules: tuple[FilterSpec, ...], masquerade: bool = False) -> None:
         """Replace the table with one enforcing ``rules``; a no-op when they are what is applied."""
         if rules == self.applied and masquerade == self.masquerade:
             return
+        if self.applied is None and self._journal is not None:  # the table is about to be created
+            await asyncio.to_thread(self._journal.record_nft_table, table_name(self.ifname))
         await self._run(render(self.ifname, rules, masquerade))
         self.applied = rules
         self.masquerade = masquerade
         log.info("packet filter on %s: %d rules%s", self.ifname, len(rules), ", masquerading" * masquerade)
 
     async def close(self) -> None:
-        """Remove the table (on shutdown)."""
+        """Remove the table (on shutdown); it stays journaled if that failed, for the next start."""
         try:
             await self._run(render_delete(self.ifname))
         except OSError as exc:
             log.warning("removing the nft table of %s failed: %s", self.ifname, exc)
+            return
         self.applied = None
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.record_nft_table, "")

@@ -2,20 +2,27 @@
 
 The flow, in this order (each step is safe to crash after):
 
-1. generate the new key; ``RotateKey`` proves the current key (call metadata) and the new one (request
-   body); ghostmesh stores it as the node's *pending* key and changes nothing else;
+1. generate the new key; with node-key signing on, sign it with the node's rotation key (``ghostlink.trust``;
+   a node whose key is unsigned refuses to rotate, since peers would refuse the new key); ``RotateKey``
+   proves the current key (call metadata) and the new one (request body, with the signature); ghostmesh
+   stores it as the node's *pending* key and changes nothing else;
 2. persist it as ``node.key.pending`` (0600) BEFORE WireGuard uses it;
 3. switch WireGuard's private key over UAPI (``private_key=`` only: no peer, no port is touched);
-4. switch the coordination client's proofs to the new key;
+4. switch the node key holder (:class:`ghostlink.nodekey.NodeKey`), which the coordination client's
+   proofs and NAT traversal read (3 and 4 are one call: :meth:`ghostlink.daemon.Daemon.switch_key`);
 5. ``ReportStatus`` proven with the new key: ghostmesh promotes the pending key to the node key and
    every peer's map gets the node with its new key (the Sync stream opened with the old key goes on);
 6. replace ``node.key`` atomically (and note its creation time in ``node.json``); drop the pending file.
 
 Crash safety: ghostmesh accepts calls proven with the node key or the pending key. A leftover pending key
 is settled before the daemon starts (:func:`settle_pending`) or before each Sync stream
-(:meth:`KeyRotator.resume`): a ``Register`` proven with it succeeds if ghostmesh still holds it as pending
-(and promotes it) or already promoted it, and the node then uses it; if ghostmesh refuses it (it never
-stored it, or a later rotation replaced it) it is thrown away and the old key stays.
+(:meth:`KeyRotator.resume`): a ``ReportStatus`` proven with it succeeds if ghostmesh still holds it as
+pending (and promotes it) or already promoted it, and the node then uses it; if ghostmesh refuses it (it
+never stored it, or a later rotation replaced it) it is thrown away and the old key stays.
+
+The rotator and the daemon need each other: the daemon finishes a pending rotation before every Sync
+stream, and a rotation switches the daemon's key and sends its status report. So the daemon is built with
+its rotator, and the rotator gets the daemon with each call, as a :class:`RotatingNode`.
 
 Why no packet is lost (wireguard-go, ``device.SetPrivateKey``): setting a new private key expires the
 current keypairs for *sending* but keeps the *receive* keypairs, and outgoing packets wait in the peer's
@@ -39,14 +46,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ghostcore.errors import AuthError, GhostError, NotFound, Unavailable
+from ghostcore.errors import AuthError, NotFound, Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
+from ghostlink.client import CoordClient, StatusReport
+from ghostlink.nodekey import NodeKey
 from ghostlink.state import StateDir
-
-if TYPE_CHECKING:
-    from ghostlink.control import CoordClient, Daemon
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +60,32 @@ MIN_CHECK = 0.5  # automatic rotation: the age check runs every interval/10, wit
 MAX_CHECK = 60.0
 
 
-async def _prove_pending(client: CoordClient, pending: PrivateKey, endpoints: list[str]) -> bool | None:
+class RotatingNode(Protocol):
+    """What a rotation needs of the running node (:class:`ghostlink.daemon.Daemon`)."""
+
+    def sign_new_key(self, new: PublicKey) -> bytes:
+        """Step 1: the node-key signature ``new`` needs (empty while signing is off; raises when the lock
+        is on and this node cannot sign, before anything changed)."""
+
+    async def switch_key(self, new: PrivateKey) -> None:
+        """Steps 3 and 4: WireGuard and the node key holder use ``new`` from now on."""
+
+    async def report(self, *, force: bool = False) -> None:
+        """Send the node's status report, proven with the current key."""
+
+    def last_report(self) -> StatusReport:
+        """The last status report sent (to prove a pending key with, without asking netlink)."""
+
+
+async def _prove_pending(client: CoordClient, pending: PrivateKey, report: StatusReport) -> bool | None:
     """Is ``pending`` this node's key at ghostmesh now? True / False; None if ghostmesh is unreachable.
 
-    A ``ReportStatus`` proven with it: ghostmesh promotes a pending key it holds before any other check,
-    so NOT_FOUND means it holds the key nowhere; UNAUTHENTICATED (the node expired) still means the key
-    is bound to the node now.
+    ``report`` sent proven with it: ghostmesh promotes a pending key it holds before any other check, so
+    NOT_FOUND means it holds the key nowhere; UNAUTHENTICATED (the node expired) still means the key is
+    bound to the node now.
     """
     try:
-        await client.report_status(endpoints, key=pending)
+        await client.report_status(report, key=pending)
     except NotFound as exc:
         log.warning("the key of an interrupted rotation was refused (%s); keeping the old key", exc)
         return False
@@ -73,101 +96,84 @@ async def _prove_pending(client: CoordClient, pending: PrivateKey, endpoints: li
     return True
 
 
-async def settle_pending(state: StateDir, client: CoordClient, key: PrivateKey) -> PrivateKey:
-    """At start, before WireGuard is up: the key to run with, finishing an interrupted rotation.
+async def settle_pending(state: StateDir, client: CoordClient, keys: NodeKey) -> None:
+    """At start, before WireGuard is up: finish an interrupted rotation, switching ``keys`` if it took.
 
     ``client`` must have the server key pinned. If ghostmesh cannot be reached the pending file is kept
     (the daemon retries, :meth:`KeyRotator.resume`) and the old key is used meanwhile.
     """
     pending = state.pending_key()
     if pending is None:
-        return key
-    accepted = await _prove_pending(client, pending, [])
+        return
+    accepted = await _prove_pending(client, pending, StatusReport())
     if accepted is None:
-        return key
+        return
     if not accepted:
         state.discard_pending()
-        return key
+        return
     state.commit_key(pending, time.time())
-    client.key = pending
+    keys.switch(pending)
     log.info("finished an interrupted key rotation: now %s…", pending.public_key().short())
-    return pending
 
 
 class KeyRotator:
-    """Runs rotations for one daemon; one at a time."""
+    """Runs the rotations of one node, one at a time; ``keys`` is the node's key holder."""
 
-    def __init__(self, daemon: Daemon, state: StateDir, *, clock: Callable[[], float] = time.time) -> None:
-        self.daemon = daemon
-        self.state = state
-        self.clock = clock
+    def __init__(
+        self,
+        client: CoordClient,
+        keys: NodeKey,
+        state: StateDir,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._state = state
+        self._clock = clock
         self._lock = asyncio.Lock()
 
-    async def rotate(self) -> tuple[PublicKey, PublicKey]:
+    async def rotate(self, node: RotatingNode) -> tuple[PublicKey, PublicKey]:
         """Rotate now (steps 1-6 of the module docstring); returns (old, new) public keys.
 
         A failure at step 1 changes nothing anywhere. A failure after step 2 leaves a pending key that
         :meth:`resume` (before the next Sync stream) or the next start finishes.
         """
         async with self._lock:
-            d = self.daemon
-            old = d.key
+            old = self._keys.public
             new = PrivateKey.generate()
-            await d.client.rotate_key(new)  # 1
-            self.state.save_pending(new)  # 2
-            await self._switch(new)  # 3, 4
-            await d.report_endpoints(force=True)  # 5: the first call proven with the new key promotes it
-            self.state.commit_key(new, self.clock())  # 6
-            log.info("rotated the node key: %s… -> %s…", old.public_key().short(), new.public_key().short())
-            return old.public_key(), new.public_key()
+            await self._client.rotate_key(new, node.sign_new_key(new.public_key()))  # 1
+            self._state.save_pending(new)  # 2
+            await node.switch_key(new)  # 3, 4
+            await node.report(force=True)  # 5: the first call proven with the new key promotes it
+            self._state.commit_key(new, self._clock())  # 6
+            log.info("rotated the node key: %s… -> %s…", old.short(), new.public_key().short())
+            return old, new.public_key()
 
-    async def _switch(self, new: PrivateKey) -> None:
-        d = self.daemon
-        if d.key.public_key() != new.public_key():
-            await d.backend.set_private_key(new)
-        d.key = new
-        d.client.key = new
-        if d.traversal is not None:
-            d.traversal.set_key(new)
-
-    async def resume(self) -> None:
+    async def resume(self, node: RotatingNode) -> None:
         """Before a Sync stream: finish a rotation whose pending key is still on disk (a failed step 5)."""
         async with self._lock:
-            pending = self.state.pending_key()
+            pending = self._state.pending_key()
             if pending is None:
                 return
-            accepted = await _prove_pending(
-                self.daemon.client, pending, self.daemon.reported[0] if self.daemon.reported else []
-            )
+            accepted = await _prove_pending(self._client, pending, node.last_report())
             if accepted is None:
-                raise Unavailable(
-                    f"cannot reach ghostmesh at {self.daemon.client.target} to finish a key rotation"
-                )
+                raise Unavailable(f"cannot reach ghostmesh at {self._client.target} to finish a key rotation")
             if accepted:
-                await self._switch(pending)
-                self.state.commit_key(pending, self.clock())
+                await node.switch_key(pending)
+                self._state.commit_key(pending, self._clock())
                 log.info("finished an interrupted key rotation: now %s…", pending.public_key().short())
                 return
-            self.state.discard_pending()
-            old = self.state.existing_key()
-            if old is not None and old.public_key() != self.daemon.key.public_key():
-                await self._switch(old)  # WireGuard had switched already: back to the key ghostmesh knows
+            self._state.discard_pending()
+            old = self._state.existing_key()
+            if old is not None and old.public_key() != self._keys.public:
+                await node.switch_key(old)  # WireGuard had switched already: back to the key ghostmesh knows
 
     def check_interval(self, interval: float) -> float:
+        """How often automatic rotation checks the key's age: interval/10, within MIN_CHECK..MAX_CHECK."""
         return min(max(interval / 10, MIN_CHECK), MAX_CHECK)
 
     def due(self, interval: float) -> bool:
-        created = self.state.key_created()
-        return created > 0 and self.clock() - created >= interval
-
-    async def run_auto(self, interval: float) -> None:
-        """Automatic rotation: rotate whenever the key is ``interval`` old, while connected."""
-        period = self.check_interval(interval)
-        while True:
-            await asyncio.sleep(period)
-            if not self.daemon.status.connected or not self.due(interval):
-                continue
-            try:
-                await self.rotate()
-            except GhostError as exc:
-                log.warning("automatic key rotation failed: %s; retrying in %.0fs", exc, period)
+        """Is the key ``interval`` old (automatic rotation)?"""
+        created = self._state.key_created()
+        return created > 0 and self._clock() - created >= interval

@@ -1,59 +1,61 @@
-"""ghostlink's state directory: the node key and the saved registration.
+"""ghostlink's state directory: the node key, the saved registration, and what the node trusts.
 
 ::
 
-    <state_dir>/            mode 0700
+    <state_dir>/            mode 0700 when ghostlink creates it; one that exists is left as it is,
+                            and refused if another user can write to it (``ghostcore.files``)
         node.key            mode 0600, the WireGuard private key in base64 (as ``wg genkey`` prints)
         node.key.pending    mode 0600, only during a key rotation: the new key (``ghostlink.rotate``)
-        node.json           mode 0600, {"server", "server_key", "node_id", "name", "key_created"}
+        node.json           mode 0600, {"server", "server_key", "server_pin", "node_id", "name",
+                            "key_created", "lock_anchor"}
+        rotation.key        mode 0600, the node's Ed25519 rotation key (node-key signing: it vouches for
+                            the node's next WireGuard keys, ``ghostcore.lock``), base64
+        lock.json           mode 0600, the lock log this node verified: {"updates": [base64, ...]}
+        host.json           mode 0600, only while ghostlink runs (or after it crashed): what it changed
+                            on the host, to undo at the next start (``ghostlink.hostjournal``)
 
-The key is generated in memory for a join and written together with ``node.json`` only after the
+``server_pin`` is the ghostmesh TLS key the node trusts (``sha256:…``; empty: a CA-issued certificate),
+``server_key`` the X25519 key its proofs are made with, both learned at join. ``lock_anchor`` (hex) is the
+genesis of the lock a pre-signed auth key was made for: the first lock log this node accepts must have
+it. The key is generated in memory for a join and written together with ``node.json`` only after the
 server accepted the registration, so a failed join leaves nothing behind. ``node.key`` is rewritten only
 by a key rotation, which first writes ``node.key.pending`` and replaces ``node.key`` last (atomically),
-so a crash at any step leaves a key the server accepts. Files are written to a temp name and renamed, so a
-crash never leaves a half-written key. Neither the key nor its path's content ever reaches a log.
+so a crash at any step leaves a key the server accepts. Files are written to a temp name, fsynced and
+renamed, and the directory fsynced after every rename or removal, so a crash never leaves a half-written
+file nor undoes a step that returned. No key ever reaches a log.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
+import binascii
 import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ghostcore.errors import ConfigError, InvalidArgument
+from ghostcore.files import make_private_dir, remove_file, replace_file
+from ghostcore.joinkey import parse_pin
 from ghostcore.keys import PrivateKey, PublicKey
+from ghostcore.lock import LockError, SigningKey
 
 KEY_FILE = "node.key"
 PENDING_KEY_FILE = "node.key.pending"
 NODE_FILE = "node.json"
+ROTATION_KEY_FILE = "rotation.key"
+LOCK_FILE = "lock.json"
+JOURNAL_FILE = "host.json"
 
 
 @dataclass(frozen=True)
 class SavedNode:
     server: str
-    server_key: str  # base64, pinned at join
+    server_key: str  # base64 X25519 key, learned at join over the authenticated channel
     node_id: int
     name: str
     key_created: float = 0.0  # unix time node.key was made (0: unknown, node.key's mtime counts)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    server_pin: str = ""  # "sha256:…" the TLS key trusted at join; "": the certificate chains to a CA
+    lock_anchor: str = ""  # hex genesis of the lock a pre-signed auth key named; "": none
 
 
 class StateDir:
@@ -82,22 +84,20 @@ class StateDir:
     def save_pending(self, key: PrivateKey) -> None:
         """Rotation: persist the new key before WireGuard switches to it (0600, atomic)."""
         try:
-            _write_private(self.pending_path, (key.base64() + "\n").encode())
+            replace_file(self.pending_path, (key.base64() + "\n").encode())
         except OSError as exc:
             raise ConfigError(f"{self.pending_path}: cannot write ({exc.strerror})") from None
 
     def discard_pending(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.pending_path.unlink()
+        remove_file(self.pending_path)
 
     def commit_key(self, key: PrivateKey, now: float) -> None:
         """Rotation done: ``key`` replaces node.key atomically, node.json records when, pending goes."""
         try:
-            _write_private(self.key_path, (key.base64() + "\n").encode())
+            replace_file(self.key_path, (key.base64() + "\n").encode())
             saved = self.saved_node()
             if saved is not None:
-                saved = SavedNode(saved.server, saved.server_key, saved.node_id, saved.name, now)
-                _write_private(self.node_path, (json.dumps(asdict(saved), indent=2) + "\n").encode())
+                self._write_node(replace(saved, key_created=now))
         except OSError as exc:
             raise ConfigError(f"{self.key_path}: cannot write the rotated key ({exc.strerror})") from None
         self.discard_pending()
@@ -148,7 +148,13 @@ class StateDir:
                 node_id=int(data["node_id"]),
                 name=str(data["name"]),
                 key_created=float(data.get("key_created", 0.0)),
+                server_pin=str(data.get("server_pin", "")),
+                lock_anchor=str(data.get("lock_anchor", "")),
             )
+            if node.server_pin:
+                parse_pin(node.server_pin)
+            if node.lock_anchor:
+                bytes.fromhex(node.lock_anchor)
         except (OSError, ValueError, KeyError, TypeError, InvalidArgument):
             raise ConfigError(
                 f"{self.node_path}: unreadable or malformed; join again to rewrite it"
@@ -161,21 +167,77 @@ class StateDir:
         except ConfigError:
             return None
 
-    def save(self, key: PrivateKey, node: SavedNode) -> None:
-        """Persist a successful registration: directory 0700, key 0600 (only if new), node.json 0600."""
+    def save(self, key: PrivateKey, node: SavedNode, rotation: SigningKey | None = None) -> None:
+        """Persist a successful registration: the directory (:func:`make_private_dir`), the key (only if
+        new), node.json, and the rotation key if given and none is saved yet, all 0600."""
+        make_private_dir(self.path, "state directory", "--state-dir")
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.path, 0o700)
             existing = self.existing_key()
             if existing is None:
-                _write_private(self.key_path, (key.base64() + "\n").encode())
+                replace_file(self.key_path, (key.base64() + "\n").encode())
             elif existing.public_key() != key.public_key():
                 raise ConfigError(f"{self.key_path}: holds a different key than the one just registered")
-            doc = asdict(node)
-            if not node.key_created:
-                del doc["key_created"]  # unknown: node.key's mtime stands in (see key_created())
-            _write_private(self.node_path, (json.dumps(doc, indent=2) + "\n").encode())
+            self._write_node(node)
+            if rotation is not None and self.existing_rotation_key() is None:
+                self._save_rotation_key(rotation)
         except OSError as exc:
             raise ConfigError(
                 f"{self.path}: cannot write state ({exc.strerror}); check node.state_dir"
             ) from None
+
+    def _write_node(self, node: SavedNode) -> None:
+        doc = asdict(node)
+        if not node.key_created:
+            del doc["key_created"]  # unknown: node.key's mtime stands in (see key_created())
+        replace_file(self.node_path, (json.dumps(doc, indent=2) + "\n").encode())
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / JOURNAL_FILE
+
+    @property
+    def rotation_path(self) -> Path:
+        return self.path / ROTATION_KEY_FILE
+
+    def existing_rotation_key(self) -> SigningKey | None:
+        try:
+            return SigningKey.from_text(self.rotation_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, LockError):
+            raise ConfigError(
+                f"{self.rotation_path}: unreadable or not a rotation key; remove it (the node's key then "
+                "needs a new signature from an admin: `ghostctl lock sign`)"
+            ) from None
+
+    def rotation_key(self) -> SigningKey:
+        """The node's rotation key; a node registered before it had one gets one now (saved 0600)."""
+        key = self.existing_rotation_key()
+        if key is None:
+            key = SigningKey.generate()
+            self._save_rotation_key(key)
+        return key
+
+    def _save_rotation_key(self, key: SigningKey) -> None:
+        try:
+            replace_file(self.rotation_path, (key.text() + "\n").encode())
+        except OSError as exc:
+            raise ConfigError(f"{self.rotation_path}: cannot write ({exc.strerror})") from None
+
+    def lock_log(self) -> tuple[bytes, ...]:
+        """The lock log this node verified last (empty: none yet)."""
+        path = self.path / LOCK_FILE
+        try:
+            doc = json.loads(path.read_text())
+            return tuple(base64.b64decode(u, validate=True) for u in doc["updates"])
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+            raise ConfigError(f"{path}: unreadable or malformed; remove it and join again") from None
+
+    def save_lock_log(self, updates: tuple[bytes, ...]) -> None:
+        doc = {"updates": [base64.b64encode(u).decode("ascii") for u in updates]}
+        try:
+            replace_file(self.path / LOCK_FILE, (json.dumps(doc) + "\n").encode())
+        except OSError as exc:
+            raise ConfigError(f"{self.path / LOCK_FILE}: cannot write ({exc.strerror})") from None

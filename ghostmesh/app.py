@@ -5,25 +5,30 @@
     ghostmesh --config FILE [--bind HOST:PORT] [--state-dir DIR] [--admin-socket PATH] [--log-level L]
     ghostmesh config check --config FILE
 
-Flags override the file and ``GHOSTMESH_*`` environment variables. Any GhostError at startup prints
+``config check`` also loads the ``acl_file`` and a configured ``[tls]`` certificate and key, as a start
+would. Flags override the file and ``GHOSTMESH_*`` environment variables. Any GhostError at startup prints
 ``ghostmesh: <message>`` to stderr and exits 1, without a traceback. SIGTERM / SIGINT stop gracefully
-(streams closed, database closed). uvloop is used when installed.
+(streams closed, database closed). A change the database could not commit after the state took it in
+(:meth:`ghostmesh.hub.Hub.break_down`) stops the server the same way, then prints why and exits 1.
+uvloop is used when installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ghostcore import aio
-from ghostcore.errors import GhostError
+from ghostcore.errors import GhostError, Unavailable
 from ghostcore.logsetup import configure
 from ghostmesh.config import MeshConfig, load_config
 from ghostmesh.policy_source import read_policy_file
 from ghostmesh.server import start_server
+from ghostmesh.tls import load_identity
 
 log = logging.getLogger("ghostmesh")
 
@@ -46,16 +51,34 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(cfg: MeshConfig) -> None:
     running = await start_server(cfg)
     print(
-        f"ghostmesh: listening on {running.host}:{running.port} admin socket {running.admin_socket}",
+        f"ghostmesh: listening on {running.host}:{running.port} (TLS, key pin {running.tls_pin}) "
+        f"admin socket {running.admin_socket}",
         file=sys.stderr,
         flush=True,
     )
+    if running.metrics is not None:
+        served = running.metrics
+        print(
+            f"ghostmesh: metrics on http://{served.url_host}:{served.port}/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
+    if running.console is not None:
+        print(f"ghostmesh: web console on {running.console.url}/", file=sys.stderr, flush=True)
     with aio.stop_on_signals() as stop:
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.hub.broken.wait())]
         try:
-            await stop.wait()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             log.info("stopping")
         finally:
+            for w in waits:
+                w.cancel()
             await running.stop()
+    if running.hub.broken_reason:
+        raise Unavailable(
+            f"stopped: {running.hub.broken_reason}; start ghostmesh again (the database holds every change "
+            "committed before)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             checked = load_config(path)
             if checked.server.acl_file:  # the policy file must be valid too, or the server would not start
                 read_policy_file(Path(checked.server.acl_file))
+            if checked.tls.cert_file:  # so must a configured certificate and key (a self-signed one is made)
+                load_identity(checked.tls, checked.db_path.parent)
             print(f"ok: {path}")
             return 0
         flags = {

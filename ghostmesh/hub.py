@@ -1,14 +1,39 @@
-"""The asyncio glue between the state, the mapper and the open Sync streams.
+"""The asyncio glue between the state, the mapper, the audit log and the open Sync streams.
+
+Changes (:meth:`Hub.transaction`). Every control-plane change runs in one store transaction that the
+state's writes and the change's audit rows join, and that commits them together or not at all::
+
+    with hub.transaction() as tx:
+        node, changes = state.register(...)     # synchronous: the store writes join the transaction
+        tx.dispatch(changes)                    # queued for the mapper
+        tx.record(actor, action, target, detail, remote)   # sealed and appended in the transaction
+    # committed: only now does the mapper fold the changes in and wake the streams they touch
+
+The state stays synchronous and knows nothing of transactions: it refuses before it writes, writes
+through the store before it updates its memory, and returns change records, so a refusal (from its own
+checks or from the store: a conflict, a spent key) rolls the transaction back with its memory untouched.
+What can fail *after* the state returned is the audit append and the COMMIT (disk full, an I/O error).
+Then the state's memory holds a change the database does not: the hub is broken. It refuses every later
+write (:meth:`ghostmesh.store.base.Store.refuse_writes`), and :attr:`Hub.broken` tells the server to stop;
+a restart loads the state from the database, which holds neither the change nor its row. A crash at any
+point leaves both or neither. A transaction never spans an await (the store is shared by every handler on
+the loop); one opened while another is open joins it.
 
 ``Hub.dispatch(changes)`` folds change records into the :class:`~ghostmesh.mapper.Mapper` and wakes only
 the streams they touched (one ``asyncio.Event`` per stream). Each Sync handler waits on its event, sleeps
-``mapper.batch_delay`` so a burst coalesces into one update, then flushes. A timer task calls
-:meth:`Hub.run_due` when the next key expiry, ephemeral grace or relay credential refresh is due: it calls
-``State.tick`` and wakes the streams whose relay map the mapper marked for re-minting
-(``Mapper.refresh_relays``: a heap, so each round costs only the due streams).
+``mapper.batch_delay`` so a burst coalesces into one update, then flushes. A node has one stream: a new
+one ends the old one (:meth:`Hub.open_stream`).
 
-``Hub.record(actor, action, target, detail, remote)`` is the audit hook (``ghostmesh.audit``): every
-control-plane change calls it once the change succeeded; the timer records its own removals as "system".
+A timer task calls :meth:`Hub.run_due` when the next key expiry, ephemeral grace, relay credential
+refresh, limit window or audit prune is due: it calls ``State.tick``, writes the audit rows of what the
+timer removed and of closed limit windows (:mod:`ghostmesh.limits`), prunes the audit log past
+``audit.retention`` (hourly), and wakes the streams whose relay map the mapper marked for re-minting.
+
+Other folds of the same records (the relay roster, :mod:`ghostmesh.api.relaycontrol`) subscribe with
+:meth:`Hub.add_listener`: each gets every committed batch, after the mapper, with the time.
+
+``Hub.set_policy(policy)`` is how the policy's owner (:class:`ghostmesh.policy_source.PolicySource`)
+hands a new policy to the mapper: it wakes the streams whose peers or filter changed.
 """
 
 from __future__ import annotations
@@ -18,56 +43,37 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from ghostcore.errors import Unavailable
+from ghostcore.latency import Buckets
+from ghostcore.policy import Policy
+from ghostmesh import audit
 from ghostmesh.audit import Auditor
 from ghostmesh.changes import Change, NodeRemoved
+from ghostmesh.config import LimitsConfig
+from ghostmesh.limits import Limits
 from ghostmesh.mapper import Mapper
 from ghostmesh.state import State
+from ghostmesh.store.base import CommitFailed
 
 log = logging.getLogger(__name__)
 
 _MAX_TIMER_SLEEP = 60.0  # re-check at least this often, in case a clock jump moved deadlines
+PRUNE_EVERY = 3600.0  # seconds between audit prunes (audit.retention is at least this long)
 
 
-class Hub:
-    def __init__(
-        self,
-        state: State,
-        mapper: Mapper,
-        batch_delay: float,
-        clock: Callable[[], float] = time.time,
-        audit: Auditor | None = None,
-    ) -> None:
-        self.state = state
-        self.mapper = mapper
-        self.batch_delay = batch_delay
-        self.clock = clock
-        self.stopping = False
-        self._events: dict[int, asyncio.Event] = {}
-        self._ids = itertools.count(1)
-        self._timer_wake = asyncio.Event()
-        self._timer_task: asyncio.Task[None] | None = None
-        self.audit = audit  # None only for hubs built without a store (unit tests)
-        # A new stream's relay refresh is never nearer than 35% of the credential lifetime, so sleeping at
-        # most the minter's slack notices it in time without waking the timer on every stream opened.
-        relay = mapper.relay
-        self._max_sleep = _MAX_TIMER_SLEEP if relay is None else min(_MAX_TIMER_SLEEP, relay.slack)
+class Transaction:
+    """What one :meth:`Hub.transaction` block changed: audit rows appended now, change records
+    dispatched once it committed."""
 
-    def now(self) -> float:
-        return self.clock()
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self.changes: list[Change] = []
 
     def dispatch(self, changes: Iterable[Change]) -> None:
-        now = self.now()
-        any_change = False
-        for change in changes:
-            any_change = True
-            for sid in self.mapper.apply(change, now):
-                ev = self._events.get(sid)
-                if ev is not None:
-                    ev.set()
-        if any_change:
-            self._timer_wake.set()  # deadlines may have moved
+        """Queue change records; the mapper gets them once the transaction committed."""
+        self.changes.extend(changes)
 
     def record(
         self,
@@ -77,15 +83,133 @@ class Hub:
         detail: Mapping[str, object] | None = None,
         remote: str = "",
     ) -> None:
-        """Append one audit entry (``ghostmesh.audit``) for a change that already succeeded.
+        """Append one audit entry for what this transaction changed; it commits with the change."""
+        auditor = self._hub.audit
+        if auditor is None:
+            return
+        try:
+            auditor.record(actor, action, target, detail, remote)
+        except Exception as exc:
+            reason = f"audit log: {action} {target} could not be recorded ({exc})"
+            self._hub.break_down(reason)
+            raise Unavailable(f"{reason}; nothing was changed, ghostmesh is stopping") from None
 
-        The one hook for every control-plane change: call it right after the change, in the same turn.
-        """
-        if self.audit is not None:
-            self.audit.record(actor, action, target, detail, remote)
+
+class Hub:
+    def __init__(
+        self,
+        state: State,
+        mapper: Mapper,
+        batch_delay: float,
+        clock: Callable[[], float] = time.time,
+        *,
+        audit: Auditor | None = None,
+        limits: Limits | None = None,
+        retention: float = 0.0,
+    ) -> None:
+        self.state = state
+        self.mapper = mapper
+        self.batch_delay = batch_delay
+        self.clock = clock
+        self.stopping = False
+        self.audit = audit  # None only for hubs built without a store (unit tests)
+        self.limits = limits if limits is not None else Limits(LimitsConfig())
+        self.retention = retention  # audit.retention; 0: keep every entry
+        self.broken = asyncio.Event()  # set when a change could not be committed after memory moved
+        self.broken_reason = ""
+        self._woken: dict[int, float] = {}  # stream id -> when a change first woke it (monotonic)
+        self.fanout_latency = Buckets()  # change -> delta written, seconds (metrics)
+        self.policy_compiles = 0  # policies put in force since start (metrics)
+        self.policy_compile_seconds = 0.0  # how long the last one took to compile into the mapper
+        self._tx: Transaction | None = None
+        self._events: dict[int, asyncio.Event] = {}
+        self._ids = itertools.count(1)
+        self._listeners: list[Callable[[Sequence[Change], float], None]] = []
+        self._timer_wake = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
+        self._next_prune = clock() if retention else None
+        # A new stream's relay refresh is never nearer than 35% of the credential lifetime, so sleeping at
+        # most the minter's slack notices it in time without waking the timer on every stream opened.
+        relay = mapper.relay
+        self._max_sleep = _MAX_TIMER_SLEEP if relay is None else min(_MAX_TIMER_SLEEP, relay.slack)
+
+    def now(self) -> float:
+        return self.clock()
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One change and its audit rows, committed together; its change records dispatched after."""
+        if self._tx is not None:
+            yield self._tx  # nested (synchronously, never across an await): part of the open one
+            return
+        tx = self._tx = Transaction(self)
+        try:
+            with self.state.store.transaction():
+                yield tx
+        except CommitFailed as exc:
+            self.break_down(str(exc))
+            raise
+        finally:
+            self._tx = None
+        self.dispatch(tx.changes)
+
+    def break_down(self, reason: str) -> None:
+        """A change is in memory but not in the database: refuse every later write and ask the server
+        to stop (:attr:`broken`)."""
+        if self.broken_reason:
+            return
+        log.critical("stopping: %s", reason)
+        self.broken_reason = reason
+        self.state.store.refuse_writes(reason)
+        self.broken.set()
+
+    def add_listener(self, listener: Callable[[Sequence[Change], float], None]) -> None:
+        """Hand ``listener`` every dispatched batch of change records (after the mapper) and the time."""
+        self._listeners.append(listener)
+
+    def dispatch(self, changes: Iterable[Change]) -> None:
+        now = self.now()
+        woken_at = time.monotonic()
+        batch = list(changes)
+        for change in batch:
+            for sid in self.mapper.apply(change, now):
+                ev = self._events.get(sid)
+                if ev is not None:
+                    ev.set()
+                    self._woken.setdefault(sid, woken_at)  # the first change it has not been sent yet
+        if batch:
+            for listener in self._listeners:
+                listener(batch, now)
+            self._timer_wake.set()  # deadlines may have moved
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """Fold a new policy (None: allow all) into the mapper; wake the streams it changed."""
+        started = time.perf_counter()
+        woken = self.mapper.set_policy(policy)  # compiles the policy for every node
+        self.policy_compiles += 1
+        self.policy_compile_seconds = time.perf_counter() - started
+        self.wake(woken)
+
+    @property
+    def started(self) -> bool:
+        """:meth:`start` was called (the server serves): what ``/readyz`` waits for."""
+        return self._timer_task is not None
+
+    @property
+    def stream_count(self) -> int:
+        """Map streams open now."""
+        return len(self._events)
+
+    # -- streams ---------------------------------------------------------------------------------------
 
     def open_stream(self, node_id: int) -> tuple[int, bytes, asyncio.Event]:
-        """Mark the node online (peers hear of it); return its stream id, encoded full map, wake event."""
+        """Mark the node online (peers hear of it) and end its older streams; return the new stream's
+        id, encoded full map and wake event."""
+        replaced = self.mapper.replace_streams(node_id)
+        self.limits.refusals.streams_replaced += len(replaced)
+        self.wake(replaced)
         self.dispatch(self.state.connect(node_id, self.now()))
         sid = next(self._ids)
         full = self.mapper.open_stream_bytes(sid, node_id, self.now())
@@ -96,14 +220,24 @@ class Hub:
     def close_stream(self, sid: int, node_id: int) -> None:
         self.mapper.close_stream(sid)
         self._events.pop(sid, None)
+        self._woken.pop(sid, None)
         if not self.stopping:
             self.dispatch(self.state.disconnect(node_id, self.now()))
 
     def wake(self, sids: Iterable[int]) -> None:
+        now = time.monotonic()
         for sid in sids:
             ev = self._events.get(sid)
             if ev is not None:
                 ev.set()
+                self._woken.setdefault(sid, now)  # the first change the stream has not been sent yet
+
+    def flushed(self, sid: int, sent: bool) -> None:
+        """The stream wrote what it was woken for (``sent``: a delta went out): observe how long the
+        change took to reach it (change -> fan-out latency, the batch delay included)."""
+        woken = self._woken.pop(sid, None)
+        if sent and woken is not None:
+            self.fanout_latency.observe(time.monotonic() - woken)
 
     # -- timers ----------------------------------------------------------------------------------------
 
@@ -112,17 +246,34 @@ class Hub:
 
     def next_deadline(self) -> float | None:
         """When :meth:`run_due` has work next (None: nothing scheduled)."""
-        dues = [d for d in (self.state.next_deadline(), self.mapper.next_relay_refresh()) if d is not None]
-        return min(dues) if dues else None
+        dues = (
+            self.state.next_deadline(),
+            self.mapper.next_relay_refresh(),
+            self.limits.next_deadline(),
+            self._next_prune,
+        )
+        due = [d for d in dues if d is not None]
+        return min(due) if due else None
 
     def run_due(self) -> None:
-        """Do the time-driven work due now: expiries, ephemeral removals, relay credential refreshes."""
+        """Do the time-driven work due now: expiries, ephemeral removals, the audit rows of closed limit
+        windows, the audit prune, relay credential refreshes."""
         now = self.now()
-        changes = self.state.tick(now)
-        names = self._names_of_removed(changes)
-        self.dispatch(changes)
-        if self.audit is not None:
-            self.audit.record_timer_changes(changes, names)
+        with self.transaction() as tx:
+            changes = self.state.tick(now)
+            names = self._names_of_removed(changes)
+            tx.dispatch(changes)
+            entries = audit.timer_entries(changes, names)
+            for row in self.limits.closed(now):
+                node = self.state.node(int(row.key)) if row.kind == "routes" else None
+                entries.append(audit.coalesced_entry(row, node.name if node is not None else ""))
+            for e in entries:
+                tx.record(e.actor, e.action, e.target, e.detail, e.remote)
+        if self._next_prune is not None and self._next_prune <= now and self.audit is not None:
+            self._next_prune = now + PRUNE_EVERY
+            removed = self.audit.prune(self.retention)
+            if removed:
+                log.info("audit log pruned", extra={"removed": removed, "retention_s": self.retention})
         self.wake(self.mapper.refresh_relays(now))
 
     async def _run_timers(self) -> None:

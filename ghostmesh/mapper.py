@@ -4,8 +4,7 @@ Each open Sync stream has a :class:`Session` holding the delta it has not been s
 from :mod:`ghostmesh.state` is applied once: the changed node's protobuf ``Node`` is built once and the
 same message is referenced from every affected session's pending delta, so one change costs work
 proportional to the sessions it affects (:meth:`Mapper.affected_by`), never a rebuild of every node's
-map. This is the lesson of Headscale issues #1656/#2491/#3165: recomputing all maps per change made a few
-hundred nodes unusable.
+map (recomputing every node's map per change is what made Headscale unusable at a few hundred nodes).
 
 Coalescing (what makes a burst cheap): pending upserts are keyed by peer id, so a later change of a peer
 replaces the earlier one; a peer added and removed before the next flush cancels out; a removal followed
@@ -24,11 +23,15 @@ keeps a reconnect storm of thousands of full maps affordable. ``open_stream`` / 
 Expired nodes never appear as peers: a node whose key expired is dropped from the view, and a change
 carrying an already-expired record is treated as its removal.
 
-ACL policy: the mapper owns a :class:`ghostmesh.policy.Compiler`. Each change is first folded into it,
-which answers which nodes gained or lost which peers and whose inbound filter changed; a session then
-gets exactly those upserts/removals, the changed node's record goes only to the sessions of the nodes
-that may see it (:meth:`Mapper.affected_by`), and ``MapUpdate.filter`` is sent whole on the full map and
-on the next flush after the node's filter changed. A full map lists only the node's visible peers. With
+ACL policy: the mapper owns a :class:`ghostcore.policy.Compiler`, and is given the policy (at
+construction, then :meth:`Mapper.set_policy`) by the policy's one owner,
+:class:`ghostmesh.policy_source.PolicySource`. What the policy sees of a node (user, tags, addresses,
+routes, its user's OIDC groups) comes only from the records the mapper is given: :meth:`Mapper.load` at
+start, then change records. Each change is first folded into the compiler, which answers which nodes
+gained or lost which peers and whose inbound filter changed; a session then gets exactly those
+upserts/removals, the changed node's record goes only to the sessions of the nodes that may see it
+(:meth:`Mapper.affected_by`), and ``MapUpdate.filter`` is sent whole on the full map and on the next
+flush after the node's filter changed. A full map lists only the node's visible peers. With
 no policy every node sees every node and the filter accepts everything (the behaviour before ACLs).
 
 Relay map (:mod:`ghostmesh.relaymap`, when relay regions are configured): minted per stream, since the
@@ -37,20 +40,37 @@ and sent in a delta once :meth:`Mapper.refresh_relays` finds them due (a heap of
 hub's timer pops only the due streams), and at once when the node's key changed (a completed key
 rotation: the relay token is bound to the key). Minting needs the time, so ``open_stream`` / ``flush``
 take ``now`` when a relay map is configured.
+
+Node-key signing (:mod:`ghostcore.lock`): each ``Node`` carries its ``key_signature``, and the lock log
+reaches the mapper as a :class:`~ghostmesh.changes.LockChanged` record (seeded at start, then one per
+accepted update). A non-empty log rides whole in every full map; when it grows, every session is marked
+and gets it in its next delta: O(sessions) once, for a change an admin makes rarely. The mapper checks no
+signature: nodes verify them against the log themselves, which ghostmesh cannot forge.
+
+DNS settings (:mod:`ghostmesh.dnsmap`): the same for every node and fixed while the server runs (they
+come from the config file), so they ride in every full map and never in a delta; a restart with other
+settings reaches nodes in the full map of their new stream.
+
+Why one module of about 470 lines: sessions, their pending deltas and the cached encodings they share
+are one state with one owner; the policy compiler and the relay minter already live apart.
 """
 
 from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
-from ghostmesh.changes import Change, NodeAdded, NodeRemoved, RemovalReason
-from ghostmesh.policy import Compiler, Delta, Filter, NodeIdent, Policy
+from ghostcore.policy import Compiler, Delta, Filter, NodeIdent, Policy
+from ghostcore.policy.model import MESH, IPNet
+from ghostmesh.changes import Change, LockChanged, NodeAdded, NodeChange, NodeRemoved, RemovalReason
 from ghostmesh.relaymap import RelayMinter
 from ghostmesh.store.base import NodeRec
+
+EndReason = RemovalReason | Literal["replaced"]
 
 _PEERS_FIELD = pb.MapUpdate.DESCRIPTOR.fields_by_name["peers_upserted"].number
 _PEERS_TAG = bytes([(_PEERS_FIELD << 3) | 2])  # wire type 2: length-delimited
@@ -95,18 +115,16 @@ def node_to_pb(rec: NodeRec, online: bool) -> pb.Node:
         exit_node=rec.exit_node,
         home_region=rec.home_region,
         turn_relay=rec.turn_relay,
+        key_signature=rec.key_signature,
     )
 
 
 def ident_of(rec: NodeRec, groups: frozenset[str] = frozenset()) -> NodeIdent:
     """What the policy sees of a node record; ``groups``: its user's OIDC groups."""
     addrs = (ipaddress.ip_address(rec.ipv4), ipaddress.ip_address(rec.ipv6))
-    routes = tuple(ipaddress.ip_network(p) for p in rec.primary_routes)
+    # every approved advertiser of a route is a router for the policy (a standby too), not only the primary
+    routes = tuple(ipaddress.ip_network(p) for p in rec.approved_routes or rec.primary_routes)
     return NodeIdent(rec.id, rec.user, frozenset(rec.tags), addrs, rec.name, routes, rec.exit_node, groups)
-
-
-def _no_groups(user: str) -> frozenset[str]:
-    return frozenset()
 
 
 def filter_to_pb(rules: Filter) -> pb.PacketFilter:
@@ -128,6 +146,10 @@ class MapperStats:
 
     pb_builds: int = 0  # protobuf Node messages built
     delta_writes: int = 0  # (session, peer) pending-delta entries touched
+    full_maps_sent: int = 0  # full maps written to streams (counted by the server as it sends them)
+    full_map_bytes: int = 0
+    deltas_sent: int = 0  # deltas written to streams
+    delta_bytes: int = 0
 
 
 @dataclass
@@ -142,10 +164,11 @@ class Session:
     removed: set[int] = field(default_factory=set)
     self_dirty: bool = False
     filter_dirty: bool = False
-    signals: list[pb.SignalMessage] = field(default_factory=list)
-    ended: RemovalReason | None = None  # set when the stream's own node was deleted / expired
+    ended: EndReason | None = None  # set when the stream's node was deleted / expired, or a newer stream
+    # of the same node replaced it
     relay_dirty: bool = False  # the relay map is to be re-minted and sent on the next flush
     relay_refresh_at: float = 0.0  # when its current relay credentials are due for re-minting
+    lock_dirty: bool = False  # the lock log grew: it is sent whole on the next flush
 
     @property
     def dirty(self) -> bool:
@@ -154,8 +177,8 @@ class Session:
             or self.removed
             or self.self_dirty
             or self.filter_dirty
-            or self.signals
             or self.relay_dirty
+            or self.lock_dirty
         )
 
 
@@ -163,30 +186,38 @@ class Mapper:
     """The peer view shared by all streams plus each stream's pending delta."""
 
     def __init__(
-        self, keepalive_seconds: int, policy: Policy | None = None, relay: RelayMinter | None = None
+        self,
+        keepalive_seconds: int,
+        policy: Policy | None = None,
+        relay: RelayMinter | None = None,
+        mesh: tuple[IPNet, ...] = MESH,
+        dns: pb.DnsConfig | None = None,
     ) -> None:
         self.keepalive_seconds = keepalive_seconds
+        self.dns = dns  # the DNS settings every full map carries (ghostmesh.dnsmap); None: none
         self.relay = relay  # None: no relay regions configured, no relay map sent
-        self.compiler = Compiler(policy)
-        # a user's OIDC groups (the server points it at State.groups_of); read on every node upsert
-        self.groups_of: Callable[[str], frozenset[str]] = _no_groups
+        self.compiler = Compiler(policy, mesh=mesh)  # mesh: what ``*`` as a source covers
         self.stats = MapperStats()
         self._view: dict[int, pb.Node] = {}  # visible (unexpired) nodes, as sent to peers
         self._entries: dict[int, bytes] = {}  # the same, encoded as peers_upserted entries
         self._sessions: dict[int, Session] = {}
         self._by_node: dict[int, set[int]] = {}  # node id -> its open stream ids
         self._relay_due: list[tuple[float, int]] = []  # heap of (relay refresh time, stream id)
+        self._lock: pb.LockLog | None = None  # the node-key signing log; None while it is empty
 
     # -- view ------------------------------------------------------------------------------------------
 
-    def load(self, nodes: Iterable[tuple[NodeRec, bool]], now: float) -> None:
-        """Seed the view (at server start) from ``(record, online)`` pairs; expired ones are skipped."""
+    def load(self, nodes: Iterable[NodeAdded], now: float) -> None:
+        """Seed the view (at server start) with every node, as the records that add it; expired ones are
+        skipped."""
         idents = list(self.compiler.nodes.values())
-        for rec, online in nodes:
+        for added in nodes:
+            rec = added.node
             if not rec.expired(now):
-                self._set(rec, online)
-                idents.append(ident_of(rec, self.groups_of(rec.user)))
-        self.compiler = Compiler(self.compiler.policy, idents)  # one full compile, not one per node
+                self._set(rec, added.online)
+                idents.append(ident_of(rec, added.groups))
+        # one full compile, not one per node
+        self.compiler = Compiler(self.compiler.policy, idents, self.compiler.mesh)
 
     def _set(self, rec: NodeRec, online: bool) -> bytes:
         self.stats.pb_builds += 1
@@ -224,6 +255,10 @@ class Mapper:
         head.filter.CopyFrom(filter_to_pb(self.compiler.filter(node_id)))
         if self.relay is not None:
             head.relay_map.CopyFrom(self._mint(self.relay, session, me.node_key, now))
+        if self._lock is not None:
+            head.lock.CopyFrom(self._lock)
+        if self.dns is not None:
+            head.dns.CopyFrom(self.dns)
         entries = self._entries
         peers = self.compiler.peers(node_id)
         if peers is None:
@@ -231,6 +266,14 @@ class Mapper:
         else:
             body = [entries[nid] for nid in sorted(peers) if nid in entries]
         return head.SerializeToString() + b"".join(body)
+
+    def replace_streams(self, node_id: int) -> list[int]:
+        """End every open stream of ``node_id`` (a newer one is opening): each is marked ``replaced`` and
+        returned, so its handler wakes and stops. One stream per node bounds what one node can hold."""
+        sids = sorted(self._by_node.get(node_id, ()))
+        for sid in sids:
+            self._sessions[sid].ended = "replaced"
+        return sids
 
     def close_stream(self, stream_id: int) -> None:
         session = self._sessions.pop(stream_id, None)
@@ -292,7 +335,7 @@ class Mapper:
 
     # -- changes ---------------------------------------------------------------------------------------
 
-    def affected_by(self, change: Change) -> Iterable[Session]:
+    def affected_by(self, change: NodeChange) -> Iterable[Session]:
         """The sessions that see the changed node (other than its own streams): O(affected).
 
         Without a policy that is every other open stream; with one, the streams of the node's visible
@@ -308,6 +351,8 @@ class Mapper:
 
     def apply(self, change: Change, now: float) -> list[int]:
         """Fold one change into the view and every affected session; return the stream ids touched."""
+        if isinstance(change, LockChanged):
+            return self._set_lock(change)
         if isinstance(change, NodeRemoved):
             return self._remove(change, change.node_id, change.reason)
         rec = change.node
@@ -316,7 +361,7 @@ class Mapper:
         old = self._view.get(rec.id)
         new_key = old is not None and old.node_key != rec.node_key  # a key rotation completed
         entry = self._set(rec, change.online)
-        delta = self.compiler.upsert(ident_of(rec, self.groups_of(rec.user)))
+        delta = self.compiler.upsert(ident_of(rec, change.groups))
         touched = self._apply_delta(delta, skip_added_of=rec.id)
         for sid in self._by_node.get(rec.id, ()):
             self._sessions[sid].self_dirty = True
@@ -371,10 +416,21 @@ class Mapper:
         return touched
 
     def set_policy(self, policy: Policy | None) -> list[int]:
-        """Switch to a new policy (None: allow all); returns the streams whose peers or filter changed."""
+        """Switch to a new policy (None: allow all); returns the streams whose peers or filter changed.
+
+        Called by the policy's owner through :meth:`ghostmesh.hub.Hub.set_policy`; the policy in force is
+        read from that owner, never from here.
+        """
         return self._apply_delta(self.compiler.set_policy(policy))
 
-    def _remove(self, change: Change, node_id: int, reason: RemovalReason) -> list[int]:
+    def _set_lock(self, change: LockChanged) -> list[int]:
+        """The lock log as it is now: every session gets it whole on its next flush."""
+        self._lock = pb.LockLog(updates=change.updates) if change.updates else None
+        for s in self._sessions.values():
+            s.lock_dirty = True
+        return list(self._sessions)
+
+    def _remove(self, change: NodeChange, node_id: int, reason: RemovalReason) -> list[int]:
         if self._view.pop(node_id, None) is None:
             return []
         del self._entries[node_id]  # never visible (e.g. expired already): nothing to tell anyone
@@ -396,14 +452,6 @@ class Mapper:
                 s.removed.add(node_id)
             touched.append(s.stream_id)
         return touched
-
-    def queue_signal(self, to_node_id: int, from_node_id: int, payload: bytes) -> list[int]:
-        """Queue a signal for every stream of ``to_node_id``; returns the streams (empty: offline)."""
-        msg = pb.SignalMessage(from_node_id=from_node_id, payload=payload)
-        sids = list(self._by_node.get(to_node_id, ()))
-        for sid in sids:
-            self._sessions[sid].signals.append(msg)
-        return sids
 
     def flush(self, stream_id: int, now: float | None = None) -> pb.MapUpdate | None:
         """The stream's next delta (serial + 1), or None if nothing is pending.
@@ -431,13 +479,14 @@ class Mapper:
             if me is not None:
                 head.relay_map.CopyFrom(self._mint(self.relay, s, me.node_key, now))
             s.relay_dirty = False
+        if s.lock_dirty and self._lock is not None:
+            head.lock.CopyFrom(self._lock)
         head.peers_removed.extend(sorted(s.removed))
-        head.signals.extend(s.signals)
         data = head.SerializeToString() + b"".join(s.upserts.values())
         s.upserts = {}
         s.added = set()
         s.removed = set()
         s.self_dirty = False
         s.filter_dirty = False
-        s.signals = []
+        s.lock_dirty = False
         return data

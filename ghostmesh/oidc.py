@@ -1,60 +1,111 @@
-"""OIDC login for nodes (``server.auth_method = "oidc"``): pending logins and the callback listener.
+"""OIDC login for nodes (``server.auth_method = "oidc"``): the login listener, the provider, waiting nodes.
 
 The flow (OpenID Connect Core 1.0, section 3.1 "Authentication using the Authorization Code Flow"):
 
 1. A node calls ``Register`` with no auth key and a node key the server does not know. ghostmesh creates a
-   :class:`PendingLogin` (random id, ``state``, ``nonce`` and PKCE verifier, RFC 7636; in memory only, bound
-   to the proven node key and the requested hostname, expiring after ``oidc.login_timeout``) and answers
-   ``auth_url = <oidc.public_url>/oidc/login/<id>``. Nothing is written to the store.
+   pending login (:mod:`ghostmesh.oidc_core`: random id, ``state``, ``nonce`` and PKCE verifier, RFC 7636,
+   and a per-login CSRF key; in memory only, bound to the proven node key, the requested hostname, the
+   address the call came from and the time, expiring after ``oidc.login_timeout``) and answers
+   ``auth_url = <oidc.public_url>/oidc/login/<id>``. Nothing is written to the store. Anyone can make a
+   fresh node key, so the logins in progress are capped: ``oidc.max_pending`` in all and
+   ``oidc.max_pending_per_source`` per source address; beyond, Register is RESOURCE_EXHAUSTED and no
+   login is replaced or made.
 2. The node prints the URL and calls ``WaitForLogin`` (proven with the same node key, see
    :meth:`OidcService.wait`).
-3. The user's browser opens the URL; ``/oidc/login/<id>`` redirects to the provider's authorization
-   endpoint (``response_type=code``, ``scope``, ``state``, ``nonce``, ``code_challenge`` S256).
-4. The provider redirects to ``/oidc/callback?code&state``. An unknown or expired ``state`` is answered 400
-   and changes nothing. Otherwise the pending login is consumed (single use), the code is exchanged at the
-   token endpoint with the PKCE verifier (plain httpx: authlib 1.9's httpx integration raises a
-   DeprecationWarning at import, which our warnings-as-errors runs reject), and the ID token is validated
-   (section 3.1.3.7): signature against the provider's JWKS, ``iss``, ``aud`` = client id, ``exp``/``iat`` and
-   ``nonce`` = the pending login's nonce (joserfc + authlib's ``CodeIDToken``). Any failure: a 400 page,
-   the waiting node gets UNAUTHENTICATED, and nothing is written.
-5. The user is the ``oidc.username_claim`` (falling back to ``email``, then ``sub``), normalised to a
-   ghostmesh user name; it is created if missing and bound to the provider's ``sub``
-   (:meth:`ghostmesh.state.State.register_oidc` refuses a different ``sub``). Its groups (``groups_claim``)
+3. The user's browser opens the URL: ``GET /oidc/login/<id>`` answers a confirmation page
+   (:mod:`ghostmesh.oidc_pages`) naming the node (its hostname, node key, the address its Register came
+   from and when), sets the login's cookie (``HttpOnly``, ``SameSite=Lax``, ``Secure`` and ``__Host-`` on
+   https) and shows a button. The GET never redirects to the provider: a link sent by someone else shows
+   whose device it is before anything happens.
+4. The button posts the form (a CSRF token derived from the cookie, :func:`ghostmesh.oidc_core.csrf_token`);
+   a good post confirms the login for this browser, once, and is answered 303 to the provider's
+   authorization endpoint (``response_type=code``, ``scope``, ``state``, ``nonce``, ``code_challenge`` S256).
+5. The provider redirects to ``/oidc/callback?code&state``. An unknown or expired ``state`` is answered 400
+   and changes nothing; a callback in a browser other than the one that confirmed is refused (the login
+   stays for its own browser). Otherwise the login is consumed (single use; its cookie is deleted), the
+   code is exchanged at the token endpoint with the PKCE verifier (plain httpx: authlib 1.9's httpx
+   integration raises a DeprecationWarning at import, which our warnings-as-errors runs reject), and the ID
+   token is validated (section 3.1.3.7): signature against the provider's JWKS, ``iss``, ``aud`` = client
+   id, ``exp``/``iat`` and ``nonce`` = the pending login's nonce (joserfc + authlib's ``CodeIDToken``).
+   A token signed with a key the JWKS in hand lacks makes ghostmesh fetch the JWKS again, at most once per
+   ``oidc.jwks_refresh_interval`` (section 10.1.1, :class:`ghostmesh.oidc_core.JwksCache`).
+6. Who may join: the allow-lists (``oidc.allowed_domains``, ``allowed_groups``, ``allowed_users``,
+   :func:`ghostmesh.oidc_core.refusal`). Then which user: the one bound to the account's (``iss``,
+   ``sub``) if any, whatever name the claims carry now; else the ``oidc.username_claim`` (falling back to
+   ``email``, then ``sub``), created and bound if missing. An existing user bound to nothing is not taken
+   over by a login that happens to carry its name: it is refused, with the ``ghostctl users bind``
+   command an admin would run (:meth:`ghostmesh.state.State.resolve_oidc_user`). Groups (``groups_claim``)
    are stored for policy group members ``"oidc:<group>"``. The node is registered to the user as an auth
    key registration does, the change is dispatched and audited (``node.register``, ``via: oidc``), and
    ``WaitForLogin`` returns the node.
 
+Every refusal is a page with one line (HTML, escaped), the same line for the waiting node (UNAUTHENTICATED
+for what did not verify, PERMISSION_DENIED for an account that may not join), nothing written, and one
+failed authentication counted for the browser's source: the limits fold them into one ``auth.failed``
+audit row per source and minute (:mod:`ghostmesh.limits`), by kind (``oidc:not_allowed`` …), and
+``Refusals.oidc_refused`` counts them.
+
 Discovery (``<issuer>/.well-known/openid-configuration``, OpenID Connect Discovery 1.0 section 4) runs once
-at start; a failure stops the start with a one-line error. The client secret never reaches a log or repr.
+at start; a failure stops the start with a one-line error. Never logged nor put in an error: the client
+secret, codes, tokens, ``state``, nonces, login ids (the login URL is a capability until it is confirmed)
+and cookies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from aiohttp import web
-from authlib.common.security import generate_token
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from authlib.oidc.core import CodeIDToken
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import JWSRegistry
 
 from ghostcore.config import parse_hostport
-from ghostcore.errors import AuthError, ConfigError, GhostError, Unavailable
-from ghostmesh import audit
+from ghostcore.errors import (
+    AuthError,
+    ConfigError,
+    GhostError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from ghostmesh import audit, oidc_pages
 from ghostmesh.config import OidcConfig
 from ghostmesh.hub import Hub
+from ghostmesh.limits import source_of
+from ghostmesh.oidc_core import (
+    KIND_BAD_STATE,
+    KIND_BROWSER,
+    KIND_INVALID,
+    KIND_NOT_ALLOWED,
+    KIND_USER,
+    JwksCache,
+    PendingLogin,
+    PendingLogins,
+    csrf_token,
+    groups_from_claims,
+    new_cookie,
+    one_line,
+    refusal,
+    username_from_claims,
+)
 from ghostmesh.store.base import NodeRec
+
+__all__ = [  # the pure parts, re-exported where callers have always found them
+    "OidcService",
+    "PendingLogin",
+    "PendingLogins",
+    "groups_from_claims",
+    "username_from_claims",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,127 +113,36 @@ LOGIN_PATH = "/oidc/login/"
 CALLBACK_PATH = "/oidc/callback"
 HTTP_TIMEOUT = 10.0  # seconds, for each request to the provider
 LEEWAY = 60  # seconds of clock skew accepted on exp / iat
+MAX_FORM_BYTES = 4096  # the confirmation form is one token
 MSG_BAD_STATE = "login failed: unknown or expired state; run ghostlink join again"
 MSG_LOGGED_IN = "logged in; you can close this window"
-
-_NAME_BAD = re.compile(r"[^a-z0-9._-]+")
-
-
-@dataclass(slots=True)
-class PendingLogin:
-    """One login in progress. ``state``, ``nonce`` and ``verifier`` are secrets: not in the repr."""
-
-    id: str
-    node_key: str
-    hostname: str
-    expires: float
-    state: str = field(repr=False)
-    nonce: str = field(repr=False)
-    verifier: str = field(repr=False)
+MSG_UNKNOWN_LOGIN = "login failed: unknown or expired login; run ghostlink join again"
+TITLE_FAILED = "Login failed"
 
 
-class PendingLogins:
-    """The in-memory book of logins in progress, by id, by ``state`` and by node key. Sans-IO: takes
-    ``now``. At most one login per node key: a new one (the user ran ``join`` again) replaces the old.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._by_id: dict[str, PendingLogin] = {}
-        self._by_state: dict[str, str] = {}
-        self._by_node: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def create(self, node_key: str, hostname: str, now: float) -> PendingLogin:
-        self.expire(now)
-        old = self._by_node.get(node_key)
-        if old is not None:
-            self._drop(self._by_id[old])
-        login = PendingLogin(
-            id=secrets.token_urlsafe(16),
-            node_key=node_key,
-            hostname=hostname,
-            expires=now + self.timeout,
-            state=secrets.token_urlsafe(32),
-            nonce=secrets.token_urlsafe(32),
-            verifier=generate_token(64),  # RFC 7636 section 4.1: 43..128 unreserved characters
-        )
-        self._by_id[login.id] = login
-        self._by_state[login.state] = login.id
-        self._by_node[node_key] = login.id
-        return login
-
-    def get(self, login_id: str, now: float) -> PendingLogin | None:
-        login = self._by_id.get(login_id)
-        return login if login is not None and login.expires > now else None
-
-    def for_node(self, node_key: str, now: float) -> PendingLogin | None:
-        login_id = self._by_node.get(node_key)
-        return None if login_id is None else self.get(login_id, now)
-
-    def take(self, state: str, now: float) -> PendingLogin | None:
-        """The unexpired login with this ``state``, removed (a state is good for one callback only)."""
-        login_id = self._by_state.get(state)
-        login = None if login_id is None else self._by_id[login_id]
-        if login is None:
-            return None
-        self._drop(login)
-        return login if login.expires > now else None
-
-    def expire(self, now: float) -> list[PendingLogin]:
-        gone = [login for login in self._by_id.values() if login.expires <= now]
-        for login in gone:
-            self._drop(login)
-        return gone
-
-    def _drop(self, login: PendingLogin) -> None:
-        self._by_id.pop(login.id, None)
-        self._by_state.pop(login.state, None)
-        if self._by_node.get(login.node_key) == login.id:
-            del self._by_node[login.node_key]
-
-
-def username_from_claims(claims: Mapping[str, Any], claim: str) -> str:
-    """The ghostmesh user name for these ID token claims: ``claim``, else ``email``, else ``sub``,
-    lower-cased, other characters replaced by ``-`` (``A@Example.com`` -> ``a-example.com``).
-    """
-    for key in (claim, "email", "sub"):
-        value = claims.get(key)
-        if isinstance(value, str) and value.strip():
-            return _NAME_BAD.sub("-", value.strip().lower()).strip("-._")[:63]
-    return ""
-
-
-def groups_from_claims(claims: Mapping[str, Any], claim: str) -> list[str]:
-    """The groups claim as a list of strings (a single string counts as one group; others are ignored)."""
-    value = claims.get(claim)
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [g for g in value if isinstance(g, str) and g]
-    return []
-
-
-def _page(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+class LoginRefused(PermissionDenied):
+    """The account was verified but may not join (an allow-list), or not as that user."""
 
 
 class OidcService:
-    """Discovery, the pending logins, the callback listener (aiohttp) and ``WaitForLogin``."""
+    """Discovery, the pending logins, the login listener (aiohttp) and ``WaitForLogin``."""
 
     def __init__(self, cfg: OidcConfig, hub: Hub, clock: Callable[[], float]) -> None:
         self.cfg = cfg
         self.hub = hub
         self.clock = clock
-        self.pending = PendingLogins(cfg.login_timeout)
+        self.pending = PendingLogins(cfg.login_timeout, cfg.max_pending, cfg.max_pending_per_source)
         self.public_url = cfg.public_url.rstrip("/")
         self.redirect_uri = self.public_url + CALLBACK_PATH
+        self.secure = self.public_url.startswith("https://")
+        self.mesh_name = oidc_pages.origin(self.public_url).partition("://")[2]
         self.metadata: dict[str, Any] = {}
+        self.jwks = JwksCache(cfg.jwks_refresh_interval)
+        self._jwks_lock = asyncio.Lock()  # one JWKS fetch at a time; the others use its result
         self._secret = cfg.secret()
         self._waiters: dict[str, asyncio.Future[NodeRec]] = {}  # login id -> its WaitForLogin
         self._runner: web.AppRunner | None = None
+        self._headers = oidc_pages.headers()
         self.port = 0
 
     async def start(self) -> None:
@@ -202,15 +162,21 @@ class OidcService:
         named = meta.get("issuer") if isinstance(meta, dict) else None
         if not isinstance(named, str) or named.rstrip("/") != issuer:
             raise ConfigError(f"oidc.issuer: {url} names issuer {named!r}, not {issuer!r}")
-        for key in ("authorization_endpoint", "token_endpoint"):
+        for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             if not isinstance(meta.get(key), str):
                 raise Unavailable(f"oidc.issuer: discovery at {url} lacks {key}")
-        meta["jwks"] = jwks
+        self.jwks.attempted(self.clock())
+        try:
+            self.jwks.install(jwks)
+        except ValueError as exc:
+            raise Unavailable(f"oidc.issuer: {exc} ({meta['jwks_uri']})") from None
         self.metadata = meta
-        app = web.Application()
-        app.router.add_get(LOGIN_PATH + "{id}", self._login)
+        self._headers = oidc_pages.headers((oidc_pages.origin(meta["authorization_endpoint"]),))
+        app = web.Application(client_max_size=MAX_FORM_BYTES)
+        app.router.add_get(LOGIN_PATH + "{id}", self._login_page)
+        app.router.add_post(LOGIN_PATH + "{id}", self._confirm)
         app.router.add_get(CALLBACK_PATH, self._callback)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None)  # an access log would hold login ids and codes
         await runner.setup()
         host, port = parse_hostport(self.cfg.http_bind, "oidc.http_bind")
         site = web.TCPSite(runner, host, port)
@@ -236,15 +202,20 @@ class OidcService:
 
     # -- the node side (Coordination.Register / WaitForLogin) ------------------------------------------
 
-    def begin(self, node_key: str, hostname: str) -> str:
-        """Start a login for ``node_key``; the URL the user opens."""
+    def begin(self, node_key: str, hostname: str, source: str, remote: str = "") -> str:
+        """Start a login for ``node_key`` from ``source`` (``remote``: the address shown on the
+        confirmation page); the URL the user opens. ResourceExhausted (counted) beyond the caps."""
         now = self.clock()
         for gone in self.pending.expire(now):
             self._fail(gone.id, AuthError("login expired; run ghostlink join again"))
         old = self.pending.for_node(node_key, now)
+        try:
+            login = self.pending.create(node_key, hostname, source, now, remote)
+        except ResourceExhausted:
+            self.hub.limits.refusals.oidc_pending += 1
+            raise
         if old is not None:
             self._fail(old.id, AuthError("a newer login for this node was started"))
-        login = self.pending.create(node_key, hostname, now)
         return f"{self.public_url}{LOGIN_PATH}{login.id}"
 
     async def wait(self, node_key: str) -> NodeRec:
@@ -275,10 +246,72 @@ class OidcService:
 
     # -- the browser side --------------------------------------------------------------------------------
 
-    async def _login(self, request: web.Request) -> web.StreamResponse:
-        login = self.pending.get(request.match_info["id"], self.clock())
+    def _cookie_name(self, login_id: str) -> str:
+        # __Host-: only this origin, over https, may set it (RFC 6265bis section 4.1.3.2). A cookie per
+        # login, so two joins in one browser do not undo each other.
+        return f"{'__Host-' if self.secure else ''}ghostmesh-login-{login_id}"
+
+    def _page(self, status: int, title: str, message: str) -> web.Response:
+        return web.Response(
+            status=status,
+            text=oidc_pages.message_page(title, message),
+            content_type="text/html",
+            headers=self._headers,
+        )
+
+    def _refused(self, request: web.Request, kind: str, status: int, message: str) -> web.Response:
+        """A refused step: counted for the browser's source (one coalesced audit row per source and
+        minute), logged without secrets, answered with a one-line page."""
+        remote = request.remote or ""
+        kind_of_ip = "ipv6" if ":" in remote else "ipv4"
+        source = source_of(f"{kind_of_ip}:[{remote}]:0") or remote  # the gRPC peer form limits expect
+        self.hub.limits.auth_failed(source or "unknown", kind, self.hub.now())
+        self.hub.limits.refusals.oidc_refused += 1
+        log.warning("oidc login refused (%s) from %s: %s", kind, remote, message)
+        return self._page(status, TITLE_FAILED, message)
+
+    async def _login_page(self, request: web.Request) -> web.StreamResponse:
+        now = self.clock()
+        login = self.pending.get(request.match_info["id"], now)
         if login is None:
-            return _page(404, "login failed: unknown or expired login; run ghostlink join again")
+            return self._page(404, TITLE_FAILED, MSG_UNKNOWN_LOGIN)
+        if login.confirmed:
+            return self._page(
+                409, TITLE_FAILED, "login failed: this login was confirmed already; run ghostlink join again"
+            )
+        name = self._cookie_name(login.id)
+        cookie = request.cookies.get(name) or new_cookie()  # a reload keeps the browser's cookie
+        html = oidc_pages.confirm_page(
+            login, csrf_token(login, cookie), LOGIN_PATH + login.id, now, self.mesh_name
+        )
+        resp = web.Response(text=html, content_type="text/html", headers=self._headers)
+        resp.set_cookie(
+            name,
+            cookie,
+            max_age=max(1, int(login.expires - now)),
+            path="/",
+            secure=self.secure,
+            httponly=True,
+            samesite="Lax",  # sent on the provider's redirect back; not on another site's form post
+        )
+        return resp
+
+    async def _confirm(self, request: web.Request) -> web.StreamResponse:
+        login_id = request.match_info["id"]
+        if self.pending.get(login_id, self.clock()) is None:
+            return self._page(404, TITLE_FAILED, MSG_UNKNOWN_LOGIN)
+        try:
+            form = await request.post()
+        except (ValueError, web.HTTPException):
+            return self._page(400, TITLE_FAILED, "login failed: the form could not be read; reload the page")
+        token = form.get("csrf")
+        cookie = request.cookies.get(self._cookie_name(login_id), "")
+        try:
+            login = self.pending.confirm(
+                login_id, cookie, token if isinstance(token, str) else "", self.clock()
+            )
+        except AuthError as exc:
+            return self._refused(request, KIND_BROWSER, 403, str(exc))
         url = prepare_grant_uri(  # OpenID Connect Core 1.0 section 3.1.2.1; RFC 7636 section 4.3
             self.metadata["authorization_endpoint"],
             self.cfg.client_id,
@@ -290,44 +323,62 @@ class OidcService:
             code_challenge=create_s256_code_challenge(login.verifier),
             code_challenge_method="S256",
         )
-        raise web.HTTPFound(url)
+        raise web.HTTPSeeOther(url, headers=self._headers)  # RFC 9110 section 15.4.4: GET after a POST
 
     async def _callback(self, request: web.Request) -> web.StreamResponse:
-        login = self.pending.take(request.query.get("state", ""), self.clock())
+        state = request.query.get("state", "")
+        found = self.pending.by_state(state, self.clock())
+        cookie = request.cookies.get(self._cookie_name(found.id), "") if found is not None else ""
+        try:
+            login = self.pending.take(state, cookie, self.clock())
+        except AuthError as exc:
+            return self._refused(request, KIND_BROWSER, 400, str(exc))
         if login is None:
-            log.warning("oidc callback with an unknown or expired state")
-            return _page(400, MSG_BAD_STATE)
+            return self._refused(request, KIND_BAD_STATE, 400, MSG_BAD_STATE)
         try:
             node = await self._complete(login, request)
         except GhostError as exc:
-            log.warning("oidc login failed: %s", exc)
             self._fail(login.id, exc)
-            return _page(400, f"login failed: {exc}")
-        fut = self._waiters.pop(login.id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(node)
-        return _page(200, MSG_LOGGED_IN)
+            kind = KIND_INVALID
+            if isinstance(exc, LoginRefused):
+                kind = KIND_NOT_ALLOWED
+            elif isinstance(exc, PermissionDenied):
+                kind = KIND_USER
+            message = str(exc) if str(exc).startswith("login ") else f"login failed: {exc}"
+            resp = self._refused(request, kind, 403 if isinstance(exc, PermissionDenied) else 400, message)
+        else:
+            fut = self._waiters.pop(login.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(node)
+            resp = self._page(200, "Logged in", MSG_LOGGED_IN)
+        resp.del_cookie(self._cookie_name(login.id), path="/", secure=self.secure, httponly=True)
+        return resp
 
     async def _complete(self, login: PendingLogin, request: web.Request) -> NodeRec:
         if "error" in request.query:
-            raise AuthError(f"the provider refused the login: {request.query['error'][:100]}")
+            raise AuthError(f"the provider refused the login: {one_line(request.query['error'])}")
         code = request.query.get("code", "")
         if not code:
             raise AuthError("the provider sent no authorization code")
         token = await self._exchange(code, login.verifier)
-        claims = self._validate_id_token(token, login.nonce)
+        claims = await self._validate_id_token(token, login.nonce)
         user = username_from_claims(claims, self.cfg.username_claim)
         groups = groups_from_claims(claims, self.cfg.groups_claim)
-        state = self.hub.state
-        node, changes = state.register_oidc(
-            login.node_key, login.hostname, user, str(claims["sub"]), groups=groups, now=self.hub.now()
-        )
-        self.hub.dispatch(changes)
-        log.info("node registered via oidc", extra={"node": node.name, "user": user})
-        detail = audit.register_detail(node, changes)
-        detail.update({"via": "oidc", "groups": sorted(set(groups))})
-        remote = request.remote or ""
-        self.hub.record(audit.node_actor(node.name), audit.NODE_REGISTER, node.name, detail, remote)
+        refused = refusal(claims, user, groups, self.cfg)
+        if refused is not None:
+            raise LoginRefused(refused.message)
+        issuer = str(claims["iss"])
+        with self.hub.transaction() as tx:
+            node, changes = self.hub.state.register_oidc(
+                login.node_key, login.hostname, user, str(claims["sub"]),
+                issuer=issuer, groups=groups, now=self.hub.now(),
+            )  # fmt: skip
+            tx.dispatch(changes)
+            detail = audit.register_detail(node, changes)
+            detail.update({"via": "oidc", "groups": sorted(set(groups))})
+            remote = request.remote or ""
+            tx.record(audit.node_actor(node.name), audit.NODE_REGISTER, node.name, detail, remote)
+        log.info("node registered via oidc", extra={"node": node.name, "user": node.user})
         return node
 
     async def _exchange(self, code: str, verifier: str) -> Mapping[str, Any]:
@@ -348,17 +399,54 @@ class OidcService:
             raise AuthError(f"code exchange at the provider failed ({type(exc).__name__})") from None
         if resp.status_code != 200 or not isinstance(token, dict):
             err = token.get("error", resp.status_code) if isinstance(token, dict) else resp.status_code
-            raise AuthError(f"the provider refused the code exchange ({str(err)[:100]})")
+            raise AuthError(f"the provider refused the code exchange ({one_line(str(err))})")
         return token
 
-    def _validate_id_token(self, token: Mapping[str, Any], nonce: str) -> Mapping[str, Any]:
+    async def _signing_keys(self, id_token: str) -> KeySet:
+        """The provider's keys, fetched again when the token names a ``kid`` they lack (at most once per
+        ``oidc.jwks_refresh_interval``; the keys in hand stay until a new set arrives)."""
+        try:
+            header = jws.extract_compact(id_token.encode()).headers()
+        except (JoseError, ValueError) as exc:
+            raise AuthError(f"the ID token is not valid ({type(exc).__name__})") from None
+        kid = header.get("kid")
+        kid = kid if isinstance(kid, str) else None
+        async with self._jwks_lock:
+            if not self.jwks.knows(kid):
+                await self._refetch_jwks(kid)
+            if self.jwks.keys is None:  # pragma: no cover - start() installs a set or fails
+                raise Unavailable("the provider's keys are not loaded; restart ghostmesh")
+            return self.jwks.keys
+
+    async def _refetch_jwks(self, kid: str | None) -> None:
+        now = self.clock()
+        shown = repr(one_line(kid, 64)) if kid is not None else "none"
+        if not self.jwks.may_fetch(now):
+            raise AuthError(
+                f"the ID token is signed by a key the provider did not publish (kid {shown}); its keys are "
+                f"fetched again at most every {self.cfg.jwks_refresh_interval:g} s, retry in "
+                f"{max(1, round(self.jwks.retry_in(now)))} s"
+            )
+        self.jwks.attempted(now)
+        url = self.metadata["jwks_uri"]
+        try:
+            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+                self.jwks.install((await http.get(url)).raise_for_status().json())
+        except (httpx.HTTPError, ValueError) as exc:  # the keys in hand stay in force
+            log.warning("oidc: fetching the provider's keys from %s failed (%s)", url, type(exc).__name__)
+        else:
+            log.info("oidc: fetched the provider's keys again (a token named kid %s)", shown)
+        if not self.jwks.knows(kid):
+            raise AuthError(f"the ID token is signed by a key the provider does not publish (kid {shown})")
+
+    async def _validate_id_token(self, token: Mapping[str, Any], nonce: str) -> Mapping[str, Any]:
         """OpenID Connect Core 1.0 section 3.1.3.7: signature, iss, aud, exp/iat, nonce."""
         id_token = token.get("id_token")
         if not isinstance(id_token, str):
             raise AuthError("the provider returned no ID token")
+        keys = await self._signing_keys(id_token)
         algs = self.metadata.get("id_token_signing_alg_values_supported") or ["RS256"]
         try:
-            keys = KeySet.import_key_set(self.metadata["jwks"])
             decoded = jwt.decode(id_token, keys, registry=JWSRegistry(algorithms=algs))
             claims = CodeIDToken(
                 decoded.claims,
@@ -369,5 +457,7 @@ class OidcService:
             claims.validate(leeway=LEEWAY)
         except (JoseError, ValueError, KeyError) as exc:
             what = getattr(exc, "claim", "") or type(exc).__name__
-            raise AuthError(f"the ID token is not valid ({what}: {exc})") from None
+            raise AuthError(f"the ID token is not valid ({one_line(f'{what}: {exc}', 200)})") from None
+        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            raise AuthError("the ID token is not valid (sub: missing)")
         return dict(claims)

@@ -8,7 +8,13 @@ so a relay checks a node's credentials without asking ghostmesh and without a us
   maths ghostgate checks with; coturn's ``use-auth-secret`` accepts the same);
 * the QUIC / TLS-stream relay: ``relay_token = HMAC-SHA256(secret, "ghostrelay-v1\\n" node key "\\n" expiry)``
   (:func:`ghostcore.relaywire.token_mac`). It is bound to the node key, so a node's key rotation needs a
-  fresh token, and the node only ever proves possession of it over a relay's fresh challenge.
+  fresh token, and the node only ever proves possession of it over a relay's fresh challenge, together
+  with possession of the node key's private half, against the relays' static X25519 key whose public half
+  is in the map (``relay_static_key``, derived from the secret: :func:`ghostcore.relaywire.relay_static_key`).
+
+Each region also carries the pin of its relay certificate (``tls_pin``): the region's configured
+``tls_pin`` for a gate with its own certificate, else the pin of the key every gate derives from the
+secret (:func:`ghostcore.relaywire.relay_tls_seed`), so nodes refuse a relay that is not one of ours.
 
 Both expire at ``expires_unix = now + relay.credential_lifetime``. :meth:`RelayMinter.refresh_at` says when
 the mapper re-mints them for a stream (at 40% of the lifetime, so a node always holds credentials with more
@@ -24,8 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ghostcore import tlscert
+from ghostcore.joinkey import parse_pin
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
-from ghostcore.relaywire import token_mac
+from ghostcore.relaywire import relay_static_key, relay_tls_seed, token_mac
 from ghostcore.turnrest import rest_password, rest_username
 from ghostmesh.config import RelayConfig
 
@@ -45,6 +53,7 @@ class RelayMinter:
     @classmethod
     def from_config(cls, cfg: RelayConfig, secret: bytes) -> RelayMinter:
         """From a validated ``[relay]`` table and its secret (:meth:`RelayConfig.secret_bytes`)."""
+        derived_pin = tlscert.key_pin(tlscert.derived_key(relay_tls_seed(secret)))
         template = pb.RelayMap(
             regions=[
                 pb.RelayRegion(
@@ -55,10 +64,12 @@ class RelayMinter:
                     quic_port=r.quic_port,
                     tcp_port=r.tcp_port,
                     turn=r.turn,
+                    tls_pin=parse_pin(r.tls_pin) if r.tls_pin else derived_pin,
                 )
                 for r in cfg.region_list()
             ],
             fallback=list(cfg.fallback),
+            relay_static_key=relay_static_key(secret).public_key().raw,
         )
         return cls(template, secret, cfg.credential_lifetime)
 

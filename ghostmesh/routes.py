@@ -3,7 +3,7 @@
 A route is a ``(node, prefix)`` pair (:class:`~ghostmesh.store.base.RouteRec`): *advertised* by the node
 itself (``ghostlink --advertise-routes``, sent whole in every ``StatusReport``) and/or by an admin on its
 behalf (``ghostctl route add``), and *approved* by an admin or by an auto-approver of the policy
-(``[auto_approvers]``, :meth:`ghostmesh.policy.model.Policy.auto_approves`). Only an advertised AND
+(``[auto_approvers]``, :meth:`ghostcore.policy.model.Policy.auto_approves`). Only an advertised AND
 approved route is served.
 
 Primary election (Tailscale's "subnet router failover"): for each prefix, among the nodes serving it that
@@ -16,8 +16,9 @@ of primary routes changed, so a failover costs two ``NodeChanged`` records, neve
 Exit nodes: the prefixes ``0.0.0.0/0`` and ``::/0``. They have no primary (every client chooses its own
 exit node); a node serving either one is an exit node.
 
-:func:`validate_prefix` refuses garbage, prefixes with host bits set and prefixes overlapping the overlay
-ranges (the mesh's own addresses must never be routed to a subnet router).
+:func:`validate_prefix` refuses garbage (strictly, :mod:`ghostcore.addr`: no zone ID, whitespace or control
+character), prefixes with host bits set and prefixes overlapping the overlay ranges (the mesh's own
+addresses must never be routed to a subnet router).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 
+from ghostcore import addr
 from ghostcore.errors import InvalidArgument
 from ghostmesh.store.base import RouteRec
 
@@ -38,32 +40,28 @@ def is_exit(prefix: str) -> bool:
 
 
 def validate_prefix(text: str, overlay: Sequence[IPNet]) -> str:
-    """``text`` as a normalised prefix; ``InvalidArgument`` (one line) when it cannot be a route."""
-    text = text.strip()
-    bad = InvalidArgument(
-        f"invalid route {text[:60]!r}: expected a prefix such as 10.1.1.0/24 or 2001:db8:1::/64"
-    )
-    if "/" not in text:
-        raise bad
+    """``text`` as a canonical prefix; ``InvalidArgument`` (one line) when it cannot be a route.
+
+    Parsed as a person writes it (:func:`ghostcore.addr.normalize_prefix`: ``2001:DB8:1:0::/64`` is
+    fine), and as strictly: whitespace, control characters and zone IDs are refused, never stripped.
+    """
+    loose = addr.normalize_prefix(text, "route", host_bits=True)  # garbage, zone IDs...: AddressError
     try:
-        loose = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise bad from None
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except ValueError:
+        addr.normalize_prefix(text, "route")  # it parsed above, so only host bits can fail here
+    except addr.AddressError:
         raise InvalidArgument(
             f"invalid route {text[:60]!r}: host bits are set; did you mean {loose}?"
         ) from None
+    net = ipaddress.ip_network(loose)
     if net.prefixlen == 0:
-        return str(net)  # an exit node: "everything" necessarily contains the overlay, that is fine
+        return loose  # an exit node: "everything" necessarily contains the overlay, that is fine
     for o in overlay:
         if o.version == net.version and net.overlaps(o):
             raise InvalidArgument(
                 f"route {net} overlaps the overlay range {o}; a subnet route must lie outside the mesh's "
                 "own addresses"
             )
-    return str(net)
+    return loose
 
 
 class RouteTable:
@@ -130,6 +128,15 @@ class RouteTable:
 
     def primary_routes(self, node_id: int) -> tuple[str, ...]:
         return tuple(sorted(self._primaries_of.get(node_id, ())))
+
+    def approved_routes(self, node_id: int) -> tuple[str, ...]:
+        """The subnet routes (not exit routes) the node advertises with approval, primary or not."""
+        out = []
+        for p in sorted(self._by_node.get(node_id, ())):
+            r = self._recs[(node_id, p)]
+            if r.advertised and r.approved and not is_exit(p):
+                out.append(p)
+        return tuple(out)
 
     def is_exit_node(self, node_id: int) -> bool:
         for p in EXIT_PREFIXES:

@@ -1,14 +1,39 @@
-"""Assembling and running the ghostmesh gRPC server (the I/O edge): store, state, mapper, hub, servicers.
+"""Assembling and running the ghostmesh gRPC server (the I/O edge): store, state, policy, hub, servicers.
 
-One grpc.aio server serves both services on two ports: the TCP ``server.bind`` address (nodes, and admin
-with an API key) and the unix ``server.admin_socket`` (admin without credentials; the socket is created
-0600 inside a 0700 directory, so only root reaches it). Server options:
+One grpc.aio server serves its services on two ports: the TCP ``server.bind`` address (nodes, admin with
+an API key, and, with relay regions, the relays watching which nodes are current: RelayControl) and the unix
+``server.admin_socket`` (admin without credentials; the socket file is born 0600, so only root reaches it,
+also in a shared directory). The TCP port speaks TLS only (gRPC negotiates
+TLS 1.2 or 1.3, RFC 8446, with ALPN "h2"); a plain-text client gets no answer. Its certificate is the
+configured ``[tls]`` chain or ghostmesh's own self-signed one (:mod:`ghostmesh.tls`); clients trust it by
+the pin of its key (``sha256:…``, logged at start, in ``GetServerIdentity`` and in every key created) or,
+for a CA's certificate, by the CA. The unix socket stays plain: it never leaves the machine.
 
+What bounds the load (``[limits]``): every call passes :class:`ghostmesh.api.guard.CallGuard` (calls in
+flight per source and in total, sources failing to authenticate), and the server options
+(:func:`server_options`) bound what comes before a call is seen:
+
+- ``grpc.max_allowed_incoming_connections = limits.connections_total``: TCP connections accepted at
+  once (gRPC closes any beyond at once); the open-files limit is raised to fit them at start
+  (:func:`raise_open_files`), or ghostmesh refuses to start;
+- ``grpc.max_concurrent_streams = limits.streams_per_connection``: calls at once on one connection;
+- ``grpc.server.max_pending_requests = limits.pending_requests`` (hard limit twice that): calls received
+  but not yet taken up by the event loop. After a restart every node reconnects at once, and with
+  gRPC's default (1000) part of a burst of more than 1000 streams was CANCELLED;
+- ``grpc.server_handshake_timeout_ms``: a connection that does not finish its TLS handshake in 10 s is
+  closed, so half-open connections do not hold their slot;
 - ``grpc.max_receive_message_length = server.max_message_bytes``: an oversized request is refused with
   RESOURCE_EXHAUSTED before any handler runs;
-- ``grpc.server.max_pending_requests`` (and its hard limit) raised: after a restart every node reconnects
-  at once, and with the defaults grpc.aio CANCELLED part of a >1000-stream burst (platform notes);
 - keepalive pings so dead nodes' streams are noticed (and their ephemeral grace starts) within a minute.
+
+Wiring, once and in one direction (:func:`start_server`): the store (``[database]``: SQLite or
+PostgreSQL, :mod:`ghostmesh.store`) feeds the state and the policy read
+at start; the mapper is built with that policy and seeded with the state's nodes and node-key signing
+log (as change records); the hub joins state, mapper, audit log and limits; the policy's owner
+(:class:`~ghostmesh.policy_source.PolicySource`) is built on the hub, and the servicers on the hub and the
+policy's owner. The server's private keys are files in ``server.state_dir`` (:mod:`ghostmesh.keyfiles`),
+whichever the database; so is its self-signed TLS certificate unless ``database.path`` puts the SQLite
+file elsewhere.
 
 ``start_server(cfg)`` is also the programmatic entry used by in-process tests.
 """
@@ -16,47 +41,69 @@ with an API key) and the unix ``server.admin_socket`` (admin without credentials
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
 import os
+import resource
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ghostcore import lock, tlscert
 from ghostcore.config import parse_hostport
 from ghostcore.errors import ConfigError, Unavailable
+from ghostcore.files import check_socket_dir, make_private_dir, umask
 from ghostcore.keys import PublicKey
-from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc
+from ghostcore.metrics_http import MetricsServer, start_metrics
+from ghostcore.pb.ghostmesh.v1 import admin_pb2, admin_pb2_grpc
+from ghostcore.policy.model import mesh_ranges
+from ghostcore.tlscert import CertPair
+from ghostmesh import metrics
 from ghostmesh.api.admin import AdminServicer
-from ghostmesh.api.coordination import CoordinationServicer, add_coordination_to_server
-from ghostmesh.api.policy_admin import POLICY_SET
-from ghostmesh.api.routes_admin import apply_policy
-from ghostmesh.audit import ACTOR_SYSTEM, Auditor, load_audit_key
-from ghostmesh.config import MeshConfig
+from ghostmesh.api.coordination import VERSION, CoordinationServicer, add_coordination_to_server
+from ghostmesh.api.guard import CallGuard
+from ghostmesh.api.relaycontrol import RelayControlServicer, add_relay_control
+from ghostmesh.audit import Auditor
+from ghostmesh.config import LimitsConfig, MeshConfig
+from ghostmesh.dnsmap import dns_map
 from ghostmesh.hub import Hub
+from ghostmesh.keyfiles import load_audit_key, load_server_key
+from ghostmesh.limits import Limits, open_files_needed, open_files_plan
 from ghostmesh.mapper import Mapper
-from ghostmesh.policy_source import PolicyManager
+from ghostmesh.policy_source import LoadedPolicy, PolicySource, load_policy
 from ghostmesh.relaymap import RelayMinter
-from ghostmesh.state import State, StateConfig, load_server_key
+from ghostmesh.state import State, StateConfig
+from ghostmesh.store.sql import SqlStore
 from ghostmesh.store.sqlite import SqliteStore
+from ghostmesh.tls import CERT_FILE, KEY_FILE, load_identity
 
 if TYPE_CHECKING:
+    from ghostmesh.console import ConsoleServer
     from ghostmesh.oidc import OidcService
 
-MAX_PENDING_REQUESTS = 65536
+log = logging.getLogger(__name__)
+
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
+HANDSHAKE_TIMEOUT_MS = 10_000
 
 
 def server_options(cfg: MeshConfig) -> list[tuple[str, int]]:
+    limits = cfg.limits
     return [
         ("grpc.max_receive_message_length", cfg.server.max_message_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),  # a full map of 10k nodes is a few MB
-        ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
-        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_REQUESTS * 2),
+        ("grpc.max_allowed_incoming_connections", limits.connections_total),
+        ("grpc.max_concurrent_streams", limits.streams_per_connection),
+        ("grpc.server.max_pending_requests", limits.pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", limits.pending_requests * 2),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -65,13 +112,23 @@ def server_options(cfg: MeshConfig) -> list[tuple[str, int]]:
     ]
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+def raise_open_files(limits: LimitsConfig) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to what ``limits.connections_total`` needs (up to the hard
+    limit); the soft limit now in force. ConfigError, one line with the numbers, when the hard limit is
+    too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = open_files_needed(limits.connections_total)
+    plan = open_files_plan(soft, hard, need)
+    if plan is None:
+        raise ConfigError(
+            f"limits.connections_total: {limits.connections_total} connections need {need} open files, "
+            f"but RLIMIT_NOFILE's hard limit is {hard}; raise it (LimitNOFILE=, ulimit -Hn) or lower "
+            "limits.connections_total"
+        )
+    if plan != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (plan, hard))
+        log.info("open files limit raised", extra={"from": soft, "to": plan})
+    return plan
 
 
 def _socket_alive(path: Path) -> bool:
@@ -89,14 +146,7 @@ def _prepare_admin_socket(path: Path) -> None:
         raise ConfigError(
             f"server.admin_socket: path {path} is longer than {_UNIX_PATH_MAX} bytes; use a shorter one"
         )
-    parent = path.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(mode=0o700, parents=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"server.admin_socket: cannot create directory {parent}: {exc.strerror}"
-            ) from None
+    check_socket_dir(path.parent, "server.admin_socket")
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(
@@ -109,10 +159,12 @@ def _prepare_admin_socket(path: Path) -> None:
         path.unlink()  # stale socket of a previous run: binding over it would fail with EADDRINUSE
 
 
-def _add_tcp_port(server: grpc.aio.Server, host: str, port: int, text: str) -> int:
+def _add_tls_port(server: grpc.aio.Server, host: str, port: int, text: str, pair: CertPair) -> int:
+    """Listen on ``host:port`` with TLS only, presenting ``pair``'s whole chain; the bound port."""
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    credentials = grpc.ssl_server_credentials([(pair.key_pem, pair.cert_pem)])
     try:
-        bound = server.add_insecure_port(bind)
+        bound = server.add_secure_port(bind, credentials)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -122,9 +174,50 @@ def _add_tcp_port(server: grpc.aio.Server, host: str, port: int, text: str) -> i
     return bound
 
 
+def _load_state(store: SqlStore, cfg: MeshConfig, now: float) -> State:
+    try:
+        return State(store, StateConfig.from_mesh(cfg), now)
+    except lock.LockError as exc:
+        raise ConfigError(
+            f"{store.name}: the stored node-key signing log does not verify ({exc}); restore the "
+            "database from a backup"
+        ) from None
+
+
+def _build_hub(
+    cfg: MeshConfig,
+    store: SqlStore,
+    *,
+    audit_key: Ed25519PrivateKey,
+    relay: RelayMinter | None,
+    clock: Callable[[], float],
+) -> tuple[Hub, LoadedPolicy]:
+    """The state, the mapper (seeded with the state and the policy read at start), the audit log and the
+    limits, joined in a hub; and that policy, for its owner."""
+    now = clock()
+    state = _load_state(store, cfg, now)
+    acl_path = Path(cfg.server.acl_file) if cfg.server.acl_file else None
+    loaded = load_policy(store, acl_path)  # an invalid acl_file stops the start
+    prefixes = (ipaddress.ip_network(cfg.network.ipv4_prefix), ipaddress.ip_network(cfg.network.ipv6_prefix))
+    mapper = Mapper(cfg.nodes.keepalive, loaded.policy, relay, mesh_ranges(prefixes), dns_map(cfg.dns))
+    mapper.load(state.snapshot(), now)
+    mapper.apply(state.lock_record(), now)
+    hub = Hub(
+        state,
+        mapper,
+        cfg.mapper.batch_delay,
+        clock,
+        audit=Auditor(store, audit_key, clock),
+        limits=Limits(cfg.limits),
+        retention=cfg.audit.retention,
+    )
+    return hub, loaded
+
+
 @dataclass
 class RunningServer:
-    """A started ghostmesh. ``port`` is the bound TCP port (useful with bind port 0)."""
+    """A started ghostmesh. ``port`` is the bound TCP port (useful with bind port 0); ``tls_pin`` the pin
+    of its TLS key and ``tls_cert_pem`` the certificate chain that port presents."""
 
     cfg: MeshConfig
     server: grpc.aio.Server
@@ -132,11 +225,18 @@ class RunningServer:
     port: int
     admin_socket: Path
     server_key: PublicKey
-    store: SqliteStore
+    tls_pin: str
+    tls_cert_pem: bytes
+    store: SqlStore
     state: State
     hub: Hub
-    policy: PolicyManager | None = None
+    policy: PolicySource
     oidc: OidcService | None = None
+    relay_control: RelayControlServicer | None = None  # served with [[relay.regions]] only
+    open_files: int = 0  # RLIMIT_NOFILE's soft limit after start
+    guard: CallGuard | None = None  # the interceptor counting calls by method (metrics)
+    metrics: MetricsServer | None = None  # [metrics] listen set: /metrics, /healthz, /readyz
+    console: ConsoleServer | None = None  # [console] listen set: the web admin console
     _stopped: bool = False
 
     @property
@@ -152,8 +252,13 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
-        if self.policy is not None:
-            await self.policy.stop()
+        if self.console is not None:
+            await self.console.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        await self.policy.stop()
+        if self.relay_control is not None:
+            self.relay_control.stop()
         if self.oidc is not None:
             await self.oidc.stop()
         await self.hub.stop()
@@ -166,54 +271,114 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+async def _start_metrics(
+    cfg: MeshConfig, hub: Hub, store: SqlStore, guard: CallGuard
+) -> MetricsServer | None:
+    """``[metrics]``: the listener, or None when ``metrics.listen`` is empty (ready once the hub runs)."""
+    if not cfg.metrics.listen:
+        return None
+    return await start_metrics(
+        cfg.metrics.listen,
+        metrics.registry(hub, store, guard),
+        lambda: metrics.ready(hub),
+    )
+
+
+def _open_store(cfg: MeshConfig) -> SqlStore:
+    """``[database]``: the SQLite file, or the PostgreSQL database the DSN names (migrated either way)."""
+    if cfg.database.type == "postgres":
+        # Imported here: psycopg is loaded only by servers that use PostgreSQL.
+        from ghostmesh.store.postgres import PostgresStore  # noqa: PLC0415
+
+        return PostgresStore(cfg.database.dsn, exclusive=True)  # one ghostmesh per database
+    return SqliteStore(cfg.db_path)
+
+
+async def _start_console(cfg: MeshConfig, admin: AdminServicer) -> ConsoleServer | None:
+    """``[console]``: the web admin console, or None when ``console.listen`` is empty."""
+    if not cfg.console.listen:
+        return None
+    from ghostmesh.console import start_console  # noqa: PLC0415 - its pages load only when served
+
+    tls_dir = cfg.db_path.parent
+    if cfg.tls.cert_file:
+        files = (Path(cfg.tls.cert_file), Path(cfg.tls.key_file))
+    else:
+        files = (tls_dir / CERT_FILE, tls_dir / KEY_FILE)
+    return await start_console(cfg.console, admin, files)
+
+
+async def _start_http(
+    cfg: MeshConfig, hub: Hub, store: SqlStore, guard: CallGuard, admin: AdminServicer
+) -> tuple[MetricsServer | None, ConsoleServer | None]:
+    """The HTTP listeners (metrics, console); a port that cannot be bound closes what was started."""
+    served = await _start_metrics(cfg, hub, store, guard)
+    try:
+        return served, await _start_console(cfg, admin)
+    except BaseException:
+        if served is not None:
+            await served.close()
+        raise
+
+
 async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.time) -> RunningServer:
-    """Open the store, load state, listen on ``server.bind`` and ``server.admin_socket``, and serve."""
+    """Open the store, load state, listen on ``server.bind`` (TLS) and ``server.admin_socket``, and serve."""
     host, port = parse_hostport(cfg.server.bind, "server.bind")
     relay_secret = cfg.relay.secret_bytes()  # None: no relay regions; regions without a secret: refused
     relay = None if relay_secret is None else RelayMinter.from_config(cfg.relay, relay_secret)
+    open_files = raise_open_files(cfg.limits)
     db_path = cfg.db_path
-    if not db_path.parent.exists():
-        try:
-            db_path.parent.mkdir(mode=0o700, parents=True)
-        except OSError as exc:
-            raise ConfigError(f"server.state_dir: cannot create {db_path.parent}: {exc.strerror}") from None
+    state_dir = Path(cfg.server.state_dir)
+    make_private_dir(state_dir, "state directory", "server.state_dir")
+    if cfg.database.path:
+        make_private_dir(db_path.parent, "database's directory", "database.path")
     admin_path = Path(cfg.server.admin_socket)
     _prepare_admin_socket(admin_path)
+    tls = load_identity(cfg.tls, db_path.parent)
+    tls_pin = tlscert.fingerprint(tls.certificate)
 
-    store = SqliteStore(db_path)
+    store = _open_store(cfg)
     oidc: OidcService | None = None
     try:
-        now = clock()
-        server_key = load_server_key(store)
-        state = State(store, StateConfig.from_mesh(cfg), now)
-        acl_path = Path(cfg.server.acl_file) if cfg.server.acl_file else None
-        policy = PolicyManager(store, acl_path, lambda p: apply_policy(hub, p), clock)
-        mapper = Mapper(cfg.nodes.keepalive, policy.load(), relay)  # an invalid acl_file stops the start
-        mapper.groups_of = state.groups_of  # OIDC groups ("oidc:<g>" policy group members)
-        mapper.load(((n, False) for n in state.nodes()), now)
-        auditor = Auditor(store, load_audit_key(store), clock)
-        hub = Hub(state, mapper, cfg.mapper.batch_delay, clock, audit=auditor)
-        policy.on_file_applied = lambda info: hub.record(
-            ACTOR_SYSTEM, POLICY_SET, info.source, {"sha256": info.sha256}
-        )
+        server_key = load_server_key(store, state_dir)
+        audit_key = load_audit_key(store, state_dir, cfg.audit.key_file)
+        hub, loaded = _build_hub(cfg, store, audit_key=audit_key, relay=relay, clock=clock)
+        policy = PolicySource(store, hub, loaded)
         if cfg.server.auth_method == "oidc":
             from ghostmesh.oidc import OidcService  # noqa: PLC0415 - aiohttp/httpx/authlib only when used
 
             oidc = OidcService(cfg.oidc, hub, clock)
             await oidc.start()  # discovery; a provider that cannot be reached stops the start here
-        server = grpc.aio.server(options=server_options(cfg))
-        add_coordination_to_server(CoordinationServicer(hub, server_key, oidc), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(hub, policy), server)
-        bound = _add_tcp_port(server, host, port, cfg.server.bind)
-        with _umask(0o177):  # the socket file is born 0600: no window where others could connect
+        server = grpc.aio.server(interceptors=[guard := CallGuard(hub)], options=server_options(cfg))
+        add_coordination_to_server(CoordinationServicer(hub, server_key, policy, oidc), server)
+        identity = admin_pb2.ServerIdentity(
+            version=VERSION,
+            tls_pin=tls_pin,
+            tls_self_signed=tls.self_signed,
+            server_key=server_key.public_key().base64(),
+        )
+        admin = AdminServicer(hub, policy, identity)
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+        relay_control = None
+        if relay_secret is not None:  # gates watch which nodes may use the relays (api/relaycontrol.py)
+            relay_control = RelayControlServicer(hub, relay_secret, coalesce=cfg.mapper.batch_delay / 2)
+            add_relay_control(relay_control, server)
+        bound = _add_tls_port(server, host, port, cfg.server.bind, tls)
+        # before serving: a port it cannot bind stops the start with nothing to undo
+        served, console = await _start_http(cfg, hub, store, guard, admin)
+        with umask(0o177):  # the socket file is born 0600: no window where others could connect
             try:
                 server.add_insecure_port(f"unix:{admin_path}")
             except RuntimeError:
                 raise Unavailable(f"server.admin_socket: cannot listen on {admin_path}") from None
             await server.start()
-        os.chmod(admin_path, 0o600)
         hub.start()
         policy.start()
+        log.info(
+            "TLS key pin %s (certificate %s)",
+            tls_pin,
+            "self-signed" if tls.self_signed else f"from {cfg.tls.cert_file}",
+        )
     except BaseException:
         if oidc is not None:
             await oidc.stop()
@@ -226,9 +391,16 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         port=bound,
         admin_socket=admin_path,
         server_key=server_key.public_key(),
+        tls_pin=tls_pin,
+        tls_cert_pem=tls.cert_pem,
         store=store,
-        state=state,
+        state=hub.state,
         hub=hub,
         policy=policy,
         oidc=oidc,
+        relay_control=relay_control,
+        open_files=open_files,
+        guard=guard,
+        metrics=served,
+        console=console,
     )

@@ -3,8 +3,23 @@
 Headscale's pattern (``hscontrol/state``): ``State`` holds the in-memory view of all nodes (loaded from
 the store at start), performs each mutation through the :class:`~ghostmesh.store.base.Store` first (so
 a failed write leaves memory untouched) and returns the :mod:`ghostmesh.changes` records describing what
-changed, which the mapper turns into per-stream deltas. It is synchronous and takes ``now`` from its
-caller, so unit tests drive it with hand-stepped time.
+changed, which the mapper turns into per-stream deltas. The records carry what the mapper needs and only
+the state knows, the node's presence and its user's OIDC groups (:meth:`State.snapshot` gives the same
+for every node at start). It is synchronous and takes ``now`` from its caller, so unit tests drive it
+with hand-stepped time.
+
+Within every mutation that is audited, each store write comes before any memory update (addresses taken
+first are handed back on failure), so a mutation refused by its own checks or by the store (a conflict, a
+spent key) leaves memory as it was, also when its caller holds a store transaction open: that is how
+the caller (:meth:`ghostmesh.hub.Hub.transaction`) commits a mutation and its audit row together, or
+neither. The state itself opens no transaction and writes no audit row.
+
+Why one module of about 1000 lines: registration, OIDC users, presence, key rotation, node-key
+signatures, routes and timers all read and write the node indexes, the address allocators and the expiry
+heaps, and keeping every write to them in one class is what keeps them consistent; so it stays whole, in
+one section per area, with the pure rules in :mod:`ghostmesh.routes`, :mod:`ghostcore.ipalloc` and
+:mod:`ghostcore.lock`. Auth and API keys touch only the store; they sit here because registration
+consumes auth keys.
 
 Secrets: auth keys look like ``gmauth_<12 hex id>_<43 char secret>`` and API keys ``gmapi_<id>_<secret>``
 (secret from ``secrets.token_urlsafe(32)``). Only ``sha256(secret)`` is stored and compared with
@@ -14,6 +29,14 @@ at most, never the secret.
 Time-driven work (node keys expiring, ephemeral nodes whose grace ran out) is done by :meth:`State.tick`;
 :meth:`State.next_deadline` tells the caller when to call it next. Both use heaps, so neither scans all
 nodes.
+
+Node-key signing (:mod:`ghostcore.lock`): the state owns the lock log, verified at load (a stored log
+that no longer verifies raises ``LockError`` and the server does not start), and checks every update and
+every node-key signature against it before storing anything. It holds no signing key.
+
+What nodes report is parsed strictly (:mod:`ghostcore.addr`): an endpoint that is not canonical
+``ip:port`` / ``[ip6]:port`` (a zone ID, whitespace, a control character) is refused before anything
+changes, so it never reaches a peer's WireGuard configuration.
 """
 
 from __future__ import annotations
@@ -24,13 +47,17 @@ import hmac
 import ipaddress
 import re
 import secrets
+import shlex
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from ghostcore.errors import AuthError, Conflict, InvalidArgument, NotFound
+from ghostcore import addr, lock
+from ghostcore.dnsname import RESOLVER_V4, RESOLVER_V6
+from ghostcore.errors import AuthError, Conflict, InvalidArgument, NotFound, PermissionDenied
 from ghostcore.ipalloc import Allocator, parse_prefix
-from ghostcore.keys import PrivateKey, PublicKey
-from ghostmesh.changes import Change, NodeAdded, NodeChanged, NodeRemoved
+from ghostcore.keys import PublicKey
+from ghostcore.policy.parse import USER_RE
+from ghostmesh.changes import Change, LockChanged, NodeAdded, NodeChanged, NodeRemoved
 from ghostmesh.config import MeshConfig
 from ghostmesh.routes import EXIT_PREFIXES, MAX_ROUTES, RouteTable, is_exit, validate_prefix
 from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, RouteRec, Store, UserRec
@@ -42,10 +69,12 @@ KEY_SECRET_LEN = 43  # len(secrets.token_urlsafe(32))
 DEFAULT_USER = "default"
 DEFAULT_API_KEY_EXPIRATION = 90 * 86400.0
 MAX_ENDPOINTS = 16
-SERVER_KEY_KV = "server_private_key"
+PENDING_ROTATION_TTL = 600.0  # seconds a pending key is protected from being replaced by another rotation
+ROTATION_SIGNATURE_NEEDED = (
+    "node-key signing is on: the new key needs a signature from this node's rotation key"
+)
 
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # RFC 1123 section 2.1 host label
-_USER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")
 _ID_RE = re.compile(r"^[0-9a-f]{12}$")
 
@@ -105,26 +134,29 @@ def validate_name(name: str) -> str:
     return name
 
 
-def validate_endpoint(text: str) -> str:
-    """``ip:port`` or ``[ip6]:port``; returns it normalised."""
-    bad = InvalidArgument(f"invalid endpoint {text[:60]!r}: expected ip:port or [ip6]:port")
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise bad
-    try:
-        if host.startswith("[") and host.endswith("]"):
-            return f"[{ipaddress.IPv6Address(host[1:-1])}]:{int(port_text)}"
-        return f"{ipaddress.IPv4Address(host)}:{int(port_text)}"
-    except ValueError:
-        raise bad from None
+def validate_endpoint(text: str, what: str = "endpoint") -> str:
+    """A reported ``ip:port`` / ``[ip6]:port``, returned as is: it must already be canonical, with a port
+    1..65535 and an address a packet can be sent to (:func:`ghostcore.addr.parse_endpoint`); an
+    ``AddressError`` (InvalidArgument) naming ``what`` otherwise."""
+    addr.parse_endpoint(text, what)
+    return text
 
 
-def load_server_key(store: Store) -> PrivateKey:
-    """The server's X25519 key: generated on first start, then read from the store's kv table."""
-    stored = store.get_kv(SERVER_KEY_KV)
-    if stored is None:
-        stored = store.set_kv_if_absent(SERVER_KEY_KV, PrivateKey.generate().base64().encode("ascii"))
-    return PrivateKey.from_base64(stored.decode("ascii"))
+def canonical_issuer(issuer: str) -> str:
+    """An issuer as bindings store it: without a trailing "/" (discovery treats both spellings as one
+    issuer, and an ID token's ``iss`` must match the discovered one exactly)."""
+    return issuer.strip().rstrip("/")
+
+
+def _check_oidc_identity(issuer: str, subject: str) -> None:
+    """An (issuer, subject) an admin typed: printable, of sane length (OpenID Connect Core 1.0 section 2:
+    ``sub`` is at most 255 ASCII characters)."""
+    if not subject or len(subject) > 255 or not subject.isprintable() or subject != subject.strip():
+        raise InvalidArgument(
+            "invalid OIDC subject: expected 1-255 printable characters, as the provider's sub"
+        )
+    if not issuer.startswith(("https://", "http://")) or len(issuer) > 1000 or not issuer.isprintable():
+        raise InvalidArgument(f"invalid OIDC issuer {issuer[:70]!r}: expected the provider's https:// URL")
 
 
 def _check_registration_input(node_key: str, hostname: str) -> None:
@@ -141,6 +173,7 @@ class StateConfig:
     ephemeral_grace: float = 30.0
     authkey_expiration: float = 3600.0
     relay_regions: frozenset[int] = frozenset()  # configured relay region ids (a node's home_region)
+    oidc_issuer: str = ""  # with auth_method = "oidc": the provider's issuer, canonical (oidc_issuer())
 
     @classmethod
     def from_mesh(cls, cfg: MeshConfig) -> StateConfig:
@@ -151,6 +184,7 @@ class StateConfig:
             ephemeral_grace=cfg.nodes.ephemeral_grace,
             authkey_expiration=cfg.authkeys.default_expiration,
             relay_regions=frozenset(r.id for r in cfg.relay.region_list()),
+            oidc_issuer=canonical_issuer(cfg.oidc.issuer) if cfg.server.auth_method == "oidc" else "",
         )
 
 
@@ -168,12 +202,21 @@ class State:
         self._expiry_heap: list[tuple[float, int]] = []
         self._ephemeral_due: dict[int, float] = {}
         self._ephemeral_heap: list[tuple[float, int]] = []
-        self._v4 = Allocator(parse_prefix(cfg.ipv4_prefix, "network.ipv4_prefix"))
-        self._v6 = Allocator(parse_prefix(cfg.ipv6_prefix, "network.ipv6_prefix"))
+        # the nodes' resolver addresses are never a node's (ghostlink.magicdns listens on them)
+        resolvers = (ipaddress.ip_address(RESOLVER_V4), ipaddress.ip_address(RESOLVER_V6))
+        self._v4 = Allocator(parse_prefix(cfg.ipv4_prefix, "network.ipv4_prefix"), reserved=resolvers)
+        self._v6 = Allocator(parse_prefix(cfg.ipv6_prefix, "network.ipv6_prefix"), reserved=resolvers)
         self._overlay = (self._v4.prefix, self._v6.prefix)
         self.routes = RouteTable(store.list_routes())  # primaries are elected as routers come online
         # users' OIDC groups (policy group members "oidc:<g>"), see register_oidc
         self._user_groups = {u.name: frozenset(u.groups) for u in store.list_users() if u.groups}
+        if cfg.oidc_issuer:
+            # Bindings stored before issuers were recorded were made by logins at the issuer configured
+            # then; the first start with an issuer takes them as that issuer's (a one-time upgrade).
+            store.adopt_oidc_issuer(cfg.oidc_issuer)
+        self._lock_log = list(store.list_lock())
+        self.lock_state = lock.verify_log(self._lock_log)  # LockError: the stored log no longer verifies
+        self._verifier = lock.Verifier(self.lock_state.trusted)  # memoised verdicts for unsigned_nodes
         for stored in store.list_nodes():
             node = self._with_routes(stored)
             self._index(node)
@@ -205,8 +248,18 @@ class State:
         self._streams.pop(node.id, None)
         self._ephemeral_due.pop(node.id, None)
 
-    def nodes(self) -> Iterable[NodeRec]:
-        return self._nodes.values()
+    def snapshot(self) -> list[NodeAdded]:
+        """Every node as the record that adds it (presence and its user's OIDC groups included): what the
+        mapper is seeded with at start, and what the policy is asked about."""
+        return [self._added(n) for n in self._nodes.values()]
+
+    def _added(self, node: NodeRec) -> NodeAdded:
+        return NodeAdded(node, self.is_online(node.id), self.groups_of(node.user))
+
+    def _changed(self, node: NodeRec) -> NodeChanged:
+        """The record telling peers about ``node`` as it is now. Every NodeAdded / NodeChanged is built by
+        these two, so each carries the node's presence and its user's OIDC groups."""
+        return NodeChanged(node, self.is_online(node.id), self.groups_of(node.user))
 
     def node(self, node_id: int) -> NodeRec | None:
         return self._nodes.get(node_id)
@@ -234,12 +287,69 @@ class State:
 
     # -- users -----------------------------------------------------------------------------------------
 
-    def create_user(self, name: str, now: float) -> UserRec:
-        if not _USER_RE.match(name):
+    def create_user(self, name: str, now: float, *, oidc_subject: str = "", oidc_issuer: str = "") -> UserRec:
+        """A new user; with ``oidc_subject``, bound to that OIDC account at once (see :meth:`bind_user`)."""
+        if not USER_RE.match(name):
             raise InvalidArgument(
-                f"invalid user name {name[:70]!r}: use 1-63 lower-case letters, digits, '.', '_' or '-'"
+                f"invalid user name {name[:70]!r}: use 1-63 lower-case letters, digits, '.', '_', '+' "
+                "or '-', optionally followed by @domain (an e-mail address, as Tailscale names users)"
             )
-        return self.store.create_user(name, now)
+        if not oidc_subject:
+            if oidc_issuer:
+                raise InvalidArgument("an OIDC issuer without a subject binds nothing; pass --oidc-subject")
+            return self.store.create_user(name, now)
+        issuer = self._issuer_for_binding(oidc_issuer)
+        _check_oidc_identity(issuer, oidc_subject)
+        with self.store.transaction():  # created and bound, or neither
+            self.store.create_user(name, now)
+            return self._bind(name, issuer, oidc_subject)
+
+    def _issuer_for_binding(self, issuer: str) -> str:
+        issuer = canonical_issuer(issuer) or self.cfg.oidc_issuer
+        if not issuer:
+            raise InvalidArgument(
+                "this server has no OIDC provider configured; pass the account's issuer (--issuer URL)"
+            )
+        return issuer
+
+    def _bind(self, name: str, issuer: str, subject: str) -> UserRec:
+        owner = self.store.user_by_oidc_identity(issuer, subject)
+        if owner is not None and owner.name != name:
+            raise Conflict(f"that OIDC account is bound to user {owner.name!r}; unbind it there first")
+        return self.store.set_oidc_identity(name, issuer, subject)
+
+    def bind_user(self, name: str, subject: str, issuer: str = "") -> tuple[UserRec, bool]:
+        """Bind user ``name`` to the OIDC account (``issuer``, default the configured one; ``subject``, the
+        provider's ``sub``): from then on that account's logins act as this user, whatever name their
+        claims carry, and no other account's do. Whether anything changed. Conflict (nothing written)
+        when the user is bound to another account or the account to another user."""
+        issuer = self._issuer_for_binding(issuer)
+        _check_oidc_identity(issuer, subject)
+        user = self.store.get_user(name)
+        if user is None:
+            raise NotFound(f"user {name[:70]!r} not found; see `ghostctl users list`")
+        if user.oidc_subject is not None:
+            if (user.oidc_issuer, user.oidc_subject) == (issuer, subject):
+                return user, False
+            raise Conflict(
+                f"user {name!r} is bound to another OIDC account; `ghostctl users unbind {name}` first"
+            )
+        return self._bind(name, issuer, subject), True
+
+    def unbind_user(self, name: str, now: float) -> tuple[UserRec, list[Change]]:
+        """Unbind user ``name`` from its OIDC account: no OIDC login acts as it any more (its nodes stay).
+        The groups that account brought go too, an identity change of the user's nodes (policy)."""
+        user = self.store.get_user(name)
+        if user is None:
+            raise NotFound(f"user {name[:70]!r} not found; see `ghostctl users list`")
+        if user.oidc_subject is None:
+            return user, []
+        had_groups = bool(self.groups_of(name))
+        rec = self.store.set_oidc_identity(name, "", None)
+        self._user_groups.pop(name, None)
+        if not had_groups:
+            return rec, []
+        return rec, [self._changed(n) for n in self._nodes.values() if n.user == name and not n.expired(now)]
 
     def list_users(self) -> Sequence[UserRec]:
         return self.store.list_users()
@@ -251,6 +361,7 @@ class State:
         if owned:
             raise Conflict(f"user {name!r} still owns {owned} node(s); delete them first")
         self.store.delete_user(name)
+        self._user_groups.pop(name, None)  # a user made again under this name starts without them
 
     def _ensure_user(self, name: str, now: float) -> str:
         name = name or DEFAULT_USER
@@ -276,7 +387,7 @@ class State:
         for tag in tags:
             if not _TAG_RE.match(tag):
                 raise InvalidArgument(f"invalid tag {tag[:70]!r}: use letters, digits, ':', '.', '_' or '-'")
-        if user and not _USER_RE.match(user):
+        if user and not USER_RE.match(user):
             raise InvalidArgument(f"invalid user name {user[:70]!r}")
         user = self._ensure_user(user, now)
         key_id, secret, whole = new_key(AUTH_PREFIX)
@@ -383,39 +494,50 @@ class State:
         return now + self.cfg.key_expiry if self.cfg.key_expiry else 0.0
 
     def register(
-        self, node_key: str, auth_key: str, hostname: str, now: float
+        self, node_key: str, auth_key: str, hostname: str, now: float, key_signature: bytes = b""
     ) -> tuple[NodeRec, list[Change]]:
         """Bind ``node_key`` (proven by the caller) to a node. See the module docstring for the rules.
 
-        - known, unexpired key: the same node, unchanged (no auth key needed);
+        - known, unexpired key: the same node (no auth key needed), unchanged unless it brings a new
+          signature;
         - known, expired key: needs a valid auth key; renews the expiry;
         - unknown key: needs a valid auth key; allocates addresses and a unique name.
 
-        Nothing is written when this raises.
+        ``key_signature`` (a node signing its own key with a pre-signed auth key's credential): while the
+        lock is on it must vouch for ``node_key`` (``LockError`` otherwise) and is stored; while the lock is
+        off it means nothing and is not kept. Nothing is written when this raises.
         """
         _check_registration_input(node_key, hostname)
+        signature = self._checked_signature(key_signature, node_key) if key_signature else b""
         known = self.node_by_key(node_key)
         if known is not None and not known.expired(now):
-            return known, []
+            if not signature or signature == known.key_signature:
+                return known, []
+            return self._store_signature(known, signature, now)
         if not auth_key:
             if known is not None:
                 raise AuthError(f"node {known.name}'s key has expired; register again with an auth key")
             raise AuthError("this node key is not registered; pass an auth key (--auth) to join")
         key = self.check_auth_key(auth_key, now)
         if known is not None:
-            renewed = self._renew(known, now, consume_auth_key=key.id)
-            return renewed, [NodeChanged(renewed, self.is_online(renewed.id))]
+            renewed = self._renew(known, now, consume_auth_key=key.id, signature=signature)
+            return renewed, [self._changed(renewed)]
         node = self._create(
             node_key, hostname, key.user, now,
             ephemeral=key.ephemeral, tags=key.tags, auth_key_id=key.id, consume_auth_key=key.id,
+            key_signature=signature,
         )  # fmt: skip
         if node.ephemeral:
             self._schedule_ephemeral(node.id, now)  # registered but never connecting counts as gone
-        return node, [NodeAdded(node, False)]
+        return node, [self._added(node)]
 
-    def _renew(self, known: NodeRec, now: float, consume_auth_key: str | None = None) -> NodeRec:
-        """A re-registration of a known key: a fresh expiry (stored, indexed, scheduled)."""
-        renewed = replace(known, expires=self._expires_from(now), last_seen=now)
+    def _renew(
+        self, known: NodeRec, now: float, consume_auth_key: str | None = None, signature: bytes = b""
+    ) -> NodeRec:
+        """A re-registration of a known key: a fresh expiry (stored, indexed, scheduled), and ``signature``
+        (checked already) when one came with it."""
+        signature = signature or known.key_signature
+        renewed = replace(known, expires=self._expires_from(now), last_seen=now, key_signature=signature)
         self.store.update_node(renewed, consume_auth_key=consume_auth_key)
         self._index(renewed)
         if renewed.expires:
@@ -433,6 +555,7 @@ class State:
         tags: tuple[str, ...] = (),
         auth_key_id: str | None = None,
         consume_auth_key: str | None = None,
+        key_signature: bytes = b"",
     ) -> NodeRec:
         """A new node: addresses, a unique name, stored (addresses handed back if storing fails)."""
         ipv4 = self._v4.allocate()
@@ -456,6 +579,7 @@ class State:
             endpoints=(),
             hostname=hostname,
             auth_key_id=auth_key_id,
+            key_signature=key_signature,
         )
         try:
             node = self.store.insert_node(draft, consume_auth_key=consume_auth_key)
@@ -474,51 +598,79 @@ class State:
         """The user's OIDC groups at their last login; empty for users that never logged in with OIDC."""
         return self._user_groups.get(user, frozenset())
 
-    def check_oidc_user(self, name: str, subject: str) -> None:
-        """Raise AuthError unless an OIDC login with ``subject`` may act as user ``name``. A user created by
-        an admin is bound to the first OIDC account logging in with its name; after that only that account
-        (its ``sub``) may. Writes nothing."""
-        if not _USER_RE.match(name):
-            raise AuthError(f"OIDC login refused: {name[:70]!r} is not a valid ghostmesh user name")
-        owner = self.store.user_by_oidc_subject(subject)
-        if owner is not None and owner.name != name:
-            raise AuthError(f"OIDC login refused: this account is bound to user {owner.name!r}, not {name!r}")
+    def resolve_oidc_user(self, name: str, issuer: str, subject: str) -> str:
+        """The user an OIDC login of the account (``issuer``, ``subject``) acts as; ``name`` is the user
+        name its claims give. Writes nothing.
+
+        - the user bound to that account, whatever ``name`` is now (an account renamed at the provider
+          stays the same user; an admin may bind an account to a user of another name);
+        - else ``name`` when no user has it (the login creates it, bound to the account);
+        - else refused (PermissionDenied): a user that exists and is bound to another account, or to
+          none, is not taken over by a login that happens to carry its name. An admin created that user
+          (or an auth key did, as ``default``): only an admin says which account it is, and the message
+          gives the command.
+        """
+        owner = self.store.user_by_oidc_identity(issuer, subject)
+        if owner is not None:
+            return owner.name
+        if not USER_RE.match(name):
+            raise PermissionDenied(f"login refused: {name[:70]!r} is not a valid ghostmesh user name")
         user = self.store.get_user(name)
-        if user is not None and user.oidc_subject not in (None, subject):
-            raise AuthError(f"OIDC login refused: user {name!r} belongs to another OIDC account")
+        if user is None:
+            return name
+        if user.oidc_subject is not None:
+            raise PermissionDenied(f"login refused: user {name!r} belongs to another OIDC account")
+        printable = subject.isprintable() and len(subject) <= 255 and issuer.isprintable()
+        how = (
+            f"ghostctl users bind {name} --oidc-subject {shlex.quote(subject)} --issuer {shlex.quote(issuer)}"
+            if printable
+            else f"ghostctl users bind {name} --oidc-subject SUB --issuer ISSUER"
+        )
+        raise PermissionDenied(
+            f"login refused: user {name!r} exists and is bound to no OIDC account; an admin may bind it "
+            f"to this account: {how}"
+        )
 
     def register_oidc(
-        self, node_key: str, hostname: str, user: str, subject: str, *, groups: Iterable[str], now: float
+        self,
+        node_key: str,
+        hostname: str,
+        user: str,
+        subject: str,
+        *,
+        issuer: str,
+        groups: Iterable[str],
+        now: float,
     ) -> tuple[NodeRec, list[Change]]:
-        """Register ``node_key`` to ``user`` after an OIDC login, as :meth:`register` does for an auth key
-        (new key: addresses and a unique name; known key of the same user: expiry renewed), and store the
-        user's groups. Groups that changed are an identity change of the user's other nodes (policy).
+        """Register ``node_key`` after an OIDC login of the account (``issuer``, ``subject``) whose claims
+        name ``user``, to the user :meth:`resolve_oidc_user` picks, as :meth:`register` does for an auth
+        key (new key: addresses and a unique name; known key of the same user: expiry renewed), and store
+        the user's groups. Groups that changed are an identity change of the user's other nodes (policy).
         """
         _check_registration_input(node_key, hostname)
-        self.check_oidc_user(user, subject)
+        issuer = canonical_issuer(issuer)
+        user = self.resolve_oidc_user(user, issuer, subject)
         known = self.node_by_key(node_key)
         if known is not None and known.user != user:
-            raise AuthError(f"OIDC login refused: this node is registered to user {known.user!r}")
+            raise PermissionDenied(f"login refused: this node is registered to user {known.user!r}")
         new_groups = frozenset(groups)
         old_groups = self.groups_of(user)
-        self.store.put_oidc_user(user, subject, sorted(new_groups), now)
+        # Every write first (one transaction with the caller's), the memory after: a refused write leaves
+        # the groups as they were.
+        self.store.put_oidc_user(user, issuer, subject, sorted(new_groups), now)
+        node = self._renew(known, now) if known is not None else self._create(node_key, hostname, user, now)
         if new_groups:
             self._user_groups[user] = new_groups
         else:
             self._user_groups.pop(user, None)
         changes: list[Change] = []
         if new_groups != old_groups:
-            skip = known.id if known is not None else 0
             changes = [
-                NodeChanged(n, self.is_online(n.id))
+                self._changed(n)
                 for n in self._nodes.values()
-                if n.user == user and n.id != skip and not n.expired(now)
+                if n.user == user and n.id != node.id and not n.expired(now)
             ]
-        if known is not None:
-            renewed = self._renew(known, now)
-            return renewed, [*changes, NodeChanged(renewed, self.is_online(renewed.id))]
-        node = self._create(node_key, hostname, user, now)
-        return node, [*changes, NodeAdded(node, False)]
+        return node, [*changes, self._changed(node) if known is not None else self._added(node)]
 
     # -- admin mutations -------------------------------------------------------------------------------
 
@@ -532,7 +684,7 @@ class State:
         renamed = replace(node, name=new_name)
         self.store.update_node(renamed)
         self._index(renamed)
-        return renamed, [NodeChanged(renamed, self.is_online(node.id))]
+        return renamed, [self._changed(renamed)]
 
     def expire_node(self, ref: str, now: float) -> tuple[NodeRec, list[Change]]:
         """Expire a node's key now: it leaves every peer's map; its Sync is refused until it re-registers."""
@@ -572,7 +724,7 @@ class State:
         seen = replace(self._nodes[node_id], last_seen=now)
         self.store.update_node(seen)
         self._index(seen)
-        return [NodeChanged(seen, True), *others]
+        return [self._changed(seen), *others]  # online now
 
     def disconnect(self, node_id: int, now: float) -> list[Change]:
         """A Sync stream of ``node_id`` ended."""
@@ -592,7 +744,7 @@ class State:
             self._schedule_ephemeral(node_id, now)
         if seen.expired(now):
             return others  # peers dropped it already
-        return [NodeChanged(seen, False), *others]
+        return [self._changed(seen), *others]  # offline now
 
     def _schedule_ephemeral(self, node_id: int, now: float) -> None:
         due = now + self.cfg.ephemeral_grace
@@ -622,12 +774,7 @@ class State:
                 f"home_region {home_region} is not a relay region of this server (known: {known}); "
                 "report 0 or a region id from the relay map"
             )
-        try:
-            relay = validate_endpoint(turn_relay) if turn_relay else ""
-        except InvalidArgument:
-            raise InvalidArgument(
-                f'invalid turn_relay {turn_relay[:60]!r}: expected ip:port or [ip6]:port ("": none)'
-            ) from None
+        relay = validate_endpoint(turn_relay, "turn_relay") if turn_relay else ""
         node = self._nodes.get(node_id)
         if node is None:
             raise NotFound(f"node {node_id} not found")
@@ -637,22 +784,28 @@ class State:
         same = (normal, home_region, relay) == (node.endpoints, node.home_region, node.turn_relay)
         if same or updated.expired(now):
             return []
-        return [NodeChanged(updated, self.is_online(node_id))]
+        return [self._changed(updated)]
 
     # -- key rotation ----------------------------------------------------------------------------------
     # A node rotating its WireGuard key (ghostmesh.api.coordination.RotateKey) first gets its proven new key
     # stored as ``pending_key``; peers keep the old key until a call proven with the pending key shows the
     # node switched (:meth:`promote_pending`), so no peer ever holds a key the node does not use yet.
+    # A pending key younger than PENDING_ROTATION_TTL cannot be replaced by another rotation: the node may
+    # be switching to it right now. An older one can (a node that crashed before saving it would else be
+    # stuck with a pending key it no longer has).
 
     def node_by_pending_key(self, key: str) -> NodeRec | None:
         node_id = self._by_pending.get(key)
         node = None if node_id is None else self._nodes.get(node_id)
         return node if node is not None and node.pending_key == key else None
 
-    def begin_rotation(self, node_id: int, new_key: str, now: float) -> NodeRec:
-        """Store ``new_key`` (its possession already proven) as the node's pending key; nothing else changes.
+    def begin_rotation(self, node_id: int, new_key: str, now: float, signature: bytes = b"") -> NodeRec:
+        """Store ``new_key`` (its possession already proven) as the node's pending key, with ``signature``
+        (required while the lock is on: it must vouch for ``new_key``); nothing else changes.
 
-        A pending key never proven (the node crashed) is simply replaced. Nothing is written when this raises.
+        The same key again is a retry (the node, unchanged). Another key is refused (Conflict) while the
+        pending one is younger than PENDING_ROTATION_TTL, and replaces it afterwards. Nothing is written
+        when this raises.
         """
         node = self._nodes.get(node_id)
         if node is None:
@@ -664,6 +817,18 @@ class State:
             raise InvalidArgument("key rotation: the new node key equals the current one; generate a new key")
         if new_key == node.pending_key:
             return node  # a retried request
+        age = now - node.pending_since
+        if node.pending_key and age < PENDING_ROTATION_TTL:
+            raise Conflict(
+                f"key rotation: node {node.name} has a pending key from {max(age, 0.0):.0f} s ago; finish "
+                f"that rotation (prove the pending key) or retry after {PENDING_ROTATION_TTL:.0f} s"
+            )
+        if self.lock_state.enabled and not signature:
+            raise InvalidArgument(ROTATION_SIGNATURE_NEEDED)
+        try:
+            pending_signature = self._checked_signature(signature, new_key)
+        except lock.LockError as exc:
+            raise InvalidArgument(f"{ROTATION_SIGNATURE_NEEDED} ({exc})") from None
         holder = self._by_key.get(new_key)
         if holder is None:
             pending_holder = self.node_by_pending_key(new_key)
@@ -672,7 +837,7 @@ class State:
             raise Conflict(
                 "key rotation: the new node key is already bound to another node; generate a new key"
             )
-        pending = replace(node, pending_key=new_key)
+        pending = replace(node, pending_key=new_key, pending_since=now, pending_signature=pending_signature)
         self.store.update_node(pending)
         self._index(pending)
         if node.pending_key:
@@ -681,20 +846,103 @@ class State:
         return pending
 
     def promote_pending(self, key: str, now: float) -> tuple[NodeRec, list[Change]] | None:
-        """``key`` was just proven: if it is a node's pending key, it becomes the node key (peers learn it).
+        """``key`` was just proven: if it is a node's pending key, it becomes the node key (peers learn it),
+        its signature the node's signature, in one write.
 
         None when ``key`` is nobody's pending key.
         """
         node = self.node_by_pending_key(key)
         if node is None:
             return None
-        promoted = replace(node, node_key=key, pending_key=None, last_seen=now)
+        promoted = replace(
+            node,
+            node_key=key,
+            key_signature=node.pending_signature,
+            pending_key=None,
+            pending_since=0.0,
+            pending_signature=b"",
+            last_seen=now,
+        )
         self.store.update_node(promoted)
         self._index(promoted)
         self._by_pending.pop(key, None)
         if promoted.expired(now):
             return promoted, []  # peers dropped it already; re-registration brings it back
-        return promoted, [NodeChanged(promoted, self.is_online(node.id))]
+        return promoted, [self._changed(promoted)]
+
+    # -- node-key signing (ghostcore.lock) ---------------------------------------------------------------
+    # ghostmesh holds no signing key: it keeps the log admins sign and the signatures that vouch for node
+    # keys, checks each against the log before storing it, and forwards both. Nodes check them again.
+
+    def lock_log(self) -> tuple[bytes, ...]:
+        return tuple(self._lock_log)
+
+    def lock_record(self) -> LockChanged:
+        """The log as a change record: what the mapper is seeded with, and what a new update returns."""
+        return LockChanged(tuple(self._lock_log))
+
+    def append_lock(self, update: bytes) -> list[Change]:
+        """Append one signed update (``LockError`` saying why it cannot follow the log; nothing written).
+        Every stream gets the grown log."""
+        after = lock.apply_update(self.lock_state, update)
+        self.store.append_lock(len(self._lock_log) + 1, update)
+        self._lock_log.append(update)
+        self.lock_state = after
+        if after.trusted != self._verifier.trusted:
+            self._verifier = lock.Verifier(after.trusted)
+        return [self.lock_record()]
+
+    def _checked_signature(self, signature: bytes, node_key: str) -> bytes:
+        """``signature`` when the lock is on and it vouches for ``node_key`` (``LockError`` when it does
+        not); b"" when the lock is off: a signature then means nothing and is not kept."""
+        if not self.lock_state.enabled:
+            return b""
+        lock.verify_signature(signature, PublicKey.from_base64(node_key).raw, self.lock_state.trusted)
+        return signature
+
+    def _store_signature(self, node: NodeRec, signature: bytes, now: float) -> tuple[NodeRec, list[Change]]:
+        signed = replace(node, key_signature=signature)
+        self.store.update_node(signed)
+        self._index(signed)
+        return signed, ([] if signed.expired(now) else [self._changed(signed)])
+
+    def sign_node(
+        self, node_key: str, signature: bytes, now: float
+    ) -> tuple[NodeRec, lock.Verified, list[Change]]:
+        """Store an admin's ``signature`` for the node holding ``node_key`` (or holding it as its pending
+        key: then it becomes the pending signature). The lock must be on and the signature must vouch for
+        ``node_key`` under its trusted keys (InvalidArgument otherwise); unknown key: NotFound. Returns the
+        node, what the signature verified to (its root key), and the changes (peers get the signature)."""
+        if not self.lock_state.enabled:
+            raise InvalidArgument("node-key signing is off: turn it on with `ghostctl lock init` first")
+        raw = PublicKey.from_base64(node_key).raw
+        verified = lock.verify_signature(signature, raw, self.lock_state.trusted)
+        node = self.node_by_key(node_key)
+        if node is not None:
+            if node.key_signature == signature:
+                return node, verified, []
+            signed, changes = self._store_signature(node, signature, now)
+            return signed, verified, changes
+        node = self.node_by_pending_key(node_key)
+        if node is None:
+            raise NotFound(f"no node holds the key {node_key[:8]}…; see `ghostctl nodes list`")
+        signed = replace(node, pending_signature=signature)
+        self.store.update_node(signed)
+        self._index(signed)
+        return signed, verified, []  # peers see the pending key (and its signature) once it is proven
+
+    def unsigned_nodes(self, now: float) -> list[str]:
+        """Names of the unexpired nodes whose key no signature vouches for under the lock (none when the
+        lock is off): the nodes peers refuse."""
+        if not self.lock_state.enabled:
+            return []
+        check = self._verifier.check
+        return sorted(
+            n.name
+            for n in self._nodes.values()
+            if not n.expired(now)
+            and not isinstance(check(n.key_signature, PublicKey.from_base64(n.node_key).raw), lock.Verified)
+        )
 
     # -- subnet routes and exit nodes (ghostmesh.routes) ------------------------------------------------
     # A node record carries its derived ``primary_routes`` / ``exit_node``; :meth:`_refresh` recomputes
@@ -703,9 +951,11 @@ class State:
     def _with_routes(self, node: NodeRec) -> NodeRec:
         primary = self.routes.primary_routes(node.id)
         exit_node = self.routes.is_exit_node(node.id)
-        if node.primary_routes == primary and node.exit_node == exit_node:
+        approved = self.routes.approved_routes(node.id)
+        same = node.primary_routes == primary and node.approved_routes == approved
+        if same and node.exit_node == exit_node:
             return node
-        return replace(node, primary_routes=primary, exit_node=exit_node)
+        return replace(node, primary_routes=primary, exit_node=exit_node, approved_routes=approved)
 
     def _refresh(self, node_ids: Iterable[int], skip: int = 0) -> list[Change]:
         changes: list[Change] = []
@@ -718,7 +968,7 @@ class State:
                 continue
             self._index(fresh)
             if nid != skip:
-                changes.append(NodeChanged(fresh, self.is_online(nid)))
+                changes.append(self._changed(fresh))
         return changes
 
     def _reelect_around(self, node_id: int) -> list[Change]:

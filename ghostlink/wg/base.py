@@ -8,13 +8,23 @@ belong to ``ghostlink.net``; the daemon calls both with the same plan.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from ghostcore.errors import ConfigError
 from ghostcore.keys import PrivateKey
 from ghostlink.engine import Plan
 from ghostlink.wg.uapi_codec import DeviceState, PeerChange
 
-__all__ = ["DeviceState", "PeerChange", "WireGuardBackend", "changes_for"]
+__all__ = ["DeviceState", "PeerChange", "WireGuardBackend", "changes_for", "foreign_interface"]
+
+
+def foreign_interface(ifname: str) -> ConfigError:
+    """An interface exists under our name and no journal says a run of ours made it: never ours to use."""
+    return ConfigError(
+        f"interface {ifname} exists and this ghostlink did not create it; "
+        f"remove it (ip link del {ifname}) or choose another --interface"
+    )
 
 
 class WireGuardBackend(Protocol):
@@ -23,8 +33,20 @@ class WireGuardBackend(Protocol):
     name: str  # "kernel", "wireguard-go" or "fake"
     ifname: str
 
-    async def up(self, private_key: PrivateKey, listen_port: int, mtu: int) -> None:
-        """Create the interface (if needed), set key and port, bring it up with ``mtu``."""
+    async def up(
+        self,
+        private_key: PrivateKey,
+        listen_port: int,
+        mtu: int,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Create the interface, set key and port, bring it up with ``mtu``. An interface that exists
+        already is not ours (a previous run's was removed before): ``foreign_interface``.
+
+        ``on_restart`` is awaited after the device had to be re-created under the caller (wireguard-go
+        restarted: its new TUN has the peers back, but no addresses or routes). Kernel WireGuard's
+        interface outlives no process, so it never calls it.
+        """
 
     async def apply(self, plan: Plan) -> None:
         """Apply the peer part of ``plan``, touching only the peers it names."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ghostcore.keys import PrivateKey
@@ -33,7 +34,13 @@ class FakeBackend:
     fail_next_apply: Exception | None = None
     _session_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    async def up(self, private_key: PrivateKey, listen_port: int, mtu: int) -> None:
+    async def up(
+        self,
+        private_key: PrivateKey,
+        listen_port: int,
+        mtu: int,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.ops.append(("up", (listen_port, mtu)))
         self.device = codec.DeviceState(
             listen_port=listen_port or 51820, has_private_key=True, peers=dict(self.device.peers)

@@ -5,6 +5,11 @@ Same incremental semantics as the UAPI path: one netlink message per changed pee
 ``WGPEER_F_UPDATE_ONLY`` for changes, ``WGPEER_F_REMOVE_ME`` for removals and
 ``WGPEER_F_REPLACE_ALLOWEDIPS`` only when allowed IPs change; never ``WGDEVICE_F_REPLACE_PEERS``.
 It cannot run on machines without the module (this CI's); ``select`` falls back to wireguard-go there.
+
+The interface outlives the process: it is journaled (:mod:`ghostlink.hostjournal`) before it is created
+and forgotten once deleted, so the next start deletes one a crashed run left (:func:`remove_leftover`,
+only if it is still a WireGuard link). An interface of that name that no journal names is not ours:
+``up`` refuses it.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ghostcore import addr
 from ghostcore.errors import Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
 from ghostlink.engine import Plan
+from ghostlink.hostjournal import HostJournal
 from ghostlink.wg import uapi_codec as codec
-from ghostlink.wg.base import changes_for
+from ghostlink.wg.base import changes_for, foreign_interface
 
 
 def _iproute() -> Any:
@@ -46,6 +54,22 @@ def kernel_available() -> bool:
         return False
 
 
+def _kind(link: Any) -> str:
+    info = link.get_attr("IFLA_LINKINFO")
+    return str(info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
+
+
+def remove_leftover(ifname: str) -> None:
+    """Delete the WireGuard interface a previous run journaled (blocking), if it is still one."""
+    with _iproute() as ip:
+        found = ip.link_lookup(ifname=ifname)
+        if not found:
+            return
+        if _kind(ip.get_links(found[0])[0]) != "wireguard":
+            raise foreign_interface(ifname)  # the name was taken by something else since
+        ip.link("del", index=found[0])
+
+
 def peer_dict(c: codec.PeerChange) -> dict[str, Any]:
     """pyroute2 ``WireGuard.set(peer=...)`` form of one change (keys in base64, as pyroute2 wants)."""
     d: dict[str, Any] = {"public_key": c.public_key}
@@ -54,14 +78,12 @@ def peer_dict(c: codec.PeerChange) -> dict[str, Any]:
         return d
     d["update_only"] = not c.create
     if c.endpoint is not None:
-        host, _, port = c.endpoint.rpartition(":")
-        d["endpoint_addr"] = host.strip("[]")
-        d["endpoint_port"] = int(port)
+        d["endpoint_addr"], d["endpoint_port"] = addr.parse_endpoint(c.endpoint)  # strict, as for UAPI
     if c.keepalive is not None:
         d["persistent_keepalive"] = c.keepalive
     if c.allowed_ips is not None:
         d["replace_allowed_ips"] = True
-        d["allowed_ips"] = list(c.allowed_ips)
+        d["allowed_ips"] = [str(addr.parse_prefix(p, "allowed IP")) for p in c.allowed_ips]
     return d
 
 
@@ -105,19 +127,32 @@ def _device_from_info(msgs: list[Any]) -> codec.DeviceState:
 class KernelBackend:
     name = "kernel"
 
-    def __init__(self, ifname: str) -> None:
+    def __init__(self, ifname: str, journal: HostJournal | None = None) -> None:
         self.ifname = ifname
+        self._journal = journal  # None: nothing journaled (tests that run the backend alone)
+        self._created = False  # close() deletes only an interface this backend created
 
     def _up(self, private_key: PrivateKey, listen_port: int, mtu: int) -> None:
         with _iproute() as ip:
-            if not ip.link_lookup(ifname=self.ifname):
-                ip.link("add", ifname=self.ifname, kind="wireguard")
+            if ip.link_lookup(ifname=self.ifname):
+                raise foreign_interface(self.ifname)
+            if self._journal is not None:
+                self._journal.record_kernel_interface(self.ifname)
+            ip.link("add", ifname=self.ifname, kind="wireguard")
+            self._created = True
             idx = ip.link_lookup(ifname=self.ifname)[0]
             with _wireguard() as wg:
                 wg.set(self.ifname, private_key=private_key.base64(), listen_port=listen_port)
             ip.link("set", index=idx, mtu=mtu, state="up")
 
-    async def up(self, private_key: PrivateKey, listen_port: int, mtu: int) -> None:
+    async def up(
+        self,
+        private_key: PrivateKey,
+        listen_port: int,
+        mtu: int,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        # ``on_restart`` is never called: the kernel's interface does not die with a process.
         try:
             await asyncio.to_thread(self._up, private_key, listen_port, mtu)
         except OSError as exc:  # NetlinkError is an OSError
@@ -150,8 +185,15 @@ class KernelBackend:
         await asyncio.to_thread(self._set_private_key, private_key)
 
     def _close(self) -> None:
-        with _iproute() as ip, contextlib.suppress(Exception):
-            ip.link("del", ifname=self.ifname)
+        if self._created:
+            with _iproute() as ip:
+                with contextlib.suppress(Exception):
+                    ip.link("del", ifname=self.ifname)
+                if ip.link_lookup(ifname=self.ifname):
+                    return  # still there: it stays journaled, for the next start
+            self._created = False
+        if self._journal is not None:  # also when the add itself failed after the entry was written
+            self._journal.record_kernel_interface("")
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ghostcore.errors import ConfigError
+from ghostlink.hostjournal import HostJournal
 from ghostlink.wg.base import WireGuardBackend
 from ghostlink.wg.kernel import KernelBackend, kernel_available
 from ghostlink.wg.wggo import WireGuardGoBackend
@@ -59,8 +60,10 @@ def choose(
     )
 
 
-def make_backend(choice: Choice, ifname: str, wireguard_go: str = "wireguard-go") -> WireGuardBackend:
+def make_backend(
+    choice: Choice, ifname: str, wireguard_go: str = "wireguard-go", *, journal: HostJournal | None = None
+) -> WireGuardBackend:
     log.info("WireGuard backend: %s (%s)", choice.backend, choice.reason)
     if choice.backend == "kernel":
-        return KernelBackend(ifname)
-    return WireGuardGoBackend(ifname, wireguard_go)
+        return KernelBackend(ifname, journal)
+    return WireGuardGoBackend(ifname, wireguard_go, journal=journal)

@@ -17,15 +17,16 @@ base64, so this module converts at its edge.
 
 Why this module exists rather than PyPI ``wireguard-tools``: that library sends ``replace_peers=true`` on
 every update, which drops every peer and with it every session. We never send ``replace_peers``: each
-request names only the peers that change, so an untouched peer keeps its handshake (design principle 5).
+request names only the peers that change, so an untouched peer keeps its handshake (a map change must
+never reset the session of a peer it does not concern).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ghostcore import addr
 from ghostcore.errors import InvalidArgument, ProtocolError
 from ghostcore.keys import PrivateKey, PublicKey
 
@@ -86,33 +87,19 @@ def _key_hex(b64: str) -> str:
 
 
 def _check_endpoint(ep: str) -> str:
-    """``ip:port`` / ``[ip6]:port`` as the spec's ``endpoint=`` wants; InvalidArgument otherwise."""
-    bad = InvalidArgument(f"invalid endpoint {ep!r}: expected ip:port or [ipv6]:port")
-    if ep.startswith("["):
-        host, sep, rest = ep[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise bad
-        port = rest[1:]
-        version = 6
-    else:
-        host, sep, port = ep.rpartition(":")
-        if not sep:
-            raise bad
-        version = 4
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise bad from None
-    if addr.version != version or not port.isdigit() or not 0 < int(port) < 65536:
-        raise bad
+    """The spec's ``endpoint=`` value: ``ghostcore.addr``'s strict canonical ``ip:port`` / ``[ip6]:port``.
+
+    Strict because a value is a line of this protocol: a zone ID may hold a newline (and a new key), which
+    would turn one field into another request. InvalidArgument otherwise.
+    """
+    addr.parse_endpoint(ep)
     return ep
 
 
 def _check_prefix(p: str) -> str:
-    try:
-        return str(ipaddress.ip_network(p, strict=False))
-    except ValueError:
-        raise InvalidArgument(f"invalid allowed IP {p!r}: expected a prefix like 100.64.0.1/32") from None
+    """An ``allowed_ip=`` value: a canonical prefix (``ghostcore.addr``), else InvalidArgument."""
+    addr.parse_prefix(p, "allowed IP")
+    return p
 
 
 def encode_set(

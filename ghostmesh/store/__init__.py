@@ -1,1 +1,2 @@
-"""Persistent storage of ghostmesh: the ``Store`` interface (``base``) and its SQLite backend (``sqlite``)."""
+"""Persistent storage of ghostmesh: the ``Store`` interface (``base``), the statements its SQL backends share
+(``sql``), and the backends: SQLite (``sqlite``, the default) and PostgreSQL (``postgres``)."""

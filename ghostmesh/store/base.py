@@ -1,12 +1,19 @@
 """The storage interface of ghostmesh and the plain records it deals in.
 
-``Store`` is a ``Protocol`` so a PostgreSQL backend can implement it later without inheriting anything.
+``Store`` is a ``Protocol``: a backend implements it without inheriting anything. The two there are
+(:mod:`ghostmesh.store.sqlite`, :mod:`ghostmesh.store.postgres`) share their statements through
+:class:`ghostmesh.store.sql.SqlStore`; the contract below is tested on both.
 Records are frozen dataclasses with no behaviour; hashes of secrets are excluded from ``repr`` so a record
 logged by mistake shows nothing usable. Times are unix seconds as floats; ``expires == 0`` means never.
 
 Contract every backend keeps:
 
 - every mutation is atomic (one transaction); on error nothing is written;
+- :meth:`Store.transaction` opens one transaction that every mutation called inside it joins: what the
+  block writes commits together or not at all. That is how a change and its audit row are written as one
+  (:meth:`ghostmesh.hub.Hub.transaction`). A COMMIT that fails raises :class:`CommitFailed`, so the caller
+  can tell "the block was refused" (nothing written, the block's own error) from "the block's writes were
+  lost at the end";
 - ``insert_node`` / ``update_node`` with ``consume_auth_key`` count one use of that auth key in the same
   transaction, and refuse (``AuthError``, nothing written) if the key was revoked or is a spent
   single-use key by the time the transaction runs, so two racing registrations cannot both spend it;
@@ -16,10 +23,16 @@ Contract every backend keeps:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ghostcore.auditchain import AuditRecord
+from ghostcore.errors import Unavailable
+
+
+class CommitFailed(Unavailable):
+    """The COMMIT of a transaction failed (disk full, I/O error): everything written in it is lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +40,11 @@ class UserRec:
     id: int
     name: str
     created: float
-    oidc_subject: str | None = None  # the provider's `sub` of a user created by an OIDC login
+    # The OIDC account this user is bound to: (issuer, the provider's `sub`), set when an OIDC login
+    # created the user or an admin bound it; None: bound to none (no OIDC login may act as this user).
+    oidc_subject: str | None = None
     groups: tuple[str, ...] = ()  # the provider's groups claim at the user's last login (policy "oidc:<g>")
+    oidc_issuer: str = ""  # "" with a subject: bound before issuers were recorded (see State.__init__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +64,18 @@ class NodeRec:
     hostname: str
     auth_key_id: str | None
     pending_key: str | None = None  # key rotation: the new key, proven, until the node proves it switched
+    pending_since: float = 0.0  # when pending_key was stored (0: no pending key, or stored before this)
+    # Node-key signing (ghostcore.lock): the signature chain vouching for node_key, and the one for
+    # pending_key; b"": none. Public data, checked against the lock log before they are stored.
+    key_signature: bytes = b""
+    pending_signature: bytes = b""
     # Derived by ghostmesh.state from the routes table (never written by the store): the approved subnet
     # routes this node is the primary router for, and whether it is an approved, online exit node.
     primary_routes: tuple[str, ...] = ()
     exit_node: bool = False
+    # The approved subnet routes it serves, primary or standby (the policy makes every approved
+    # advertiser a router for the prefix: seen by the rule's sources, the prefix in its filter).
+    approved_routes: tuple[str, ...] = ()
     # Reported by the node (ReportStatus), kept in memory only (never written by the store): the relay
     # region it is connected to (0: none) and its TURN relayed address ("ip:port", "" none). They describe
     # the node's live relay connections, which a server restart outlives only until the node reconnects,
@@ -116,11 +140,22 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
-    # key-value (the server's own X25519 private key lives here)
+    def transaction(self) -> AbstractContextManager[None]:
+        """One transaction for the block; mutations inside join it (nested blocks join too). On an error
+        in the block everything rolls back and the error propagates; a failed COMMIT is CommitFailed.
+        Never hold it across an await: every caller on the event loop shares it."""
+        ...
+
+    def refuse_writes(self, reason: str) -> None:
+        """From now on every transaction is refused (Unavailable naming ``reason``): the server is
+        stopping because its memory may hold a change this database lost."""
+        ...
+
+    # key-value (the stored ACL policy; earlier versions kept the server's keys here)
     def get_kv(self, key: str) -> bytes | None: ...
     def set_kv(self, key: str, value: bytes) -> None: ...
-    def set_kv_if_absent(self, key: str, value: bytes) -> bytes:
-        """Store ``value`` unless ``key`` exists; return what is stored afterwards."""
+    def delete_secret(self, key: str) -> None:
+        """Delete kv ``key`` so that its value leaves the database's files (not only the table)."""
         ...
 
     # users
@@ -131,10 +166,25 @@ class Store(Protocol):
         """Delete a user and its auth keys; ``Conflict`` if nodes still belong to it."""
         ...
 
-    def user_by_oidc_subject(self, subject: str) -> UserRec | None: ...
-    def put_oidc_user(self, name: str, subject: str, groups: Sequence[str], now: float) -> UserRec:
-        """Create user ``name`` if missing and set its OIDC subject and groups; ``Conflict`` (nothing
-        written) if another user has that subject."""
+    def user_by_oidc_identity(self, issuer: str, subject: str) -> UserRec | None:
+        """The user bound to this OIDC account (issuer, subject), if any."""
+        ...
+
+    def put_oidc_user(
+        self, name: str, issuer: str, subject: str, groups: Sequence[str], now: float
+    ) -> UserRec:
+        """Create user ``name`` if missing and set its OIDC account and groups; ``Conflict`` (nothing
+        written) if another user is bound to that account."""
+        ...
+
+    def set_oidc_identity(self, name: str, issuer: str, subject: str | None) -> UserRec:
+        """Bind user ``name`` to the OIDC account (issuer, subject), or unbind it (``subject`` None; its
+        OIDC groups are cleared too). ``NotFound`` for no such user, ``Conflict`` (nothing written) if
+        another user is bound to that account."""
+        ...
+
+    def adopt_oidc_issuer(self, issuer: str) -> int:
+        """Give every binding made before issuers were recorded (issuer "") this issuer; how many."""
         ...
 
     # auth keys
@@ -176,3 +226,23 @@ class Store(Protocol):
         ...
 
     def last_audit(self) -> AuditRecord | None: ...
+
+    def audit_prune_point(self, before_ms: int) -> AuditRecord | None:
+        """The newest entry of the oldest run of entries all stamped before ``before_ms`` (what a
+        retention may remove); None when the oldest entry is not that old."""
+        ...
+
+    def delete_audit(self, through_seq: int) -> int:
+        """Delete the entries with seq <= ``through_seq``; how many. Only :meth:`ghostmesh.audit.Auditor.
+        prune` calls it, after appending the entry that records the cut."""
+        ...
+
+    # node-key signing: the lock log, an append-only list of signed updates (ghostcore.lock)
+    def list_lock(self) -> Sequence[bytes]:
+        """Every update, in order."""
+        ...
+
+    def append_lock(self, seq: int, update: bytes) -> None:
+        """Store ``update`` as number ``seq`` (1-based); ``Conflict`` (nothing written) unless the log holds
+        exactly ``seq - 1`` updates, checked in one transaction."""
+        ...

@@ -1,30 +1,39 @@
 """The embedded SQLite backend of :class:`ghostmesh.store.base.Store`.
 
-- WAL journal (readers never block the writer), ``synchronous=NORMAL`` (durable at checkpoints, the usual
-  WAL trade-off), ``foreign_keys=ON`` (SQLite leaves them off unless asked, per connection).
-- Every mutation runs in one ``BEGIN IMMEDIATE`` transaction (``_tx``): on any error it rolls back, so a
-  failed registration writes nothing.
+- WAL journal (readers never block the writer), ``synchronous=FULL`` (the WAL is fsynced at every
+  commit: a change acknowledged to a node survives a power loss, not only a crash), ``foreign_keys=ON``
+  (SQLite leaves them off unless asked, per connection).
+- The database, its ``-wal`` and its ``-shm`` are private (0600) whatever the directory's mode and the
+  umask: the file is created 0600 before SQLite opens it, SQLite gives its sidecar files the database's
+  mode, they are opened under a 0077 umask anyway, and files left with other modes are chmodded at open.
+- Every mutation runs in one ``BEGIN IMMEDIATE`` transaction (the writer lock taken at BEGIN, so two
+  ghostmesh processes on one file serialise): on any error it rolls back, so a failed registration
+  writes nothing. Inside :meth:`SqliteStore.transaction` mutations join the open transaction instead
+  (SQLite's own ``in_transaction`` says whether one is open), so a caller can make several of them, and
+  the audit row describing them, one commit. The statements and the transaction logic are shared with
+  the PostgreSQL backend (:mod:`ghostmesh.store.sql`); this module holds what is SQLite's own.
 - Versioned schema: ``schema_version`` holds the number of migrations applied; ``MIGRATIONS`` is the
   ordered list, applied at open, each in its own transaction. A database written by a newer ghostmesh
   (higher version than we know) is refused rather than guessed at.
 
 Calls are synchronous and short (indexed single-row statements); ghostmesh runs them on the event loop
 thread, which keeps every mutation ordered with the in-memory state without locks.
+
+The schema lives here: the SQL of every table and every migration of one backend belong together (a
+schema change touches this list, :mod:`ghostmesh.store.postgres`'s, and the shared statements).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import sqlite3
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from ghostcore.auditchain import GENESIS, AuditRecord
-from ghostcore.errors import AuthError, ConfigError, Conflict, NotFound, Unavailable
-from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, NodeRec, RouteRec, UserRec
+from ghostcore.errors import ConfigError, GhostError
+from ghostcore.files import PRIVATE, umask
+from ghostmesh.store.sql import UNIQUE_NODE_COLUMNS, SqlStore
 
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a shipped entry; append.
 MIGRATIONS: tuple[str, ...] = (
@@ -108,160 +117,109 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE users ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
     CREATE UNIQUE INDEX users_oidc_subject ON users(oidc_subject) WHERE oidc_subject IS NOT NULL;
     """,
+    # 4: when a pending key was stored (a pending rotation is not overwritten while young), node-key
+    # signatures, and the lock log they are checked against.
+    """
+    ALTER TABLE nodes ADD COLUMN pending_since REAL NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN key_signature BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE nodes ADD COLUMN pending_signature BLOB NOT NULL DEFAULT x'';
+    CREATE TABLE lock_log (
+        seq          INTEGER PRIMARY KEY,
+        update_bytes BLOB NOT NULL
+    );
+    """,
+    # 5: a user is bound to an OIDC account by (issuer, subject): a ``sub`` is unique only within its
+    # issuer (OpenID Connect Core 1.0 section 2). Bindings made before have issuer "" until the state
+    # adopts them for the configured issuer (State.__init__).
+    """
+    ALTER TABLE users ADD COLUMN oidc_issuer TEXT NOT NULL DEFAULT '';
+    DROP INDEX users_oidc_subject;
+    CREATE UNIQUE INDEX users_oidc_identity ON users(oidc_issuer, oidc_subject)
+        WHERE oidc_subject IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# Written columns (id is the rowid); _node_row produces values in this order, _node reads "id" + these.
-_NODE_COLUMNS = (
-    "name", "user", "node_key", "ipv4", "ipv6", "ephemeral", "tags", "created", "expires", "last_seen",
-    "endpoints", "hostname", "auth_key_id", "pending_key",
-)  # fmt: skip
-_NODE_COLS = "id, " + ", ".join(_NODE_COLUMNS)
-# Built once from the constant column names above, never from input (hence the S608 waivers).
-_INSERT_NODE = (
-    f"INSERT INTO nodes ({', '.join(_NODE_COLUMNS)}) VALUES ({', '.join('?' * len(_NODE_COLUMNS))})"  # noqa: S608
-)
-_UPDATE_NODE = f"UPDATE nodes SET {', '.join(c + ' = ?' for c in _NODE_COLUMNS)} WHERE id = ?"  # noqa: S608
-_AUTH_COLS = "id, hash, user, reusable, ephemeral, tags, created, expires, used_count, revoked"
-_API_COLS = "id, hash, created, expires, revoked, last_used"
-_AUDIT_COLS = "seq, ts_ms, actor, action, target, detail, remote, prev_hash, hash, signature"
+
+def _make_private(path: Path) -> None:
+    """The database file created 0600 if missing; it and its sidecars chmodded to 0600 if not."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_mode & 0o777 != PRIVATE:
+                os.chmod(p, PRIVATE)
 
 
-def _node(row: sqlite3.Row) -> NodeRec:
-    return NodeRec(
-        id=int(row[0]),
-        name=row[1],
-        user=row[2],
-        node_key=row[3],
-        ipv4=row[4],
-        ipv6=row[5],
-        ephemeral=bool(row[6]),
-        tags=tuple(json.loads(row[7])),
-        created=float(row[8]),
-        expires=float(row[9]),
-        last_seen=float(row[10]),
-        endpoints=tuple(json.loads(row[11])),
-        hostname=row[12],
-        auth_key_id=row[13],
-        pending_key=row[14],
-    )
-
-
-def _node_row(rec: NodeRec) -> tuple[object, ...]:
-    return (
-        rec.name, rec.user, rec.node_key, rec.ipv4, rec.ipv6, int(rec.ephemeral),
-        json.dumps(list(rec.tags)), rec.created, rec.expires, rec.last_seen,
-        json.dumps(list(rec.endpoints)), rec.hostname, rec.auth_key_id, rec.pending_key,
-    )  # fmt: skip
-
-
-def _auth(row: sqlite3.Row) -> AuthKeyRec:
-    return AuthKeyRec(
-        id=row[0],
-        hash=bytes(row[1]),
-        user=row[2],
-        reusable=bool(row[3]),
-        ephemeral=bool(row[4]),
-        tags=tuple(json.loads(row[5])),
-        created=float(row[6]),
-        expires=float(row[7]),
-        used_count=int(row[8]),
-        revoked=bool(row[9]),
-    )
-
-
-def _api(row: sqlite3.Row) -> ApiKeyRec:
-    return ApiKeyRec(
-        id=row[0],
-        hash=bytes(row[1]),
-        created=float(row[2]),
-        expires=float(row[3]),
-        revoked=bool(row[4]),
-        last_used=float(row[5]),
-    )
-
-
-def _audit(row: sqlite3.Row) -> AuditRecord:
-    return AuditRecord(
-        seq=int(row[0]),
-        ts_ms=int(row[1]),
-        actor=row[2],
-        action=row[3],
-        target=row[4],
-        detail=row[5],
-        remote=row[6],
-        prev_hash=bytes(row[7]),
-        hash=bytes(row[8]),
-        signature=bytes(row[9]),
-    )
-
-
-def _conflict(exc: sqlite3.IntegrityError, what: str) -> Conflict:
-    text = str(exc)
-    for col in ("name", "node_key", "ipv4", "ipv6"):
-        if text.endswith(f".{col}"):
-            return Conflict(f"{what}: {col} is already taken")
-    return Conflict(f"{what}: clashes with existing data ({text})")
-
-
-def _user_rec(row: Sequence[Any]) -> UserRec:
-    """A users row selected as (id, name, created, oidc_subject, groups)."""
-    return UserRec(int(row[0]), row[1], float(row[2]), row[3], tuple(json.loads(row[4] or "[]")))
-
-
-class SqliteStore:
+class SqliteStore(SqlStore):
     """A :class:`~ghostmesh.store.base.Store` in one SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves (autocommit mode otherwise).
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"database.path: cannot open {self.path}: {exc}") from None
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise ConfigError(f"database.path: {self.path} is not a usable SQLite database: {exc}") from None
-        except ConfigError:
-            self._db.close()
-            raise
+        super().__init__(f"database {self.path}")
+        with umask(0o077):  # the -wal and -shm SQLite creates below are born private too
+            try:
+                _make_private(self.path)
+                # isolation_level=None: we issue BEGIN/COMMIT ourselves (autocommit mode otherwise).
+                self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(f"database.path: cannot open {self.path}: {exc}") from None
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._db.execute("PRAGMA busy_timeout=5000")
+                self._migrate()
+            except sqlite3.DatabaseError as exc:
+                self._db.close()
+                raise ConfigError(
+                    f"database.path: {self.path} is not a usable SQLite database: {exc}"
+                ) from None
+            except GhostError:
+                self._db.close()
+                raise
 
-    # -- plumbing --------------------------------------------------------------------------------------
+    # -- the connection hooks of SqlStore -------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise Unavailable(f"database {self.path}: {exc}; retry shortly") from None
-        try:
-            yield self._db
-        except sqlite3.OperationalError as exc:
+    _integrity_errors = (sqlite3.IntegrityError,)
+    _transient_errors = (sqlite3.OperationalError,)  # disk full, locked by another process, I/O error
+    _commit_errors = (sqlite3.Error,)
+
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self._db.executemany(sql, rows)
+
+    def _in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")  # the writer lock now, not at the first write
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        # Some errors (disk full, I/O) make SQLite roll the transaction back itself.
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
-            # disk full, locked by another process, I/O error: nothing was written, the caller may retry
-            raise Unavailable(f"database {self.path}: {exc}; nothing was written, retry shortly") from None
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
+
+    def _unique_column(self, exc: Exception) -> str | None:
+        text = str(exc)  # "UNIQUE constraint failed: nodes.name"
+        return next((c for c in UNIQUE_NODE_COLUMNS if text.endswith(f".{c}")), None)
+
+    # -- schema ----------------------------------------------------------------------------------------
 
     def schema_version(self) -> int:
         row = self._db.execute("SELECT version FROM schema_version").fetchone()
         return int(row[0]) if row else 0
 
     def _migrate(self) -> None:
-        with self._tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            if db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
-                db.execute("INSERT INTO schema_version (version) VALUES (0)")
+        with self.transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            if self._db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
+                self._db.execute("INSERT INTO schema_version (version) VALUES (0)")
         current = self.schema_version()
         if current > SCHEMA_VERSION:
             raise ConfigError(
@@ -269,246 +227,25 @@ class SqliteStore:
                 f"supports ({SCHEMA_VERSION}); upgrade ghostmesh or point database.path elsewhere"
             )
         for version in range(current, SCHEMA_VERSION):
-            with self._tx() as db:
+            with self.transaction():
                 # executescript would COMMIT our transaction; run the statements one by one instead.
                 for stmt in MIGRATIONS[version].split(";"):
                     if stmt.strip():
-                        db.execute(stmt)
-                db.execute("UPDATE schema_version SET version = ?", (version + 1,))
+                        self._db.execute(stmt)
+                self._db.execute("UPDATE schema_version SET version = ?", (version + 1,))
 
     def close(self) -> None:
         self._db.close()
 
-    # -- kv --------------------------------------------------------------------------------------------
+    # -- secrets ---------------------------------------------------------------------------------------
 
-    def get_kv(self, key: str) -> bytes | None:
-        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def set_kv(self, key: str, value: bytes) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
-
-    def set_kv_if_absent(self, key: str, value: bytes) -> bytes:
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)", (key, value))
-            return bytes(db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0])
-
-    # -- users -----------------------------------------------------------------------------------------
-
-    def create_user(self, name: str, now: float) -> UserRec:
+    def delete_secret(self, key: str) -> None:
+        # secure_delete zeroes the freed bytes in the page, and a TRUNCATE checkpoint writes that page
+        # over the database file's copy and empties the WAL, which held the earlier versions.
+        self._db.execute("PRAGMA secure_delete=ON")
         try:
-            with self._tx() as db:
-                cur = db.execute("INSERT INTO users (name, created) VALUES (?, ?)", (name, now))
-        except sqlite3.IntegrityError:
-            raise Conflict(f"user {name!r} exists already") from None
-        return UserRec(int(cur.lastrowid or 0), name, now)
-
-    def get_user(self, name: str) -> UserRec | None:
-        row = self._db.execute(
-            "SELECT id, name, created, oidc_subject, groups FROM users WHERE name = ?", (name,)
-        ).fetchone()
-        return _user_rec(row) if row else None
-
-    def list_users(self) -> Sequence[UserRec]:
-        rows = self._db.execute(
-            "SELECT id, name, created, oidc_subject, groups FROM users ORDER BY id"
-        ).fetchall()
-        return [_user_rec(r) for r in rows]
-
-    def user_by_oidc_subject(self, subject: str) -> UserRec | None:
-        row = self._db.execute(
-            "SELECT id, name, created, oidc_subject, groups FROM users WHERE oidc_subject = ?", (subject,)
-        ).fetchone()
-        return _user_rec(row) if row else None
-
-    def put_oidc_user(self, name: str, subject: str, groups: Sequence[str], now: float) -> UserRec:
-        try:
-            with self._tx() as db:
-                db.execute("INSERT OR IGNORE INTO users (name, created) VALUES (?, ?)", (name, now))
-                db.execute(
-                    "UPDATE users SET oidc_subject = ?, groups = ? WHERE name = ?",
-                    (subject, json.dumps(sorted(set(groups))), name),
-                )
-        except sqlite3.IntegrityError:
-            raise Conflict(f"OIDC subject of user {name!r} belongs to another user already") from None
-        user = self.get_user(name)
-        if user is None:  # pragma: no cover - written in the transaction above
-            raise NotFound(f"user {name!r} vanished while being written")
-        return user
-
-    def delete_user(self, name: str) -> None:
-        try:
-            with self._tx() as db:
-                cur = db.execute("DELETE FROM users WHERE name = ?", (name,))
-                if cur.rowcount == 0:
-                    raise NotFound(f"user {name!r} not found; see `ghostctl users list`")
-        except sqlite3.IntegrityError:
-            raise Conflict(f"user {name!r} still owns nodes; delete them first") from None
-
-    # -- auth keys -------------------------------------------------------------------------------------
-
-    def insert_auth_key(self, rec: AuthKeyRec) -> None:
-        try:
-            with self._tx() as db:
-                db.execute(
-                    f"INSERT INTO auth_keys ({_AUTH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                    (
-                        rec.id,
-                        rec.hash,
-                        rec.user,
-                        int(rec.reusable),
-                        int(rec.ephemeral),
-                        json.dumps(list(rec.tags)),
-                        rec.created,
-                        rec.expires,
-                        rec.used_count,
-                        int(rec.revoked),
-                    ),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"auth key {rec.id}: cannot store ({exc})") from None
-
-    def get_auth_key(self, key_id: str) -> AuthKeyRec | None:
-        row = self._db.execute(f"SELECT {_AUTH_COLS} FROM auth_keys WHERE id = ?", (key_id,)).fetchone()  # noqa: S608
-        return _auth(row) if row else None
-
-    def list_auth_keys(self, user: str | None = None) -> Sequence[AuthKeyRec]:
-        if user:
-            rows = self._db.execute(
-                f"SELECT {_AUTH_COLS} FROM auth_keys WHERE user = ? ORDER BY created, id",  # noqa: S608
-                (user,),
-            ).fetchall()
-        else:
-            rows = self._db.execute(f"SELECT {_AUTH_COLS} FROM auth_keys ORDER BY created, id").fetchall()  # noqa: S608
-        return [_auth(r) for r in rows]
-
-    def revoke_auth_key(self, key_id: str) -> AuthKeyRec | None:
-        with self._tx() as db:
-            db.execute("UPDATE auth_keys SET revoked = 1 WHERE id = ?", (key_id,))
-        return self.get_auth_key(key_id)
-
-    # -- API keys --------------------------------------------------------------------------------------
-
-    def insert_api_key(self, rec: ApiKeyRec) -> None:
-        with self._tx() as db:
-            db.execute(
-                f"INSERT INTO api_keys ({_API_COLS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (rec.id, rec.hash, rec.created, rec.expires, int(rec.revoked), rec.last_used),
-            )
-
-    def get_api_key(self, key_id: str) -> ApiKeyRec | None:
-        row = self._db.execute(f"SELECT {_API_COLS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()  # noqa: S608
-        return _api(row) if row else None
-
-    def list_api_keys(self) -> Sequence[ApiKeyRec]:
-        rows = self._db.execute(f"SELECT {_API_COLS} FROM api_keys ORDER BY created, id").fetchall()  # noqa: S608
-        return [_api(r) for r in rows]
-
-    def revoke_api_key(self, key_id: str) -> ApiKeyRec | None:
-        with self._tx() as db:
-            db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
-        return self.get_api_key(key_id)
-
-    def touch_api_key(self, key_id: str, now: float) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE api_keys SET last_used = ? WHERE id = ?", (now, key_id))
-
-    # -- nodes -----------------------------------------------------------------------------------------
-
-    def list_nodes(self) -> Sequence[NodeRec]:
-        rows = self._db.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY id").fetchall()  # noqa: S608
-        return [_node(r) for r in rows]
-
-    @staticmethod
-    def _consume(db: sqlite3.Connection, key_id: str) -> None:
-        # The check and the count in one statement, inside the node's transaction: two racing
-        # registrations cannot both spend a single-use key.
-        cur = db.execute(
-            "UPDATE auth_keys SET used_count = used_count + 1 "
-            "WHERE id = ? AND revoked = 0 AND (reusable = 1 OR used_count = 0)",
-            (key_id,),
-        )
-        if cur.rowcount != 1:
-            raise AuthError(f"auth key gmauth_{key_id} was revoked or spent meanwhile; create a new one")
-
-    def insert_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> NodeRec:
-        try:
-            with self._tx() as db:
-                if consume_auth_key is not None:
-                    self._consume(db, consume_auth_key)
-                cur = db.execute(_INSERT_NODE, _node_row(rec))
-        except sqlite3.IntegrityError as exc:
-            raise _conflict(exc, f"node {rec.name!r}") from None
-        return replace(rec, id=int(cur.lastrowid or 0))
-
-    def update_node(self, rec: NodeRec, consume_auth_key: str | None = None) -> None:
-        try:
-            with self._tx() as db:
-                if consume_auth_key is not None:
-                    self._consume(db, consume_auth_key)
-                cur = db.execute(_UPDATE_NODE, (*_node_row(rec), rec.id))
-                if cur.rowcount != 1:
-                    raise NotFound(f"node {rec.id} not found")
-        except sqlite3.IntegrityError as exc:
-            raise _conflict(exc, f"node {rec.name!r}") from None
-
-    def delete_node(self, node_id: int) -> None:
-        with self._tx() as db:
-            cur = db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
-            if cur.rowcount != 1:
-                raise NotFound(f"node {node_id} not found")
-
-    # -- routes ----------------------------------------------------------------------------------------
-
-    def list_routes(self) -> Sequence[RouteRec]:
-        rows = self._db.execute(
-            "SELECT node_id, prefix, by_node, by_admin, approved FROM routes ORDER BY node_id, prefix"
-        ).fetchall()
-        return [RouteRec(int(r[0]), r[1], bool(r[2]), bool(r[3]), bool(r[4])) for r in rows]
-
-    def put_routes(self, recs: Sequence[RouteRec], delete: Sequence[tuple[int, str]] = ()) -> None:
-        try:
-            with self._tx() as db:
-                db.executemany("DELETE FROM routes WHERE node_id = ? AND prefix = ?", list(delete))
-                db.executemany(
-                    "INSERT INTO routes (node_id, prefix, by_node, by_admin, approved) "
-                    "VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (node_id, prefix) DO UPDATE SET by_node = excluded.by_node, "
-                    "by_admin = excluded.by_admin, approved = excluded.approved",
-                    [(r.node_id, r.prefix, int(r.by_node), int(r.by_admin), int(r.approved)) for r in recs],
-                )
-        except sqlite3.IntegrityError as exc:
-            raise _conflict(exc, "route") from None
-
-    # -- audit log -------------------------------------------------------------------------------------
-
-    def append_audit(self, rec: AuditRecord) -> None:
-        with self._tx() as db:
-            # The link check and the insert in one BEGIN IMMEDIATE transaction: a second writer (another
-            # ghostmesh on the same file) cannot slip an entry in between and fork the chain.
-            row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            last_seq, last_hash = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
-            if rec.seq != last_seq + 1 or rec.prev_hash != last_hash:
-                raise Conflict(
-                    f"audit entry {rec.seq}: the log ends at seq {last_seq} with another hash; "
-                    "reload the last entry and seal again"
-                )
-            db.execute(
-                f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (rec.seq, rec.ts_ms, rec.actor, rec.action, rec.target, rec.detail, rec.remote,
-                 rec.prev_hash, rec.hash, rec.signature),
-            )  # fmt: skip
-
-    def list_audit(self, after_seq: int = 0, limit: int = 0) -> Sequence[AuditRecord]:
-        rows = self._db.execute(
-            f"SELECT {_AUDIT_COLS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
-            (after_seq, limit if limit > 0 else -1),  # LIMIT -1: no limit in SQLite
-        ).fetchall()
-        return [_audit(r) for r in rows]
-
-    def last_audit(self) -> AuditRecord | None:
-        row = self._db.execute(
-            f"SELECT {_AUDIT_COLS} FROM audit ORDER BY seq DESC LIMIT 1"  # noqa: S608
-        ).fetchone()
-        return _audit(row) if row else None
+            with self.transaction():
+                self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._db.execute("PRAGMA secure_delete=OFF")

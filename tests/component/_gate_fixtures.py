@@ -1,4 +1,5 @@
-"""Helpers for ghostgate's component tests: an in-process ghostgate on 127.0.0.1 and REST credentials."""
+"""Helpers for ghostgate's component tests: an in-process ghostgate on 127.0.0.1, the ``ghostgate`` command as
+a child process, and REST credentials."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from ghostgate.config import GateConfig, RelayConfig, TurnConfig
-from ghostgate.server import GateServer, start_server
+from ghostgate.turn_edge import TurnEdge, start_turn
 
 SECRET = "component-secret"
 
@@ -19,8 +25,25 @@ def gate_config(denied: list[str] | None = None) -> GateConfig:
     return GateConfig(relay=RelayConfig(listen="127.0.0.1:0"), turn=turn)
 
 
-async def start(denied: list[str] | None = None) -> GateServer:
-    return await start_server(gate_config(denied), SECRET.encode())
+async def start(denied: list[str] | None = None) -> TurnEdge:
+    return await start_turn(gate_config(denied), SECRET.encode())
+
+
+@contextmanager
+def gate_process(conf: Path) -> Iterator[subprocess.Popen[str]]:
+    """The ghostgate command on ``conf``, stderr piped; killed and reaped on the way out whatever happened."""
+    code = "import sys; from ghostgate.app import main; sys.exit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--config", str(conf)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def rest_credentials(user: str = "node1", ttl: int = 3600) -> tuple[str, str]:

@@ -1,9 +1,10 @@
 """Fixtures for ghostlink component tests: an in-test Coordination server and a no-op net layer.
 
-``FakeCoordination`` implements ``coordination.proto`` on grpc.aio (127.0.0.1, random port) just far
-enough to drive the daemon: it verifies every authenticated call's nodeauth proof against the full
-method path (as ghostmesh does), sends a full map first on each Sync stream and then the deltas a test
-pushes, and can drop or refuse streams to simulate the server going away.
+``FakeCoordination`` implements ``coordination.proto`` on grpc.aio over TLS (127.0.0.1, random port, a
+self-signed certificate whose pin :func:`start_server` returns) just far enough to drive the daemon: it
+verifies every authenticated call's nodeauth proof against the full method path and the request's bytes,
+once (as ghostmesh does), sends a full map first on each Sync stream and then the deltas a test pushes,
+and can drop or refuse streams to simulate the server going away.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
-from ghostcore import nodeauth
+from ghostcore import nodeauth, tlscert
 from ghostcore.errors import AuthError, GhostError
 from ghostcore.grpcerr import status_for
 from ghostcore.keys import PrivateKey
@@ -57,11 +59,15 @@ class FakeCoordination(pb_grpc.CoordinationServicer):
     refuse_sync: bool = False
     _streams: list[asyncio.Queue[object]] = field(default_factory=list)
     syncs: int = 0
+    replay: nodeauth.ReplayGuard = field(default_factory=nodeauth.ReplayGuard)
 
-    def _check(self, context: grpc.aio.ServicerContext[object, object], method: str) -> str:
+    def _check(self, context: grpc.aio.ServicerContext[object, object], method: str, request: Message) -> str:
         md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        proof = nodeauth.parse_metadata(md)
-        key = nodeauth.verify(self.server_key, proof, method, int(time.time() * 1000))
+        proof = nodeauth.read_proof(md)
+        now = int(time.time() * 1000)
+        # The client signs the bytes it serialized; the same library serializes the parsed message to them.
+        key = nodeauth.check_proof(self.server_key, proof, method, request.SerializeToString(), now)
+        self.replay.admit(proof, now)
         self.verified.append(method)
         return key.base64()
 
@@ -75,7 +81,7 @@ class FakeCoordination(pb_grpc.CoordinationServicer):
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.RegisterResponse:
         try:
-            key = self._check(context, "/ghostmesh.v1.Coordination/Register")
+            key = self._check(context, "/ghostmesh.v1.Coordination/Register", request)
             if request.auth_key != AUTH_KEY:
                 raise AuthError("auth key is expired; create a new one with ghostctl authkeys create")
         except GhostError as exc:
@@ -89,7 +95,7 @@ class FakeCoordination(pb_grpc.CoordinationServicer):
         self, request: pb.SyncRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.MapUpdate]:
         try:
-            key = self._check(context, "/ghostmesh.v1.Coordination/Sync")
+            key = self._check(context, "/ghostmesh.v1.Coordination/Sync", request)
         except GhostError as exc:
             await self._abort(context, exc)
             return
@@ -128,22 +134,12 @@ class FakeCoordination(pb_grpc.CoordinationServicer):
         self, request: pb.StatusReport, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.StatusAck:
         try:
-            self._check(context, "/ghostmesh.v1.Coordination/ReportStatus")
+            self._check(context, "/ghostmesh.v1.Coordination/ReportStatus", request)
         except GhostError as exc:
             await self._abort(context, exc)
             raise
         self.reports.append(list(request.endpoints))
         return pb.StatusAck()
-
-    async def Signal(
-        self, request: pb.SignalRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.SignalAck:
-        try:
-            self._check(context, "/ghostmesh.v1.Coordination/Signal")
-        except GhostError as exc:
-            await self._abort(context, exc)
-            raise
-        return pb.SignalAck()
 
     # -- test controls --------------------------------------------------------------------------------
 
@@ -166,12 +162,15 @@ class FakeCoordination(pb_grpc.CoordinationServicer):
             q.put_nowait(_DROP)
 
 
-async def start_server(servicer: FakeCoordination) -> tuple[grpc.aio.Server, str]:
+async def start_server(servicer: FakeCoordination) -> tuple[grpc.aio.Server, str, str]:
+    """Serve ``servicer`` over TLS; (server, "127.0.0.1:port", the certificate's pin "sha256:…")."""
+    pair = tlscert.self_signed("ghostmesh")
     server = grpc.aio.server()
     pb_grpc.add_CoordinationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    creds = grpc.ssl_server_credentials([(pair.key_pem, pair.cert_pem)])
+    port = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{port}", tlscert.fingerprint(pair.certificate)
 
 
 @dataclass

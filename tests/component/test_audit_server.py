@@ -9,21 +9,21 @@ import base64
 import json
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from ghostcore import auditchain, nodeauth
+from ghostcore import auditchain
 from ghostcore.keys import PrivateKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
-from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc as apb_grpc
-from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostctl.cli import main
 from ghostctl.errors import EXIT_VERIFY
+from ghostmesh.config import AuditConfig
 from ghostmesh.server import RunningServer
-from tests.component._mesh_fixtures import SERVICE, NodeClient, admin_unix, mesh_config, running
+from tests.component._mesh_fixtures import Clock, NodeClient, admin_tcp, admin_unix, mesh_config, running
 
 
 async def ctl(capsys: pytest.CaptureFixture[str], srv: RunningServer, *argv: str) -> tuple[int, str, str]:
@@ -69,8 +69,7 @@ async def test_admin_and_node_changes_are_recorded_and_verify(
         finally:
             await node.close()
         bearer = (("authorization", f"Bearer {api.secret}"),)
-        async with grpc.aio.insecure_channel(srv.target) as channel:
-            tcp = apb_grpc.AdminStub(channel)
+        async with admin_tcp(srv) as tcp:
             await tcp.RenameNode(
                 apb.RenameNodeRequest(ref="web1", new_name="web2"), metadata=bearer, timeout=5
             )
@@ -109,7 +108,7 @@ async def test_admin_and_node_changes_are_recorded_and_verify(
 
         # no secret anywhere in the database files (the audit table included): ids only
         raw = raw_db(srv)
-        for secret in (ak.secret, api.secret, ak.secret.rsplit("_", 1)[1], api.secret.rsplit("_", 1)[1]):
+        for secret in (ak.secret, api.secret, ak.secret.split("_", 2)[2], api.secret.split("_", 2)[2]):
             assert secret.encode() not in raw
 
         # list: table and JSON
@@ -248,25 +247,67 @@ async def test_key_rotation_is_recorded(tmp_path: Path) -> None:
         old, new = NodeClient(srv), PrivateKey.generate()
         try:
             await old.register(ak.secret, hostname="rot")
-            ts = int(time.time() * 1000)
-            md = dict(nodeauth.make_metadata(new, srv.server_key, SERVICE + "RotateKey#new", ts))
-            req = pb.RotateKeyRequest(
-                new_node_key=new.public_key().base64(),
-                new_ts_ms=ts,
-                new_key_proof=base64.b64decode(md[nodeauth.MD_PROOF]),
-            )
-            await old.stub.RotateKey(req, metadata=old.md("RotateKey"), timeout=5)
+            await old.rotate(old.rotate_request(new))
+            await old.rotate(old.rotate_request(new))  # a retry: answered again, recorded once
         finally:
             await old.close()
         switched = NodeClient(srv, new)
         try:
-            await switched.stub.ReportStatus(
-                pb.StatusReport(), metadata=switched.md("ReportStatus"), timeout=5
-            )
+            await switched.report()
         finally:
             await switched.close()
-        got = [(e.actor, e.action, e.target) for e in await entries(srv)][-2:]
-        assert got == [("node:rot", "node.key_rotate", "rot"), ("node:rot", "node.key_switch", "rot")]
+        got = [(e.actor, e.action, e.target) for e in await entries(srv)][-3:]
+        assert got == [
+            ("node:rot", "node.register", "rot"),
+            ("node:rot", "node.key_rotate", "rot"),
+            ("node:rot", "node.key_switch", "rot"),
+        ]
         last = (await entries(srv))[-2:]
         assert json.loads(last[0].detail)["new_node_key"] == new.public_key().base64()
         assert last[0].remote.startswith("ipv4:127.0.0.1:")
+
+
+async def test_retention_prunes_old_entries_after_recording_the_cut_and_verify_still_proves_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = Clock()
+    cfg = replace(mesh_config(tmp_path), audit=AuditConfig(retention=7 * 86400.0))
+    async with running(cfg, clock) as srv:
+        async with admin_unix(srv) as admin:
+            for name in ("a", "b", "c"):
+                await admin.CreateUser(apb.CreateUserRequest(name=name), timeout=5)
+        srv.hub.run_due()  # the prune at start: nothing is that old
+        assert [e.seq for e in await entries(srv)] == [1, 2, 3]
+        cp = tmp_path / "audit.cp"
+        assert (await ctl(capsys, srv, "audit", "verify", "--checkpoint", str(cp)))[0] == 0
+
+        clock.now += 6 * 86400.0
+        async with admin_unix(srv) as admin:
+            await admin.CreateUser(apb.CreateUserRequest(name="d"), timeout=5)
+        srv.hub.run_due()  # a, b, c are 6 days old: kept
+        assert len(await entries(srv)) == 4
+        clock.now += 2 * 86400.0  # a, b, c are 8 days old, d 2 days
+        srv.hub.run_due()
+        kept = await entries(srv)
+        assert [(e.seq, e.action, e.target) for e in kept] == [
+            (4, "user.create", "d"),
+            (5, "audit.prune", "audit"),
+        ]
+        assert json.loads(kept[1].detail)["through_seq"] == 3
+
+        code, out, err = await ctl(capsys, srv, "audit", "verify", "--checkpoint", str(cp))
+        assert (code, err) == (0, "")
+        first, pruned = out.splitlines()[:2]
+        assert first.startswith("ok: 2 entries verified (last seq 5), audit key ")
+        assert pruned == "seq 1..3 were pruned, as a signed audit.prune entry records"
+        assert auditchain.Checkpoint.from_json(cp.read_text(), "cp").seq == 5
+
+        # cutting more than the prune entry records is caught, with or without the checkpoint
+        tamper(srv, "DELETE FROM audit WHERE seq = 4")
+        code, _, err = await ctl(capsys, srv, "audit", "verify")
+        assert code == EXIT_VERIFY
+        assert err.strip() == (
+            "ghostctl: audit log does NOT verify: entry 4: missing: the log starts at seq 5 but no signed "
+            "audit.prune entry records removing seq 1..4 (oldest entries removed) (0 entries before it are "
+            "good)"
+        )

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
+from ghostcore import tlscert
 from ghostcore.pb.ghostmesh.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -39,8 +40,9 @@ API_SECRET = "gmapi-k9-SECRETSECRETSECRET"
 class FakeAdmin(admin_pb2_grpc.AdminServicer):
     """In-memory Admin service; ``required_key`` makes it check ``authorization: Bearer``."""
 
-    def __init__(self, required_key: str | None = None, echo_key: bool = False) -> None:
+    def __init__(self, required_key: str | None = None, echo_key: bool = False, pin: str = "") -> None:
         self.required_key = required_key
+        self.pin = pin
         self.echo_key = echo_key
         self.calls: list[tuple[str, Any, dict[str, str]]] = []
         self.users = {"default": admin_pb2.User(id=1, name="default", created_unix=NOW - 3600)}
@@ -120,7 +122,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
             expires_unix=NOW + (request.expiration_seconds or 3600),
         )  # fmt: skip
         self.authkeys[k.id] = k
-        return admin_pb2.CreateAuthKeyResponse(key=k, secret=AUTH_SECRET)
+        return admin_pb2.CreateAuthKeyResponse(key=k, secret=AUTH_SECRET, pin=self.pin)
 
     def ListAuthKeys(self, request: Any, context: grpc.ServicerContext) -> admin_pb2.ListAuthKeysResponse:
         self._enter("ListAuthKeys", request, context)
@@ -192,6 +194,8 @@ class Servers:
     local_sock: str
     tcp: str
     dir: Path
+    pin: str  # the TLS server's key pin, "sha256:…"
+    cert: Path  # its certificate (a CA file for the no-pin path)
     _servers: list[grpc.Server] = field(default_factory=list)
 
 
@@ -199,13 +203,17 @@ class Servers:
 def servers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Servers]:
     # A short private dir: unix socket paths must stay under ~107 bytes, which tmp_path may exceed.
     d = Path(tempfile.mkdtemp(prefix="ghostctl-"))
-    admin, admin_tcp, local = FakeAdmin(), FakeAdmin(required_key=GOOD_KEY), FakeLocal()
+    tls = tlscert.self_signed("ghostmesh", ["127.0.0.1"])
+    pin = tlscert.fingerprint(tls.certificate)
+    (d / "ca.pem").write_bytes(tls.cert_pem)
+    admin, admin_tcp, local = FakeAdmin(), FakeAdmin(required_key=GOOD_KEY, pin=pin), FakeLocal()
     s1 = grpc.server(ThreadPoolExecutor(max_workers=4))
     admin_pb2_grpc.add_AdminServicer_to_server(admin, s1)
     s1.add_insecure_port(f"unix:{d}/admin.sock")
     s2 = grpc.server(ThreadPoolExecutor(max_workers=4))
     admin_pb2_grpc.add_AdminServicer_to_server(admin_tcp, s2)
-    port = s2.add_insecure_port("127.0.0.1:0")
+    creds = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+    port = s2.add_secure_port("127.0.0.1:0", creds)
     s3 = grpc.server(ThreadPoolExecutor(max_workers=4))
     local_pb2_grpc.add_LocalNodeServicer_to_server(local, s3)
     s3.add_insecure_port(f"unix:{d}/node.sock")
@@ -218,10 +226,22 @@ def servers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Servers]:
         "GHOSTCTL_SERVER",
         "GHOSTCTL_API_KEY",
         "GHOSTCTL_TIMEOUT",
+        "GHOSTCTL_PIN",
+        "GHOSTCTL_CA_FILE",
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("ghostctl.context._clock", lambda: float(NOW))
-    srv = Servers(admin, admin_tcp, local, f"{d}/admin.sock", f"{d}/node.sock", f"127.0.0.1:{port}", d)
+    srv = Servers(
+        admin,
+        admin_tcp,
+        local,
+        f"{d}/admin.sock",
+        f"{d}/node.sock",
+        f"127.0.0.1:{port}",
+        d,
+        pin,
+        d / "ca.pem",
+    )
     srv._servers = [s1, s2, s3]
     yield srv
     local.release.set()
@@ -337,8 +357,8 @@ def test_users_create_list_delete(servers: Servers, capsys: pytest.CaptureFixtur
     assert out.strip() == "created user ops (id 2)"
     code, out, _ = run(capsys, "--server", srv, "users", "list")
     assert code == 0
-    assert out.splitlines()[0].split() == ["ID", "NAME", "CREATED"]
-    assert out.splitlines()[1].split() == ["1", "default", "1h", "ago"]
+    assert out.splitlines()[0].split() == ["ID", "NAME", "CREATED", "OIDC"]
+    assert out.splitlines()[1].split() == ["1", "default", "1h", "ago", "-"]
     code, out, _ = run(capsys, "--server", srv, "-o", "json", "users", "list")
     assert [u["name"] for u in json.loads(out)] == ["default", "ops"]
     code, out, err = run(capsys, "--server", srv, "users", "create", "ops")
@@ -434,9 +454,8 @@ def test_missing_admin_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_tcp_sends_api_key_and_never_prints_it(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(
-        capsys, "--server", servers.tcp, "--api-key", GOOD_KEY, "-o", "json", "nodes", "list"
-    )
+    key = f"{GOOD_KEY}.{servers.pin}"  # as `apikeys create` prints it: the key carries the server's pin
+    code, out, err = run(capsys, "--server", servers.tcp, "--api-key", key, "-o", "json", "nodes", "list")
     assert code == 0
     assert len(json.loads(out)) == 2
     assert servers.admin_tcp.calls[-1][2]["authorization"] == f"Bearer {GOOD_KEY}"
@@ -448,16 +467,19 @@ def test_tcp_api_key_from_environment(
 ) -> None:
     monkeypatch.setenv("GHOSTCTL_SERVER", servers.tcp)
     monkeypatch.setenv("GHOSTCTL_API_KEY", GOOD_KEY)
+    monkeypatch.setenv("GHOSTCTL_PIN", servers.pin)
     code, out, err = run(capsys, "authkeys", "create", "--user", "ops")
     assert code == 0
-    assert AUTH_SECRET in out
+    assert f"{AUTH_SECRET}.{servers.pin}" in out  # the new key carries the pin nodes will trust
     assert servers.admin_tcp.calls[-1][2]["authorization"] == f"Bearer {GOOD_KEY}"
     assert GOOD_KEY not in out + err
 
 
 def test_tcp_wrong_key_is_auth_error(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
     bad = "gmapi-wrong-fedcba9876543210"
-    code, out, err = run(capsys, "--server", servers.tcp, "--api-key", bad, "users", "list")
+    code, out, err = run(
+        capsys, "--server", servers.tcp, "--api-key", bad, "--pin", servers.pin, "users", "list"
+    )
     assert code == 3
     assert out == ""
     assert err.strip() == "ghostctl: missing or invalid API key"
@@ -467,7 +489,9 @@ def test_tcp_wrong_key_is_auth_error(servers: Servers, capsys: pytest.CaptureFix
 def test_tcp_key_echoed_by_server_is_redacted(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
     servers.admin_tcp.echo_key = True
     bad = "gmapi-wrong-fedcba9876543210"
-    code, out, err = run(capsys, "--server", servers.tcp, "--api-key", bad, "users", "list")
+    code, out, err = run(
+        capsys, "--server", servers.tcp, "--api-key", f"{bad}.{servers.pin}", "users", "list"
+    )
     assert code == 3
     assert bad not in out + err
     assert "<redacted>" in err
@@ -490,3 +514,34 @@ def test_tcp_unreachable_names_target(capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 5
     assert f"cannot reach ghostmesh at {target}" in err
     assert GOOD_KEY not in err
+
+
+def test_tcp_pin_mismatch_refuses_before_sending(
+    servers: Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tlscert.fingerprint(tlscert.self_signed("elsewhere").certificate)
+    code, out, err = run(capsys, "--server", servers.tcp, "--api-key", f"{GOOD_KEY}.{other}", "users", "list")
+    assert code == 3
+    assert out == ""
+    assert servers.pin in err  # names what the server presents
+    assert other in err  # and what was pinned
+    assert len(err.strip().splitlines()) == 1
+    assert servers.admin_tcp.calls == []  # the API key never left
+
+
+def test_tcp_ca_file_without_pin(servers: Servers, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--server", servers.tcp, "--api-key", GOOD_KEY, "--ca-file", str(servers.cert), "users", "list")
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert servers.admin_tcp.calls[-1][2]["authorization"] == f"Bearer {GOOD_KEY}"
+
+
+def test_tcp_untrusted_certificate_without_pin_sends_nothing(
+    servers: Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        capsys, "--server", servers.tcp, "--api-key", GOOD_KEY, "--timeout", "2", "users", "list"
+    )
+    assert code == 5
+    assert GOOD_KEY not in err
+    assert servers.admin_tcp.calls == []

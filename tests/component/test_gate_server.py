@@ -13,7 +13,7 @@ import pytest
 from aioice import stun
 from aioice.turn import create_turn_endpoint
 
-from tests.component._gate_fixtures import Collector, rest_credentials, start
+from tests.component._gate_fixtures import Collector, gate_process, rest_credentials, start
 
 
 async def test_stun_binding_from_a_plain_socket() -> None:
@@ -103,6 +103,9 @@ class _FailingSocket:
     def sendto(self, data: bytes, addr: Any) -> int:
         raise OSError(101, "Network is unreachable")
 
+    def sendmsg(self, buffers: Any, cmsgs: Any, flags: int, addr: Any) -> int:
+        raise OSError(101, "Network is unreachable")
+
     def fileno(self) -> int:
         return self.real.fileno()
 
@@ -143,18 +146,7 @@ async def test_unroutable_peer_does_not_kill_the_allocation() -> None:
 def test_the_command_starts_reports_and_stops_on_sigterm(tmp_path: Any) -> None:
     conf = tmp_path / "g.toml"
     conf.write_text('[relay]\nlisten = "127.0.0.1:0"\n[turn]\nsecret = "x"\n')
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from ghostgate.app import main; sys.exit(main())",
-            "--config",
-            str(conf),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with gate_process(conf) as proc:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert line.startswith("ghostgate: listening on 127.0.0.1:")
@@ -162,12 +154,6 @@ def test_the_command_starts_reports_and_stops_on_sigterm(tmp_path: Any) -> None:
         assert "not served: relay.fallback" in proc.stderr.readline()
         proc.terminate()
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_the_command_fails_in_one_line(tmp_path: Any) -> None:

@@ -1,16 +1,15 @@
 """Key rotation and revocation against a real in-process ghostmesh (``Coordination.RotateKey``).
 
-Rotation is two steps: RotateKey (current key in the metadata, new key proven in the body) only stores a
-pending key; peers learn the new key when the node proves it on a later call. Every refusal changes
-nothing. Revoking an auth key or an API key is refused on the very next use.
+Rotation is two steps: RotateKey (current key in the metadata, over the whole body; the new key's consent
+in the body) only stores a pending key; peers learn the new key when the node proves it on a later call.
+Every refusal changes nothing: a body changed under a valid proof, a second rotation while one is
+pending. Revoking an auth key or an API key is refused on the very next use.
 """
 
 from __future__ import annotations
 
-import base64
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -18,45 +17,20 @@ import pytest
 from ghostcore import nodeauth
 from ghostcore.keys import PrivateKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
-from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc as apb_grpc
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.server import RunningServer
+from ghostmesh.state import PENDING_ROTATION_TTL
 from ghostmesh.store.base import NodeRec
 from tests.component._mesh_fixtures import (
-    SERVICE,
+    Metadata,
     NodeClient,
+    admin_tcp,
     admin_unix,
     auth_key,
     mesh_config,
     next_update,
     running,
 )
-
-
-def rotate_request(
-    srv: RunningServer, new: PrivateKey, signer: PrivateKey | None = None
-) -> pb.RotateKeyRequest:
-    """A RotateKeyRequest for ``new``, its proof made with ``signer`` (default: ``new`` itself)."""
-    ts = int(time.time() * 1000)
-    md = dict(nodeauth.make_metadata(signer or new, srv.server_key, SERVICE + "RotateKey#new", ts))
-    return pb.RotateKeyRequest(
-        new_node_key=new.public_key().base64(),
-        new_ts_ms=ts,
-        new_key_proof=base64.b64decode(md[nodeauth.MD_PROOF]),
-    )
-
-
-async def rotate(node: NodeClient, req: pb.RotateKeyRequest, md: Any = None) -> pb.Node:
-    resp: pb.RotateKeyResponse = await node.stub.RotateKey(
-        req, metadata=md if md is not None else node.md("RotateKey"), timeout=5
-    )
-    return resp.node
-
-
-async def report(node: NodeClient, endpoints: list[str]) -> None:
-    await node.stub.ReportStatus(
-        pb.StatusReport(endpoints=endpoints), metadata=node.md("ReportStatus"), timeout=5
-    )
 
 
 def record(srv: RunningServer, node_id: int) -> NodeRec:
@@ -82,13 +56,13 @@ async def test_rotate_key_peers_learn_new_key_only_once_proven(tmp_path: Path) -
         old_key, old_pub = a.key, a.pub
         new = PrivateKey.generate()
 
-        answer = await rotate(a, rotate_request(srv, new))
+        answer = await a.rotate(a.rotate_request(new))
         assert answer.node_key == old_pub  # nothing switched yet
         rec = record(srv, na.id)
         assert (rec.node_key, rec.pending_key) == (old_pub, new.public_key().base64())
 
         a.key = new  # the node switched WireGuard; its next call is proven with the new key
-        await report(a, ["192.0.2.7:41641"])
+        await a.report(endpoints=["192.0.2.7:41641"])
         delta = await next_update(b_stream)
         # The first update b sees after the rotation already carries the new key: never an unproven one.
         [peer] = delta.peers_upserted
@@ -98,7 +72,7 @@ async def test_rotate_key_peers_learn_new_key_only_once_proven(tmp_path: Path) -
         assert (rec.node_key, rec.pending_key) == (new.public_key().base64(), None)
 
         # a's stream, opened with the old key, goes on: it still gets b's changes.
-        await report(b, ["192.0.2.8:41641"])
+        await b.report(endpoints=["192.0.2.8:41641"])
         for _ in range(5):
             upd = await next_update(a_stream)
             if any(p.id == nb.id and list(p.endpoints) == ["192.0.2.8:41641"] for p in upd.peers_upserted):
@@ -108,7 +82,7 @@ async def test_rotate_key_peers_learn_new_key_only_once_proven(tmp_path: Path) -
         # The old key is bound to nothing any more.
         old = NodeClient(srv, key=old_key)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await report(old, [])
+            await old.report()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         a_stream.cancel()
         b_stream.cancel()
@@ -121,7 +95,7 @@ async def test_pending_key_proven_by_register_is_promoted(tmp_path: Path) -> Non
     async with running(mesh_config(tmp_path)) as srv:
         a, na, b, _ = await _pair(srv)
         new = PrivateKey.generate()
-        await rotate(a, rotate_request(srv, new))
+        await a.rotate(a.rotate_request(new))
         again = await NodeClient(srv, key=new).register("", "alpha")  # no auth key needed
         assert (again.id, again.node_key, list(again.addresses)) == (
             na.id,
@@ -129,11 +103,20 @@ async def test_pending_key_proven_by_register_is_promoted(tmp_path: Path) -> Non
             list(na.addresses),
         )
         assert record(srv, na.id).pending_key is None
-        # A pending key never proven is simply replaced by the next rotation.
+        # A pending key is not replaced by another rotation while it is young (the node may be switching
+        # to it right now); the same key again is a retry; once older than the TTL it may be replaced.
         newer, newest = PrivateKey.generate(), PrivateKey.generate()
         a.key = new
-        await rotate(a, rotate_request(srv, newer))
-        await rotate(a, rotate_request(srv, newest))
+        await a.rotate(a.rotate_request(newer))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await a.rotate(a.rotate_request(newest))
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "has a pending key" in (info.value.details() or "")
+        assert record(srv, na.id).pending_key == newer.public_key().base64()
+        await a.rotate(a.rotate_request(newer))  # a retry of the pending one is answered the same
+        start = time.time()
+        srv.hub.clock = lambda: start + PENDING_ROTATION_TTL + 1
+        await a.rotate(a.rotate_request(newest))
         assert record(srv, na.id).pending_key == newest.public_key().base64()
         assert srv.hub.state.node_by_pending_key(newer.public_key().base64()) is None
         for c in (a, b):
@@ -147,28 +130,24 @@ async def test_bad_rotation_requests_change_nothing(tmp_path: Path, case: str) -
     async with running(mesh_config(tmp_path)) as srv:
         a, na, b, nb = await _pair(srv)
         new = PrivateKey.generate()
-        md: Any = None
+        md: Metadata | None = None
         if case == "forged-metadata":
             # Claims a's key, but the proof is made with another private key.
-            forged = dict(
-                nodeauth.make_metadata(
-                    PrivateKey.generate(), srv.server_key, SERVICE + "RotateKey", int(time.time() * 1000)
-                )
-            )
+            req = a.rotate_request(new)
+            forged = dict(a.signed("RotateKey", req.SerializeToString(), key=PrivateKey.generate()))
             forged[nodeauth.MD_NODE_KEY] = a.pub
             md = tuple(forged.items())
-            req = rotate_request(srv, new)
         elif case == "new-proof-other-key":
-            req = rotate_request(srv, new, signer=PrivateKey.generate())
+            req = a.rotate_request(new, consent_by=PrivateKey.generate())
         elif case == "new-key-taken":
-            req = rotate_request(srv, b.key)
+            req = a.rotate_request(b.key)
         elif case == "same-key":
-            req = rotate_request(srv, a.key)
+            req = a.rotate_request(a.key)
         else:
             req = pb.RotateKeyRequest(new_node_key="not-a-key", new_ts_ms=1, new_key_proof=b"x")
         before = (record(srv, na.id), record(srv, nb.id))
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await rotate(a, req, md)
+            await a.rotate(req, md)
         code, expected = {
             "forged-metadata": (grpc.StatusCode.UNAUTHENTICATED, "key rotation refused: node key"),
             "new-proof-other-key": (grpc.StatusCode.UNAUTHENTICATED, "new key's proof does not verify"),
@@ -206,13 +185,49 @@ async def test_revoked_auth_key_refused_at_once(tmp_path: Path) -> None:
 async def test_revoked_api_key_refused_at_once_over_tcp(tmp_path: Path) -> None:
     async with running(mesh_config(tmp_path)) as srv, admin_unix(srv) as local:
         created = await local.CreateApiKey(apb.CreateApiKeyRequest(expiration_seconds=3600), timeout=5)
-        channel = grpc.aio.insecure_channel(srv.target)
-        remote: Any = apb_grpc.AdminStub(channel)
-        ok = (("authorization", f"Bearer {created.secret}"),)
-        await remote.ListNodes(apb.ListNodesRequest(), metadata=ok, timeout=5)  # works
-        await local.ExpireApiKey(apb.ExpireApiKeyRequest(id=created.key.id), timeout=5)
-        with pytest.raises(grpc.aio.AioRpcError) as info:  # same channel, the next call
-            await remote.ListNodes(apb.ListNodesRequest(), metadata=ok, timeout=5)
+        async with admin_tcp(srv) as remote:
+            ok = (("authorization", f"Bearer {created.secret}"),)
+            await remote.ListNodes(apb.ListNodesRequest(), metadata=ok, timeout=5)  # works
+            await local.ExpireApiKey(apb.ExpireApiKeyRequest(id=created.key.id), timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # same channel, the next call
+                await remote.ListNodes(apb.ListNodesRequest(), metadata=ok, timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in (info.value.details() or "")
-        await channel.close()
+
+
+async def test_rotation_with_the_new_key_swapped_under_a_valid_proof_changes_nothing(tmp_path: Path) -> None:
+    """A proxy that rewrites RotateKey's new_node_key to its own key cannot take the node over."""
+    async with running(mesh_config(tmp_path)) as srv:
+        a, na, b, nb = await _pair(srv)
+        new, attacker = PrivateKey.generate(), PrivateKey.generate()
+        honest = a.rotate_request(new)
+        md = a.signed("RotateKey", honest.SerializeToString())  # the node's valid proof of its request
+        swapped = pb.RotateKeyRequest()
+        swapped.CopyFrom(honest)
+        swapped.new_node_key = attacker.public_key().base64()
+        # even with the attacker's own consent for its key, the body no longer matches the node's proof
+        swapped.new_key_proof = nodeauth.rotation_proof(
+            attacker, srv.server_key, a.key.public_key(), honest.new_ts_ms
+        )
+        before = (record(srv, na.id), record(srv, nb.id), len(srv.store.list_audit()))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await a.send("RotateKey", swapped.SerializeToString(), md)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "failed its proof of possession" in (info.value.details() or "")
+        after = record(srv, na.id)
+        assert (after.node_key, after.name, after.pending_key) == (a.pub, "alpha", None)
+        assert (record(srv, na.id), record(srv, nb.id), len(srv.store.list_audit())) == before
+        async with admin_unix(srv) as admin:
+            log = (await admin.ListAudit(apb.ListAuditRequest(), timeout=5)).entries
+        assert not [e for e in log if e.action in ("node.key_rotate", "node.key_switch")]
+        assert all(attacker.public_key().base64() not in e.detail for e in log)
+        # the attacker's key proves nothing: it is bound to no node
+        intruder = NodeClient(srv, attacker)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await intruder.report()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # the node's own request with its proof still works: a forgery does not spend the proof's nonce
+        await a.rotate(honest, md)
+        assert record(srv, na.id).pending_key == new.public_key().base64()
+        for c in (a, b, intruder):
+            await c.close()

@@ -12,23 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from ghostlink import app
+from ghostcore import tlscert
+from ghostlink import app, node
 from ghostlink.wg.select import Choice
-from tests.component._link_fixtures import FakeCoordination, start_server
+from tests.component._link_fixtures import AUTH_KEY, FakeCoordination, start_server
 
 
 @pytest.fixture
-def coord_target() -> Iterator[tuple[FakeCoordination, str]]:
+def coord_target() -> Iterator[tuple[FakeCoordination, str, str]]:
     """The fake server on its own loop in a thread (main() runs its own event loop)."""
     coord = FakeCoordination()
     loop = asyncio.new_event_loop()
-    started: list[str] = []
+    started: list[tuple[str, str]] = []
     ready = threading.Event()
     stop = asyncio.Event()
 
     async def serve() -> None:
-        server, target = await start_server(coord)
-        started.append(target)
+        server, target, pin = await start_server(coord)
+        started.append((target, pin))
         ready.set()
         await stop.wait()
         await server.stop(None)
@@ -37,7 +38,7 @@ def coord_target() -> Iterator[tuple[FakeCoordination, str]]:
     t.start()
     assert ready.wait(5)
     try:
-        yield coord, started[0]
+        yield coord, *started[0]
     finally:
         loop.call_soon_threadsafe(stop.set)
         t.join(5)
@@ -64,11 +65,11 @@ def test_auth_key_refused_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
-    coord_target: tuple[FakeCoordination, str],
+    coord_target: tuple[FakeCoordination, str, str],
 ) -> None:
-    coord, target = coord_target
+    coord, target, pin = coord_target
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(app, "choose", lambda *a, **k: Choice("wireguard-go", "test"))
+    monkeypatch.setattr(node, "choose", lambda *a, **k: Choice("wireguard-go", "test"))
     state = tmp_path / "state"
     rc = app.main(
         [
@@ -76,7 +77,7 @@ def test_auth_key_refused_writes_nothing(
             "--server",
             target,
             "--auth",
-            "tskey-wrong",
+            f"tskey-wrong.{pin}",
             "--state-dir",
             str(state),
             "--backend",
@@ -99,7 +100,7 @@ def test_unreachable_server(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(app, "choose", lambda *a, **k: Choice("wireguard-go", "test"))
+    monkeypatch.setattr(node, "choose", lambda *a, **k: Choice("wireguard-go", "test"))
     monkeypatch.setenv("GHOSTLINK_CONTROL_CONNECT_TIMEOUT", "0.5s")
     target = f"127.0.0.1:{_free_port()}"
     rc = app.main(
@@ -117,7 +118,67 @@ def test_unreachable_server(
     )
     assert rc == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"ghostlink: cannot reach ghostmesh at {target}: ")
+    assert err.startswith(f"ghostlink: cannot reach ghostmesh at {target} (")
     assert err.endswith("; check --server and that ghostmesh is running\n")
     assert err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def _join(tmp_path: Path, target: str, auth: str) -> int:
+    return app.main(
+        ["join", "--server", target, "--auth", auth, "--state-dir", str(tmp_path / "state"),
+         "--backend", "wireguard-go", "--socket", str(tmp_path / "gl.sock")]
+    )  # fmt: skip
+
+
+def test_pin_mismatch_sends_nothing_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    coord_target: tuple[FakeCoordination, str, str],
+) -> None:
+    """A man in the middle with its own key: the join stops on the pin, before any request."""
+    coord, target, pin = coord_target
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(node, "choose", lambda *a, **k: Choice("wireguard-go", "test"))
+    other = tlscert.fingerprint(tlscert.self_signed("ghostmesh").certificate)
+    assert _join(tmp_path, target, f"{AUTH_KEY}.{other}") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"ghostlink: ghostmesh at {target} presents TLS key {pin}, not the pinned {other}")
+    assert AUTH_KEY not in err
+    assert coord.verified == []
+    assert not (tmp_path / "state").exists()
+
+
+def test_untrusted_certificate_without_a_pin(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    coord_target: tuple[FakeCoordination, str, str],
+) -> None:
+    coord, target, _ = coord_target
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(node, "choose", lambda *a, **k: Choice("wireguard-go", "test"))
+    monkeypatch.setenv("GHOSTLINK_CONTROL_CONNECT_TIMEOUT", "1s")
+    assert _join(tmp_path, target, AUTH_KEY) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "its TLS certificate is not trusted" in err
+    assert coord.verified == []
+    assert not (tmp_path / "state").exists()
+
+
+def test_pin_flag_and_key_pin_must_agree(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    coord_target: tuple[FakeCoordination, str, str],
+) -> None:
+    coord, target, pin = coord_target
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    other = tlscert.fingerprint(tlscert.self_signed("ghostmesh").certificate)
+    monkeypatch.setenv("GHOSTLINK_NODE_PIN", other)
+    assert _join(tmp_path, target, f"{AUTH_KEY}.{pin}") == 1
+    assert "differ" in capsys.readouterr().err
+    assert coord.verified == []

@@ -1,6 +1,7 @@
 """The whole ``ghostlink join`` process in a network namespace, with real wireguard-go, against the
 in-test Coordination server (run in the same namespace as its own process): the up line, WireGuard,
-addresses and routes as programmed, state files, the local API, and a clean SIGTERM shutdown.
+addresses and routes as programmed, state files, the local API, and a clean SIGTERM shutdown (nothing
+left to undo: no journal of host changes).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from tests.component._link_fixtures import FakeCoordination, make_node, start_se
 async def main():
     c = FakeCoordination()
     c.peers = {2: make_node(2, PrivateKey.generate().public_key().base64(), endpoints=("192.0.2.2:41641",))}
-    server, target = await start_server(c)
-    print(target, flush=True)
+    server, target, pin = await start_server(c)
+    print(target, pin, flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())
 """
@@ -77,7 +78,7 @@ def test_join_runs_and_stops_cleanly(netns: str, tmp_path: Path) -> None:
         )
     link: subprocess.Popen[bytes] | None = None
     try:
-        target = _wait_file(srv_out, "127.0.0.1:", server).strip().splitlines()[0]
+        target, pin = _wait_file(srv_out, "127.0.0.1:", server).strip().splitlines()[0].split()
         err = tmp_path / "ghostlink.err"
         with err.open("wb") as fh:
             link = subprocess.Popen(
@@ -93,7 +94,7 @@ def test_join_runs_and_stops_cleanly(netns: str, tmp_path: Path) -> None:
                     "--server",
                     target,
                     "--auth",
-                    "tskey-good",
+                    f"tskey-good.{pin}",
                     "--hostname",
                     "proc1",
                     "--state-dir",
@@ -154,6 +155,7 @@ def test_join_runs_and_stops_cleanly(netns: str, tmp_path: Path) -> None:
         link.send_signal(signal.SIGTERM)
         assert link.wait(15) == 0
         assert not sock.exists(), "the local socket is removed"
+        assert not (state / "host.json").exists(), "everything it changed undone: no journal left"
         assert not Path(f"/var/run/wireguard/{ifname}.sock").exists(), "wireguard-go's socket is gone"
         gone = subprocess.run(["ip", "-n", netns, "link", "show", ifname], capture_output=True, check=False)
         assert gone.returncode != 0, "the interface vanished with wireguard-go"

@@ -20,20 +20,27 @@ import pytest
 from aioice import stun
 
 from ghostcore import relaywire as rw
+from ghostcore import tlscert
 from ghostcore.errors import Unavailable
+from ghostcore.keys import PrivateKey
 from ghostgate.config import GateConfig, RelayConfig, TurnConfig
 from ghostgate.relay import RelayServer, start_relay
-from ghostlink import turnclient
 from ghostlink.engine import RegionInfo
-from ghostlink.proxy import RelayCreds, RelayProxy
-from ghostlink.relayclient import RelayClient
-from ghostlink.turnclient import TurnClient, parse_addr
+from ghostlink.nodekey import NodeKey
+from ghostlink.traversal import turnclient
+from ghostlink.traversal.proxy import RelayCreds, RelayProxy
+from ghostlink.traversal.proxy_core import turn_address
+from ghostlink.traversal.relayclient import RelayClient
+from ghostlink.traversal.turnclient import TurnClient
 from tests.component._gate_fixtures import SECRET as GATE_SECRET
 from tests.component._gate_fixtures import Collector, rest_credentials
 from tests.component._gate_fixtures import start as start_gate
 
 SECRET = GATE_SECRET  # one secret for the relay and TURN, as ghostmesh and the gates share it
 TIMEOUT = 5.0
+# What ghostmesh puts in the relay map for gates with the default certificate
+PIN = tlscert.key_pin(tlscert.derived_key(rw.relay_tls_seed(SECRET.encode())))
+STATIC = rw.relay_static_key(SECRET.encode()).public_key().raw
 
 
 async def until(cond: Callable[[], bool], what: str, limit: float = TIMEOUT) -> float:
@@ -55,16 +62,18 @@ def creds(key: bytes, ttl: int = 3600) -> RelayCreds:
     expiry = int(time.time()) + ttl
     username, password = rest_credentials(base64.b64encode(key[:6]).decode(), ttl)
     token = rw.token_mac(SECRET.encode(), base64.b64encode(key).decode(), expiry)
-    return RelayCreds(username, password, expiry, token)
+    return RelayCreds(username, password, expiry, token, STATIC)
 
 
-def region(rid: int, quic_port: int, tcp_port: int, stun_port: int = 0, turn: bool = False) -> RegionInfo:
-    return RegionInfo(rid, f"r{rid}", "127.0.0.1", stun_port, quic_port, tcp_port, turn)
+def region(
+    rid: int, quic_port: int, tcp_port: int, stun_port: int = 0, *, turn: bool = False, pin: bytes = PIN
+) -> RegionInfo:
+    return RegionInfo(rid, f"r{rid}", "127.0.0.1", stun_port, quic_port, tcp_port, turn, pin)
 
 
-def relay_region(rid: int, server: RelayServer, *, quic: bool = True) -> RegionInfo:
+def relay_region(rid: int, server: RelayServer, *, quic: bool = True, pin: bytes = PIN) -> RegionInfo:
     quic_port = server.quic_address[1] if quic and server.quic_address else closed_udp_port()
-    return region(rid, quic_port, server.tcp_address[1])
+    return region(rid, quic_port, server.tcp_address[1], pin=pin)
 
 
 def closed_udp_port() -> int:
@@ -77,14 +86,19 @@ def closed_udp_port() -> int:
 
 
 class Node:
-    """One RelayProxy and its fake WireGuard socket."""
+    """One RelayProxy, its node key holder and its fake WireGuard socket. ``key``: the raw public key the
+    map names this node by (what the relay routes to)."""
 
-    def __init__(self, wg: asyncio.DatagramTransport, coll: Collector, proxy: RelayProxy, key: bytes) -> None:
+    def __init__(self, wg: asyncio.DatagramTransport, coll: Collector, keys: NodeKey) -> None:
         self.wg = wg
         self.coll = coll
-        self.proxy = proxy
-        self.key = key
+        self.keys = keys
+        self.key = keys.public.raw
+        self.proxy = RelayProxy(wg_port=wg.get_extra_info("sockname")[1], keys=keys, on_change=self._bump)
         self.changes = 0
+
+    def _bump(self) -> None:
+        self.changes += 1
 
     def send_to(self, peer: Node, data: bytes) -> None:
         """What WireGuard does: send to the peer's endpoint, which is our proxy's socket for it."""
@@ -102,21 +116,12 @@ async def nodes(n: int = 2) -> AsyncIterator[list[Node]]:
     try:
         for _ in range(n):
             wg, coll = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
-            key = os.urandom(32)
-            node = Node(wg, coll, None, key)  # type: ignore[arg-type]
-            node.proxy = RelayProxy(
-                wg_port=wg.get_extra_info("sockname")[1], node_key=key, on_change=lambda nd=node: _bump(nd)
-            )
-            out.append(node)
+            out.append(Node(wg, coll, NodeKey(PrivateKey.generate())))
         yield out
     finally:
         for node in out:
             await node.proxy.close()
             node.wg.close()
-
-
-def _bump(node: Node) -> None:
-    node.changes += 1
 
 
 async def configure(ns: list[Node], regions: list[RegionInfo], *, use_turn: bool = False) -> None:
@@ -263,7 +268,9 @@ async def test_node_key_change_reauthenticates() -> None:
             await until(lambda: a.proxy.home_region == 1 and b.proxy.home_region == 1, "connected")
             route_all([a, b])
             await exchange(a, b, count=1)
-            old, a.key = a.key, os.urandom(32)
+            old = a.key
+            a.keys.switch(PrivateKey.generate())
+            a.key = a.keys.public.raw
             await a.proxy.configure(regions, creds(a.key), node_key=a.key, use_turn=False)
             await until(lambda: a.key in server.hub.core.routes, "relay routes the new key")
             await until(lambda: old not in server.hub.core.routes, "old key gone from the relay")
@@ -398,13 +405,17 @@ async def test_silent_relay_is_noticed_and_home_moves() -> None:
 async def test_bad_token_is_refused_and_retried_without_alive() -> None:
     server = await start_relay_server()
     got: list[bytes] = []
+    keys = NodeKey(PrivateKey.generate())
     try:
         client = RelayClient(
             name="r1",
             host="127.0.0.1",
             quic_port=server.quic_address[1] if server.quic_address else 0,
             tcp_port=0,
-            node_key=os.urandom(32),
+            tls_pin=PIN,
+            keys=keys,
+            node_key=keys.public.raw,
+            relay_static=STATIC,
             expiry=int(time.time()) + 60,
             token=b"\0" * 32,
             on_recv=lambda k, p: got.append(p),
@@ -416,6 +427,83 @@ async def test_bad_token_is_refused_and_retried_without_alive() -> None:
         assert client.counters["drop_not_connected"] == 1
         await client.close()
         assert server.stats()["auth_failed"] >= 1
+    finally:
+        await server.close()
+
+
+def _client(
+    server: RelayServer,
+    keys: NodeKey,
+    node_key: bytes,
+    *,
+    pin: bytes = PIN,
+    quic: bool = True,
+    tcp: bool = True,
+) -> RelayClient:
+    expiry = int(time.time()) + 60
+    return RelayClient(
+        name="r1",
+        host="127.0.0.1",
+        quic_port=server.quic_address[1] if quic and server.quic_address else 0,
+        tcp_port=server.tcp_address[1] if tcp else 0,
+        tls_pin=pin,
+        keys=keys,
+        node_key=node_key,
+        relay_static=STATIC,
+        expiry=expiry,
+        token=rw.token_mac(SECRET.encode(), base64.b64encode(node_key).decode(), expiry),
+        on_recv=lambda k, p: None,
+    )
+
+
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+async def test_relay_certificate_not_matching_the_pin_is_refused_before_any_frame(transport: str) -> None:
+    server = await start_relay_server()
+    keys = NodeKey(PrivateKey.generate())
+    try:
+        wrong = _client(
+            server,
+            keys,
+            keys.public.raw,
+            pin=os.urandom(32),
+            quic=transport == "quic",
+            tcp=transport == "tcp",
+        )
+        wrong.start()
+        await until(lambda: wrong.counters["pin_mismatch"] >= 2, "two refused handshakes")
+        assert not wrong.alive
+        assert wrong.counters["recv"] == wrong.counters["error"] == 0
+        await wrong.close()
+        assert (
+            server.stats().get("auth_failed", 0) == server.stats().get("authenticated", 0) == 0
+        )  # no AUTH sent
+        right = _client(server, keys, keys.public.raw, quic=transport == "quic", tcp=transport == "tcp")
+        right.start()
+        await until(lambda: right.alive, "the same relay accepted with the right pin")
+        assert right.transport == transport
+        await right.close()
+    finally:
+        await server.close()
+
+
+async def test_mid_rotation_the_replaced_key_still_authenticates() -> None:
+    """The node switched to its new key, ghostmesh has not promoted it yet: the map (and the token) name the
+    old key, whose private half the holder keeps for exactly this."""
+    server = await start_relay_server()
+    old = PrivateKey.generate()
+    keys = NodeKey(old)
+    keys.switch(PrivateKey.generate())
+    stranger = NodeKey(PrivateKey.generate())  # holds neither: a leaked map is not enough
+    try:
+        mid = _client(server, keys, old.public_key().raw)
+        mid.start()
+        await until(lambda: mid.alive, "authenticated with the replaced key")
+        await mid.close()
+        thief = _client(server, stranger, old.public_key().raw)
+        thief.start()
+        await until(lambda: thief.counters["no_private_key"] >= 1, "no proof possible")
+        assert not thief.alive
+        await thief.close()
     finally:
         await server.close()
 
@@ -486,7 +574,7 @@ async def test_turn_peer_let_in_before_we_send_and_binding_kept_fresh(
             gate.address, username, password, on_recv=lambda d, a: got.append((d, a))
         )
         try:
-            relayed = parse_addr(client.relayed)
+            relayed = turn_address(client.relayed)
             assert relayed is not None
             client.add_peer(peer_addr)
             await until(lambda: client.counters["bound"] >= 1, "channel bound")

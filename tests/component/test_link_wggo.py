@@ -3,24 +3,32 @@
 Two devices in one namespace peer with each other over 127.0.0.1; persistent keepalive makes them
 handshake. Then a third, unrelated peer is added, updated and removed on device A through the
 backend's incremental UAPI requests, and ``wg show <if> dump`` plus the handshake timestamps prove the
-A<->B session was never touched. Also: a killed wireguard-go is restarted and re-programmed.
+A<->B session was never touched. Also: a killed wireguard-go is restarted and re-programmed; one a
+previous run left is refused until it is reaped, and reaped only while it is still that process.
 Cleanup (processes by PID, namespace, sockets) always runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from ghostcore.errors import ConfigError
 from ghostcore.keys import PrivateKey
 from ghostlink.engine import DesiredState, PeerSpec, plan
-from ghostlink.wg.wggo import WireGuardGoBackend
+from ghostlink.hostjournal import WireGuardGoRecord
+from ghostlink.wg import wggo
+from ghostlink.wg.uapi import socket_path
+from ghostlink.wg.wggo import WireGuardGoBackend, process_identity, reap_leftover
 from tests.component._link_fixtures import netns_ctx, wait_for
 
 pytestmark = pytest.mark.netns
@@ -125,9 +133,8 @@ async def test_killed_wireguard_go_is_restarted_and_reprogrammed(
     async def on_restart() -> None:
         restarted.append(True)
 
-    a.on_restart = on_restart
     kb = PrivateKey.generate()
-    await a.up(PrivateKey.generate(), 0, 1280)
+    await a.up(PrivateKey.generate(), 0, 1280, on_restart=on_restart)
     s = DesiredState(peers={kb.public_key().base64(): spec(kb, "10.99.0.2/32", "127.0.0.1:7", keepalive=0)})
     await a.apply(plan(DesiredState(), s))
     old = a.pid
@@ -137,3 +144,102 @@ async def test_killed_wireguard_go_is_restarted_and_reprogrammed(
     assert a.pid != old
     row = dump(ns, a.ifname)[kb.public_key().base64()]
     assert row[2:4] == ["127.0.0.1:7", "10.99.0.2/32"], "the restarted device got its peers back"
+
+
+# ----- a wireguard-go a previous run left (ghostlink killed with SIGKILL: the child, in its own session,
+# keeps running): stopped at the next start only if it is still that very process
+
+
+def spawn_wireguard_go(ns: str, ifname: str) -> subprocess.Popen[bytes]:
+    """wireguard-go for ``ifname`` started as the backend starts it, but by no backend: a crashed run's."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "wireguard-go", "-f", ifname],
+        env=dict(os.environ, WG_PROCESS_FOREGROUND="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    for _ in range(500):  # bounded: 5 s for the UAPI socket
+        if socket_path(ifname).exists():
+            return proc
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"wireguard-go did not open {socket_path(ifname)}")
+
+
+def record_of(proc: subprocess.Popen[bytes], ifname: str) -> WireGuardGoRecord:
+    identity = process_identity(proc.pid)
+    assert identity is not None
+    assert identity[1] == ("wireguard-go", "-f", ifname), "ip netns exec became wireguard-go, same PID"
+    return WireGuardGoRecord(proc.pid, identity[0], identity[1], str(socket_path(ifname)))
+
+
+async def test_a_leftover_wireguard_go_is_stopped_and_the_interface_reused(netns: str) -> None:
+    ifname = f"glwl{secrets.token_hex(2)}"
+    left = spawn_wireguard_go(netns, ifname)
+    try:
+        rec = record_of(left, ifname)
+        fresh = WireGuardGoBackend(ifname, netns=netns)
+        with pytest.raises(ConfigError, match="run by a WireGuard process this ghostlink did not start"):
+            await fresh.up(PrivateKey.generate(), 0, 1280)  # not reaped yet: not ours to take over
+        assert left.poll() is None
+        await reap_leftover(rec)
+        assert left.wait(timeout=5) == 0, "stopped with SIGTERM: wireguard-go exits cleanly"
+        assert not socket_path(ifname).exists()
+        await fresh.up(PrivateKey.generate(), 0, 1280)
+        await fresh.close()
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait(5)
+
+
+async def test_a_pid_that_is_no_longer_that_wireguard_go_is_left_alone(netns: str) -> None:
+    ifname = f"glwl{secrets.token_hex(2)}"
+    other = spawn_wireguard_go(netns, ifname)
+    try:
+        rec = record_of(other, ifname)
+        # the same PID started at another time: the journaled process exited and the PID was reused
+        await reap_leftover(dataclasses.replace(rec, start_time=rec.start_time + 1))
+        # the same PID and start time but another program: never a wireguard-go for this interface
+        await reap_leftover(dataclasses.replace(rec, argv=("wireguard-go", "-f", "glother")))
+        assert other.poll() is None, "alive"
+        assert socket_path(ifname).exists(), "a socket that answers is not stale"
+    finally:
+        other.terminate()
+        other.wait(5)
+    await reap_leftover(rec)  # gone: nothing to do, no error
+
+
+def spawn_stuck(cwd: Path, ifname: str) -> tuple[subprocess.Popen[bytes], WireGuardGoRecord]:
+    """A process with a wireguard-go's argv (``tail`` following the file ``ifname``) that ignores SIGTERM
+    (a signal ignored before exec stays ignored), and its record."""
+    (cwd / ifname).write_text("")
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(
+            ["wireguard-go", "-f", ifname], executable="/usr/bin/tail", cwd=cwd, start_new_session=True
+        )
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    for _ in range(200):  # bounded: 2 s for the exec to show in /proc
+        identity = process_identity(proc.pid)
+        if identity is not None and identity[1][0] == "wireguard-go":
+            return proc, WireGuardGoRecord(proc.pid, identity[0], identity[1], str(cwd / f"{ifname}.sock"))
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("tail did not start")
+
+
+async def test_a_leftover_that_ignores_sigterm_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wggo, "STOP_TIMEOUT", 0.3)
+    stuck, rec = spawn_stuck(tmp_path, "glstuck")
+    try:
+        await reap_leftover(rec)
+        assert stuck.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        if stuck.poll() is None:
+            stuck.kill()
+            stuck.wait(5)

@@ -12,7 +12,7 @@ import pytest
 
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc as apb_grpc
-from tests.component._mesh_fixtures import NodeClient, admin_unix, mesh_config, running
+from tests.component._mesh_fixtures import NodeClient, admin_unix, mesh_config, running, tls_channel
 
 
 async def test_admin_socket_is_root_only_and_needs_no_credentials(tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ async def test_admin_over_tcp_needs_api_key(tmp_path: Path) -> None:
             await local.ExpireApiKey(apb.ExpireApiKeyRequest(id=short.key.id), timeout=5)
         api_key = created.secret
         assert api_key.startswith(f"gmapi_{created.key.id}_")
-        channel = grpc.aio.insecure_channel(srv.target)
+        channel = tls_channel(srv)
         remote: Any = apb_grpc.AdminStub(channel)
         wrong = api_key[:-4] + ("AAAA" if not api_key.endswith("AAAA") else "BBBB")
         for md in (
@@ -88,3 +88,48 @@ async def test_admin_over_tcp_needs_api_key(tmp_path: Path) -> None:
         assert by_id[created.key.id].last_used_unix > 0
         assert by_id[short.key.id].expired
         await channel.close()
+
+
+async def test_user_bindings_over_the_admin_api(tmp_path: Path) -> None:
+    """CreateUser with an OIDC subject, BindUser, UnbindUser: one-line refusals with the right code and
+    nothing changed; each change audited. This server has no [oidc]: the issuer must be given."""
+    iss = "https://idp.example.com"
+    async with running(mesh_config(tmp_path)) as srv, admin_unix(srv) as admin:
+
+        async def refused(call: Any, request: Any) -> tuple[grpc.StatusCode, str]:
+            before = (list(srv.store.list_users()), len(srv.store.list_audit()))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(request, timeout=5)
+            assert (list(srv.store.list_users()), len(srv.store.list_audit())) == before
+            assert "\n" not in (info.value.details() or "")
+            return info.value.code(), info.value.details() or ""
+
+        code, why = await refused(admin.CreateUser, apb.CreateUserRequest(name="alice", oidc_subject="s1"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert why.endswith("pass the account's issuer (--issuer URL)")
+        alice = await admin.CreateUser(
+            apb.CreateUserRequest(name="alice", oidc_subject="s1", oidc_issuer=iss + "/"), timeout=5
+        )
+        assert (alice.oidc_issuer, alice.oidc_subject) == (iss, "s1")
+        entry = srv.store.list_audit()[-1]
+        assert (entry.action, entry.target) == ("user.create", "alice")
+        assert '"oidc_subject":"s1"' in entry.detail.replace(" ", "")
+        await admin.CreateUser(apb.CreateUserRequest(name="bob"), timeout=5)
+        bind = apb.BindUserRequest
+        code, _ = await refused(admin.BindUser, bind(name="bob", oidc_subject="s1", oidc_issuer=iss))
+        assert code == grpc.StatusCode.ALREADY_EXISTS  # alice's account
+        code, _ = await refused(admin.BindUser, bind(name="bob", oidc_subject="", oidc_issuer=iss))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        code, _ = await refused(admin.BindUser, bind(name="nobody", oidc_subject="s2", oidc_issuer=iss))
+        assert code == grpc.StatusCode.NOT_FOUND
+        bob = await admin.BindUser(bind(name="bob", oidc_subject="s2", oidc_issuer=iss), timeout=5)
+        assert (bob.oidc_issuer, bob.oidc_subject) == (iss, "s2")
+        rows = len(srv.store.list_audit())
+        await admin.BindUser(bind(name="bob", oidc_subject="s2", oidc_issuer=iss), timeout=5)
+        assert len(srv.store.list_audit()) == rows  # the same binding again changes nothing
+        unbound = await admin.UnbindUser(apb.UnbindUserRequest(name="alice"), timeout=5)
+        assert (unbound.oidc_issuer, unbound.oidc_subject) == ("", "")
+        entry = srv.store.list_audit()[-1]
+        assert (entry.actor, entry.action, entry.target) == ("admin@unix", "user.unbind", "alice")
+        listed = await admin.ListUsers(apb.ListUsersRequest(), timeout=5)
+        assert [(u.name, u.oidc_subject) for u in listed.users] == [("alice", ""), ("bob", "s2")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ from ghostcore.keys import PrivateKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.server import RunningServer
-from tests.component._mesh_fixtures import SERVICE, NodeClient, admin_unix, auth_key, mesh_config, running
+from tests.component._mesh_fixtures import NodeClient, admin_unix, auth_key, mesh_config, running
 
 
 async def _snapshot(srv: RunningServer) -> tuple[list[str], list[tuple[str, int]]]:
@@ -78,15 +77,14 @@ async def test_invalid_wireguard_key_in_metadata(tmp_path: Path) -> None:
     async with running(mesh_config(tmp_path)) as srv:
         key = await auth_key(srv)
         client = NodeClient(srv)
-        md = dict(client.md("Register"))
+        body = pb.RegisterRequest(auth_key=key).SerializeToString()
+        md = dict(client.signed("Register", body))
         md[nodeauth.MD_NODE_KEY] = "not-a-wireguard-key"
         before = await _snapshot(srv)
-        err = await _refused(
-            client.stub.Register(pb.RegisterRequest(auth_key=key), metadata=tuple(md.items()))
-        )
+        err = await _refused(client.send("Register", body, tuple(md.items())))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "invalid public key" in (err.details() or "")
-        err = await _refused(client.stub.Register(pb.RegisterRequest(auth_key=key), timeout=5))
+        err = await _refused(client.send("Register", body, ()))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED  # no credentials at all
         assert await _snapshot(srv) == before
         await client.close()
@@ -104,20 +102,20 @@ async def test_claiming_another_nodes_identity(tmp_path: Path) -> None:
             ("Register", pb.RegisterRequest(auth_key=key, hostname="x")),
             ("ReportStatus", pb.StatusReport(endpoints=["198.51.100.1:1"])),
         ):
-            md = dict(attacker.md(method))
+            body = request.SerializeToString()
+            md = dict(attacker.signed(method, body))
             md[nodeauth.MD_NODE_KEY] = victim.pub
-            rpc = getattr(attacker.stub, method)
-            err = await _refused(rpc(request, metadata=tuple(md.items()), timeout=5))
+            err = await _refused(attacker.send(method, body, tuple(md.items())))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "failed its proof of possession" in (err.details() or "")
-        md = dict(attacker.md("Sync"))
+        md = dict(attacker.signed("Sync", b""))
         md[nodeauth.MD_NODE_KEY] = victim.pub
-        call = attacker.stub.Sync(pb.SyncRequest(), metadata=tuple(md.items()))
+        call = attacker.sync(tuple(md.items()))
         err = await _refused(call.read())
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         # a proof for one method replayed on another fails too
-        replay = victim.md("ReportStatus")
-        err = await _refused(victim.stub.Register(pb.RegisterRequest(), metadata=replay, timeout=5))
+        replay = victim.signed("ReportStatus", b"")
+        err = await _refused(victim.send("Register", b"", replay))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         assert await _snapshot(srv) == before
         assert srv.state.node(nv.id).endpoints == ()  # type: ignore[union-attr]
@@ -130,10 +128,9 @@ async def test_stale_timestamp(tmp_path: Path) -> None:
         key = await auth_key(srv)
         client = NodeClient(srv)
         before = await _snapshot(srv)
-        stale = client.md("Register", ts_ms=int(time.time() * 1000) - 120_000)
-        err = await _refused(
-            client.stub.Register(pb.RegisterRequest(auth_key=key), metadata=stale, timeout=5)
-        )
+        body = pb.RegisterRequest(auth_key=key).SerializeToString()
+        stale = client.signed("Register", body, ts_ms=int(time.time() * 1000) - 120_000)
+        err = await _refused(client.send("Register", body, stale))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "stale" in (err.details() or "")
         assert await _snapshot(srv) == before
@@ -146,12 +143,12 @@ async def test_oversized_request(tmp_path: Path) -> None:
         client = NodeClient(srv)
         before = await _snapshot(srv)
         big = pb.RegisterRequest(auth_key=key, hostname="x" * 100_000)  # max_message_bytes is 65536 here
-        err = await _refused(client.stub.Register(big, metadata=client.md("Register"), timeout=5))
+        err = await _refused(client.call("Register", big))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert await _snapshot(srv) == before
         # a long hostname under the limit is refused by validation instead
         long_name = pb.RegisterRequest(auth_key=key, hostname="x" * 300)
-        err = await _refused(client.stub.Register(long_name, metadata=client.md("Register"), timeout=5))
+        err = await _refused(client.call("Register", long_name))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert await _snapshot(srv) == before
         await client.close()
@@ -162,16 +159,13 @@ async def test_malformed_bytes_then_server_still_serves(tmp_path: Path) -> None:
         key = await auth_key(srv)
         client = NodeClient(srv)
         before = await _snapshot(srv)
-        raw: Any = client.channel.unary_unary(
-            SERVICE + "Register", request_serializer=None, response_deserializer=None
-        )
         for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\x01", bytes(range(256))):
-            err = await _refused(raw(garbage, metadata=client.md("Register"), timeout=5))
+            err = await _refused(client.send("Register", garbage))  # signed, but not a message
             assert err.code() != grpc.StatusCode.OK
         assert await _snapshot(srv) == before
         node = await client.register(key, "fine")
         assert node.name == "fine"
-        info = await client.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+        info = await client.send("GetServerInfo", b"", ())
         assert info.server_key == srv.server_key.base64()
         await client.close()
 
@@ -181,7 +175,7 @@ async def test_unregistered_node_cannot_sync_or_report(tmp_path: Path) -> None:
         client = NodeClient(srv, PrivateKey.generate())
         err = await _refused(client.sync().read())
         assert err.code() == grpc.StatusCode.NOT_FOUND
-        err = await _refused(client.stub.ReportStatus(pb.StatusReport(), metadata=client.md("ReportStatus")))
+        err = await _refused(client.report())
         assert err.code() == grpc.StatusCode.NOT_FOUND
         await client.close()
 
@@ -192,9 +186,41 @@ async def test_bad_endpoints_refused(tmp_path: Path) -> None:
         client = NodeClient(srv)
         n = await client.register(key, "a")
         for eps in (["not-an-endpoint"], [f"192.0.2.1:{p}" for p in range(1, 18)]):
-            err = await _refused(
-                client.stub.ReportStatus(pb.StatusReport(endpoints=eps), metadata=client.md("ReportStatus"))
-            )
+            err = await _refused(client.report(endpoints=eps))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert srv.state.node(n.id).endpoints == ()  # type: ignore[union-attr]
         await client.close()
+
+
+@pytest.mark.parametrize("where", ["endpoints", "turn_relay"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[fe80::1%x\nremove=true]:41641",  # a zone ID carrying a newline: a second line of UAPI text
+        "[fe80::1%eth0]:41641",  # any zone ID
+        "192.0.2.1:41641\n",
+        " 192.0.2.1:41641",
+        "[FE80::1]:41641",  # not canonical (RFC 5952: lower case)
+        "192.0.2.1:041641",
+        "0.0.0.0:41641",  # unspecified: nowhere to send to
+    ],
+)
+async def test_non_canonical_endpoint_is_refused_and_changes_nothing(
+    tmp_path: Path, where: str, text: str
+) -> None:
+    async with running(mesh_config(tmp_path)) as srv:
+        key = await auth_key(srv, reusable=True)
+        client, peer = NodeClient(srv), NodeClient(srv)
+        n = await client.register(key, "a")
+        await peer.register(key, "b")
+        await client.report(endpoints=["192.0.2.1:41641"], turn_relay="198.51.100.1:50000")
+        before = (srv.state.node(n.id), list(srv.store.list_nodes()), len(srv.store.list_audit()))
+        report = {"endpoints": [text]} if where == "endpoints" else {"turn_relay": text}
+        err = await _refused(client.report(**report))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = err.details() or ""
+        assert details.startswith(f"invalid {where.rstrip('s')} ")
+        assert "\n" not in details
+        assert (srv.state.node(n.id), list(srv.store.list_nodes()), len(srv.store.list_audit())) == before
+        await client.close()
+        await peer.close()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from ghostcore import tlscert, tlschannel
 from ghostcore.errors import Unavailable
+from ghostcore.joinkey import parse_pin
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2_grpc as pb_grpc
@@ -22,6 +26,17 @@ from ghostmesh.server import start_server
 from tests.component._mesh_fixtures import admin_unix, mesh_config, running
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "ghostmesh.toml"
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """``main`` configures the root logger onto this test's captured stderr, which is closed afterwards:
+    put the logger back, so later tests' log lines do not hit a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_config_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,6 +58,21 @@ def test_config_check_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert len(err.splitlines()) == 1
 
 
+def test_config_check_loads_the_tls_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pair, other = tlscert.self_signed("mesh.example.com"), tlscert.self_signed("other")
+    (tmp_path / "chain.pem").write_bytes(pair.cert_pem)
+    (tmp_path / "key.pem").write_bytes(other.key_pem)  # not the certificate's key
+    cfg = tmp_path / "ghostmesh.toml"
+    cfg.write_text('[tls]\ncert_file = "chain.pem"\nkey_file = "key.pem"\n')  # relative to the file
+    assert main(["config", "check", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    key, chain = tmp_path / "key.pem", tmp_path / "chain.pem"
+    assert err == f"ghostmesh: tls.key_file: {key} does not match the certificate in {chain}"
+    (tmp_path / "key.pem").write_bytes(pair.key_pem)
+    assert main(["config", "check", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().out.strip() == f"ok: {cfg}"
+
+
 def test_startup_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -58,7 +88,8 @@ def test_startup_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert rc == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ghostmesh: server.state_dir: cannot create")
+    assert err.startswith("ghostmesh: ")
+    assert "cannot create the state directory (Not a directory); choose another server.state_dir" in err
     assert "Traceback" not in err
 
 
@@ -84,11 +115,17 @@ async def test_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     try:
         assert proc.stderr is not None
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        m = re.match(r"ghostmesh: listening on 127\.0\.0\.1:(\d+) admin socket (\S+)$", line.strip())
+        m = re.match(
+            r"ghostmesh: listening on 127\.0\.0\.1:(\d+) \(TLS, key pin (sha256:\S+)\) admin socket (\S+)$",
+            line.strip(),
+        )
         assert m, line
-        sock = Path(m.group(2))
+        sock = Path(m.group(3))
         assert await asyncio.to_thread(sock.is_socket)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{m.group(1)}") as channel:
+        target = f"127.0.0.1:{m.group(1)}"
+        trust = tlschannel.Trust(pin=parse_pin(m.group(2)))  # the pin printed is the key served
+        setup = await asyncio.to_thread(tlschannel.prepare, target, trust, 5.0)
+        async with grpc.aio.secure_channel(target, setup.credentials, options=setup.options) as channel:
             info = await pb_grpc.CoordinationStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
             assert len(info.server_key) == 44
         proc.send_signal(signal.SIGTERM)

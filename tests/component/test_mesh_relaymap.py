@@ -8,7 +8,6 @@ Credential refresh is driven through the hub's clock and :meth:`Hub.run_due` ins
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import time
@@ -21,17 +20,18 @@ import grpc
 import pytest
 from aioice.turn import create_turn_endpoint
 
-from ghostcore import nodeauth, relaywire
+from ghostcore import relaywire, tlscert
 from ghostcore.errors import ConfigError
-from ghostcore.keys import PrivateKey
+from ghostcore.keys import PrivateKey, PublicKey
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostgate import creds
+from ghostgate.config import GateConfig, relay_cert
 from ghostmesh.config import MeshConfig, RelayConfig
 from ghostmesh.server import RunningServer, start_server
 from tests.component._gate_fixtures import SECRET as GATE_SECRET
 from tests.component._gate_fixtures import Collector
 from tests.component._gate_fixtures import start as start_gate
-from tests.component._mesh_fixtures import SERVICE, NodeClient, auth_key, mesh_config, next_update
+from tests.component._mesh_fixtures import NodeClient, auth_key, mesh_config, next_update
 
 SECRET = GATE_SECRET  # the mesh mints with the gates' TURN secret
 LIFETIME = 3600.0
@@ -65,16 +65,20 @@ async def running(cfg: MeshConfig, clock: Callable[[], float] = time.time) -> As
         await srv.stop(grace=0.2)
 
 
-async def report(node: NodeClient, **kw: Any) -> None:
-    await node.stub.ReportStatus(pb.StatusReport(**kw), metadata=node.md("ReportStatus"), timeout=5)
-
-
-def assert_token_for(relay_map: pb.RelayMap, node_key: str, now: float) -> None:
-    """The token passes a relay's challenge for ``node_key`` (what ghostgate's relay checks)."""
+def assert_token_for(relay_map: pb.RelayMap, node: PrivateKey, now: float) -> None:
+    """The token passes a relay's challenge for ``node`` (what ghostgate's relay checks), with the relay
+    static key and the certificate pin the map names, which are the ones a gate with the secret uses."""
+    static = relaywire.relay_static_key(SECRET.encode())
+    assert relay_map.relay_static_key == static.public_key().raw
+    cert = relay_cert(GateConfig(), SECRET.encode())
+    for region in relay_map.regions:
+        assert region.tls_pin == tlscert.spki_sha256(cert.certificate)
     challenge = os.urandom(relaywire.CHALLENGE_LEN)
-    raw = base64.b64decode(node_key)
-    payload = relaywire.encode_auth(raw, relay_map.expires_unix, relay_map.relay_token, challenge)
-    assert relaywire.verify_auth(SECRET.encode(), payload, challenge, now) == raw
+    payload = relaywire.encode_auth(
+        node, PublicKey(relay_map.relay_static_key), relay_map.expires_unix, relay_map.relay_token, challenge
+    )
+    raw = node.public_key().raw
+    assert relaywire.verify_auth(SECRET.encode(), static, payload, challenge, now) == raw
 
 
 class Stream:
@@ -132,7 +136,7 @@ async def test_first_map_carries_working_credentials(tmp_path: Path) -> None:
             assert before + LIFETIME <= rm.expires_unix <= time.time() + LIFETIME
             assert rm.turn_username == f"{rm.expires_unix}:{node.id}"
             assert rm.turn_password == creds.rest_password(SECRET.encode(), rm.turn_username)
-            assert_token_for(rm, a.pub, time.time())
+            assert_token_for(rm, a.key, time.time())
             # ghostgate's TURN server accepts them: a real Allocate with a client that is not ours
             turn, _ = await asyncio.wait_for(
                 create_turn_endpoint(Collector, gate.address, rm.turn_username, rm.turn_password), 5
@@ -179,7 +183,7 @@ async def test_home_region_reaches_peers_and_bad_reports_are_refused(tmp_path: P
         await call_b.next()
         assert (await call_a.next()).peers_upserted[0].online  # b came online
 
-        await report(b, endpoints=["192.0.2.7:41641"], home_region=2, turn_relay="127.0.0.2:50000")
+        await b.report(endpoints=["192.0.2.7:41641"], home_region=2, turn_relay="127.0.0.2:50000")
         delta = await call_a.next()
         (peer,) = delta.peers_upserted
         assert (peer.id, peer.home_region, peer.turn_relay) == (nb.id, 2, "127.0.0.2:50000")
@@ -187,7 +191,7 @@ async def test_home_region_reaches_peers_and_bad_reports_are_refused(tmp_path: P
         own = await call_b.next()  # b's own record, as peers see it
         assert (own.self.home_region, own.self.turn_relay) == (2, "127.0.0.2:50000")
 
-        await report(b, endpoints=["192.0.2.7:41641"], home_region=2, turn_relay="127.0.0.2:50000")
+        await b.report(endpoints=["192.0.2.7:41641"], home_region=2, turn_relay="127.0.0.2:50000")
         assert await call_a.quiet()  # unchanged values: nothing sent
 
         for kw, message in (
@@ -195,7 +199,7 @@ async def test_home_region_reaches_peers_and_bad_reports_are_refused(tmp_path: P
             ({"turn_relay": "127.0.0.2"}, "invalid turn_relay '127.0.0.2'"),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await report(b, endpoints=["192.0.2.99:1"], **kw)
+                await b.report(endpoints=["192.0.2.99:1"], **kw)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert message in (info.value.details() or "")
             assert "\n" not in (info.value.details() or "")
@@ -208,7 +212,7 @@ async def test_home_region_reaches_peers_and_bad_reports_are_refused(tmp_path: P
         )
         assert await call_a.quiet()  # refused reports changed nothing
 
-        await report(b, endpoints=["192.0.2.7:41641"], home_region=1)
+        await b.report(endpoints=["192.0.2.7:41641"], home_region=1)
         (peer,) = (await call_a.next()).peers_upserted
         assert (peer.home_region, peer.turn_relay) == (1, "")
         await call_a.close()
@@ -248,7 +252,7 @@ async def test_credentials_are_refreshed_in_a_delta(tmp_path: Path) -> None:
         assert fresh.expires_unix == int(clock.t + 1000.0)
         assert fresh.expires_unix - clock.t > 500  # more than half its life left
         assert fresh.turn_password == creds.rest_password(SECRET.encode(), fresh.turn_username)
-        assert_token_for(fresh, a.pub, clock.t)
+        assert_token_for(fresh, a.key, clock.t)
         assert await call_b.quiet(0.1)  # b is not due yet
         assert srv.hub.next_deadline() == pytest.approx(due + 100.0, abs=1)  # b's turn next
         await call_a.close()
@@ -263,24 +267,17 @@ async def test_key_rotation_remints_the_relay_token(tmp_path: Path) -> None:
         await a.register(await auth_key(srv), "alpha")
         call = Stream(a.sync())
         first = (await call.next()).relay_map
-        assert_token_for(first, a.pub, time.time())
+        assert_token_for(first, a.key, time.time())
 
         new = PrivateKey.generate()
-        ts = int(time.time() * 1000)
-        md = dict(nodeauth.make_metadata(new, srv.server_key, SERVICE + "RotateKey#new", ts))
-        request = pb.RotateKeyRequest(
-            new_node_key=new.public_key().base64(),
-            new_ts_ms=ts,
-            new_key_proof=base64.b64decode(md[nodeauth.MD_PROOF]),
-        )
-        await a.stub.RotateKey(request, metadata=a.md("RotateKey"), timeout=5)
+        await a.rotate(a.rotate_request(new))
         assert await call.quiet()  # pending only: the old key's token stays
         a.key = new
-        await report(a, endpoints=["192.0.2.7:41641"])  # the first call proven with the new key
+        await a.report(endpoints=["192.0.2.7:41641"])  # the first call proven with the new key
         delta = await call.next()
         assert delta.self.node_key == a.pub
         assert delta.HasField("relay_map")
-        assert_token_for(delta.relay_map, a.pub, time.time())
+        assert_token_for(delta.relay_map, a.key, time.time())
         assert delta.relay_map.relay_token != first.relay_token
         await call.close()
         await a.close()

@@ -13,6 +13,7 @@ import pytest
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from tests.component._mesh_fixtures import (
+    SERVICE,
     NodeClient,
     admin_unix,
     auth_key,
@@ -25,8 +26,10 @@ from tests.component._mesh_fixtures import (
 
 async def test_register_and_sync_full_map(tmp_path: Path) -> None:
     async with running(mesh_config(tmp_path, keepalive=17)) as srv:
-        info = await NodeClient(srv).stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+        probe = NodeClient(srv)
+        info = await probe.call("GetServerInfo", pb.GetServerInfoRequest(), ())
         assert info.server_key == srv.server_key.base64()
+        await probe.close()
         key = await auth_key(srv, reusable=True)
         a = NodeClient(srv)
         node = await a.register(key, "alpha")
@@ -64,9 +67,7 @@ async def test_second_node_produces_delta_within_batch_window(tmp_path: Path) ->
         assert online.serial == 3
         assert online.peers_upserted[0].online
         # endpoints reported by b reach a
-        await b.stub.ReportStatus(
-            pb.StatusReport(endpoints=["192.0.2.7:41641"]), metadata=b.md("ReportStatus")
-        )
+        await b.report(endpoints=["192.0.2.7:41641"])
         ep = await next_update(call_a)
         assert list(ep.peers_upserted[0].endpoints) == ["192.0.2.7:41641"]
         # b goes away: a hears it is offline, with its last-seen time
@@ -232,30 +233,40 @@ async def test_burst_of_50_registrations_is_batched(tmp_path: Path) -> None:
             await c.close()
 
 
-async def test_signal_delivery(tmp_path: Path) -> None:
+async def test_signal_rpc_is_gone(tmp_path: Path) -> None:
+    async with running(mesh_config(tmp_path)) as srv:
+        key = await auth_key(srv, reusable=True)
+        a = NodeClient(srv)
+        await a.register(key, "a")
+        body = b"\x08\x01\x12\x01x"  # what a SignalRequest{to_node_id: 1, payload: "x"} was
+        rpc = a.channel.unary_unary(SERVICE + "Signal", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rpc(body, metadata=a.signed("Signal", body), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        await a.close()
+
+
+async def test_a_newer_stream_of_a_node_ends_the_older_one(tmp_path: Path) -> None:
     async with running(mesh_config(tmp_path)) as srv:
         key = await auth_key(srv, reusable=True)
         a, b = NodeClient(srv), NodeClient(srv)
         na = await a.register(key, "a")
-        nb = await b.register(key, "b")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await a.stub.Signal(pb.SignalRequest(to_node_id=nb.id, payload=b"x"), metadata=a.md("Signal"))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await a.stub.Signal(pb.SignalRequest(to_node_id=9999, payload=b"x"), metadata=a.md("Signal"))
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await a.stub.Signal(
-                pb.SignalRequest(to_node_id=nb.id, payload=b"x" * 4097), metadata=a.md("Signal")
-            )
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        call_b = b.sync()
-        await next_update(call_b)
-        await a.stub.Signal(
-            pb.SignalRequest(to_node_id=nb.id, payload=b"candidates"), metadata=a.md("Signal")
-        )
-        upd = await next_update(call_b)
-        assert [(s.from_node_id, s.payload) for s in upd.signals] == [(na.id, b"candidates")]
-        call_b.cancel()
+        await b.register(key, "b")
+        watch = b.sync()
+        await next_update(watch)
+        first = a.sync()
+        await next_update(first)
+        assert [p.online for p in (await next_update(watch)).peers_upserted if p.id == na.id] == [True]
+        second = a.sync()
+        full = await next_update(second)
+        assert (full.serial, full.self.id) == (1, na.id)
+        assert await stream_error(first) == grpc.StatusCode.ALREADY_EXISTS
+        assert srv.state.is_online(na.id)  # the node never looked offline to its peers
+        with pytest.raises(TimeoutError):
+            await next_update(watch, wait=0.5)
+        assert srv.hub.limits.refusals.streams_replaced == 1
+        assert len(srv.hub.mapper.streams_of(na.id)) == 1
+        for call in (second, watch):
+            call.cancel()
         await a.close()
         await b.close()

@@ -1,39 +1,46 @@
 """OIDC login end to end against a real OpenID provider (oidc-provider in node, see _oidc_fixtures):
-in-process ghostmesh with ``auth_method = "oidc"``, ghostlink's CoordClient as the node, httpx as the browser.
+in-process ghostmesh with ``auth_method = "oidc"``, a node client speaking the wire protocol as ghostlink
+does (:class:`OidcNode`), httpx as the browser.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
 from ghostcore.errors import AuthError
-from ghostcore.keys import PrivateKey
-from ghostlink.control import CoordClient
-from ghostmesh.config import MeshConfig, OidcConfig
+from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostmesh.config import OidcConfig
 from ghostmesh.oidc import MSG_BAD_STATE, MSG_LOGGED_IN
-from ghostmesh.server import RunningServer, start_server
+from ghostmesh.server import start_server
 from tests.component._mesh_fixtures import auth_key, mesh_config
-from tests.component._oidc_fixtures import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    Provider,
-    browser_login,
-    free_port,
-    provider,
-    provider_available,
+from tests.component._oidc_fixtures import Provider, browser_login, free_port, message, provider_available
+from tests.component._oidc_mesh import (
+    Clock,
+    OidcNode,
+    mesh,
+    module_provider,
+    node,
+    oidc_config,
+    snapshot,
 )
 
 pytestmark = pytest.mark.skipif(bool(provider_available()), reason=provider_available() or "ok")
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Provider, int]]:
+    yield from module_provider(tmp_path_factory)
+
 
 POLICY = """
 [groups]
@@ -46,78 +53,19 @@ dst = ["ops:*"]
 """
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Provider, int]]:
-    """The provider, and the port ghostmesh's callback listener must use (the client's redirect_uri)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("oidc") / "oidc-provider.log"
-    with provider(log, f"http://127.0.0.1:{port}/oidc/callback") as p:
-        yield p, port
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        import time  # noqa: PLC0415 - the real clock, shifted by the test
-
-        return time.time() + self.offset
-
-
-def oidc_config(tmp_path: Path, idp: tuple[Provider, int], acl_file: str = "") -> MeshConfig:
-    p, port = idp
-    base = mesh_config(tmp_path)
-    return replace(
-        base,
-        server=replace(base.server, auth_method="oidc", acl_file=acl_file),
-        oidc=OidcConfig(
-            issuer=p.issuer,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            http_bind=f"127.0.0.1:{port}",
-            public_url=f"http://127.0.0.1:{port}",
-            login_timeout=60.0,
-        ),
-    )
-
-
-@contextlib.asynccontextmanager
-async def mesh(cfg: MeshConfig, clock: Clock | None = None) -> AsyncIterator[RunningServer]:
-    srv = await start_server(cfg, clock=clock or Clock())
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=0.2)
-
-
-@contextlib.asynccontextmanager
-async def node(srv: RunningServer) -> AsyncIterator[CoordClient]:
-    client = CoordClient(srv.target, PrivateKey.generate())
-    await client.pin_server_key()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-def _snapshot(srv: RunningServer) -> tuple[object, ...]:
-    return (tuple(srv.store.list_nodes()), tuple(srv.store.list_users()), len(srv.store.list_audit()))
-
-
 async def test_login_registers_node_to_user_with_groups(tmp_path: Path, idp: tuple[Provider, int]) -> None:
     (tmp_path / "acls.toml").write_text(POLICY)
     cfg = oidc_config(tmp_path, idp, acl_file=str(tmp_path / "acls.toml"))
     async with mesh(cfg) as srv, node(srv) as alice, node(srv) as bob, node(srv) as ops:
         ops_node = await ops.register(await auth_key(srv, user="ops"), "ops")  # auth keys keep working
-        before = _snapshot(srv)
+        before = snapshot(srv)
         _, url = await alice.register_or_login("", "laptop")
         assert url.startswith(f"{cfg.oidc.public_url}/oidc/login/")
-        assert _snapshot(srv) == before  # nothing written before the login completes
+        assert snapshot(srv) == before  # nothing written before the login completes
         waiter = asyncio.create_task(alice.wait_for_login())
         page = await browser_login(url, "alice")
         assert page.status_code == 200, page.text
-        assert page.text.strip() == MSG_LOGGED_IN
+        assert message(page) == MSG_LOGGED_IN
         got = await asyncio.wait_for(waiter, 10)
         assert (got.name, got.user) == ("laptop", "alice")
         user = srv.store.get_user("alice")
@@ -152,12 +100,12 @@ async def test_bad_state_is_refused_and_changes_nothing(tmp_path: Path, idp: tup
     cfg = oidc_config(tmp_path, idp)
     async with mesh(cfg) as srv, node(srv) as n:
         _, url = await n.register_or_login("", "laptop")
-        before = _snapshot(srv)
+        before = snapshot(srv)
         async with httpx.AsyncClient() as browser:
             page = await browser.get(f"{cfg.oidc.public_url}/oidc/callback?code=abc&state=forged")
         assert page.status_code == 400
-        assert page.text.strip() == MSG_BAD_STATE
-        assert _snapshot(srv) == before
+        assert message(page) == MSG_BAD_STATE
+        assert snapshot(srv) == before
         assert srv.oidc is not None
         assert len(srv.oidc.pending) == 1  # the real login is still pending
         # ...and still completes, even when the user is quicker than the node's WaitForLogin
@@ -172,7 +120,7 @@ async def test_bad_nonce_is_refused_and_changes_nothing(tmp_path: Path, idp: tup
         assert oidc is not None
         _, url = await n.register_or_login("", "laptop")
         waiter = asyncio.create_task(n.wait_for_login())
-        before = _snapshot(srv)
+        before = snapshot(srv)
 
         def tamper() -> None:  # the provider now holds the real nonce; ghostmesh expects another
             login = oidc.pending.for_node(n.key.public_key().base64(), oidc.clock())
@@ -181,10 +129,10 @@ async def test_bad_nonce_is_refused_and_changes_nothing(tmp_path: Path, idp: tup
 
         page = await browser_login(url, "alice", before_consent=tamper)
         assert page.status_code == 400
-        assert page.text.startswith("login failed: the ID token is not valid (nonce")
+        assert message(page).startswith("login failed: the ID token is not valid (nonce")
         with pytest.raises(AuthError, match="ID token is not valid"):
             await asyncio.wait_for(waiter, 10)
-        assert _snapshot(srv) == before
+        assert snapshot(srv) == before
         assert len(oidc.pending) == 0  # the state was consumed: a replay of the callback is refused too
 
 
@@ -202,13 +150,45 @@ async def test_expired_login_fails_wait(tmp_path: Path, idp: tuple[Provider, int
         assert srv.store.list_nodes() == []
 
 
+async def test_pending_logins_are_capped_per_source(tmp_path: Path, idp: tuple[Provider, int]) -> None:
+    base = oidc_config(tmp_path, idp)
+    cfg = replace(base, oidc=replace(base.oidc, max_pending_per_source=2))
+    async with mesh(cfg) as srv:
+        assert srv.oidc is not None
+        clients = [OidcNode(srv) for _ in range(3)]
+        try:
+            for n in clients[:2]:
+                _, url = await n.register_or_login("", "laptop")
+                assert url
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await clients[2].call("Register", pb.RegisterRequest(hostname="laptop"))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details() == (
+                "too many OIDC logins in progress from 127.0.0.1 (2, oidc.max_pending_per_source); "
+                "finish or let one expire first"
+            )
+            assert len(srv.oidc.pending) == 2  # nothing made or replaced
+            assert srv.hub.limits.refusals.oidc_pending == 1
+            _, again = await clients[0].register_or_login("", "laptop")  # the same node again: it fits
+            assert again
+        finally:
+            for n in clients:
+                await n.close()
+
+
 async def test_discovery_failure_stops_start(tmp_path: Path) -> None:
     base = mesh_config(tmp_path)
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = replace(
         base,
         server=replace(base.server, auth_method="oidc"),
-        oidc=OidcConfig(issuer=dead, client_id="c", public_url="http://127.0.0.1:1", http_bind="127.0.0.1:0"),
+        oidc=OidcConfig(
+            issuer=dead,
+            client_id="c",
+            public_url="http://127.0.0.1:1",
+            http_bind="127.0.0.1:0",
+            allow_insecure_http=True,
+        ),
     )
     with pytest.raises(Exception, match=r"oidc\.issuer: discovery at .* failed"):
         await start_server(cfg)
@@ -223,6 +203,7 @@ async def test_ghostlink_join_prints_url_and_stops_on_ctrl_c(
     async with mesh(cfg) as srv:
         proc = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "ghostlink"), "join", "--server", srv.target,
+            "--pin", srv.tls_pin,  # an OIDC join has no auth key to carry the pin
             "--state-dir", str(state_dir), "--backend", "wireguard-go", "--hostname", "cli",
             "--socket", str(tmp_path / "link.sock"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
@@ -241,6 +222,8 @@ async def test_ghostlink_join_prints_url_and_stops_on_ctrl_c(
                     f"ghostlink: to join, open this URL and log in: {cfg.oidc.public_url}/oidc/login/"
                 )
             ), lines
+            key_line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
+            assert key_line.startswith("ghostlink: confirm only if the page names this node's key:"), key_line
             proc.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(proc.wait(), 10) == 130
         finally:

@@ -16,11 +16,18 @@ import pytest
 
 from ghostcore.errors import ConfigError
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
-from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc as apb_grpc
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.app import main
 from ghostmesh.server import RunningServer, start_server
-from tests.component._mesh_fixtures import NodeClient, admin_unix, auth_key, mesh_config, next_update, running
+from tests.component._mesh_fixtures import (
+    NodeClient,
+    admin_tcp,
+    admin_unix,
+    auth_key,
+    mesh_config,
+    next_update,
+    running,
+)
 
 POLICY = """
 [groups]
@@ -202,19 +209,17 @@ async def test_auth_key_tags_need_an_owner(tmp_path: Path) -> None:
         await admin.CreateAuthKey(apb.CreateAuthKeyRequest(user="bob", tags=["tag:server"]), timeout=5)
         api = await admin.CreateApiKey(apb.CreateApiKeyRequest(), timeout=5)
         keys_before = len((await admin.ListAuthKeys(apb.ListAuthKeysRequest(), timeout=5)).keys)
-        channel = grpc.aio.insecure_channel(srv.target)
-        tcp: Any = apb_grpc.AdminStub(channel)
         md = (("authorization", f"Bearer {api.secret}"),)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        async with admin_tcp(srv) as tcp:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await tcp.CreateAuthKey(
+                    apb.CreateAuthKeyRequest(user="bob", tags=["tag:server"]), metadata=md, timeout=5
+                )
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert 'user "bob" does not own "tag:server"' in (info.value.details() or "")
             await tcp.CreateAuthKey(
-                apb.CreateAuthKeyRequest(user="bob", tags=["tag:server"]), metadata=md, timeout=5
+                apb.CreateAuthKeyRequest(user="alice", tags=["tag:server"]), metadata=md, timeout=5
             )
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert 'user "bob" does not own "tag:server"' in (info.value.details() or "")
-        await tcp.CreateAuthKey(
-            apb.CreateAuthKeyRequest(user="alice", tags=["tag:server"]), metadata=md, timeout=5
-        )
-        await channel.close()
         keys_after = len((await admin.ListAuthKeys(apb.ListAuthKeysRequest(), timeout=5)).keys)
         assert keys_after == keys_before + 1  # only alice's key was created
 

@@ -110,23 +110,13 @@ async def test_routes_add_failover_advertise_and_refusals(tmp_path: Path) -> Non
         assert await _routes(admin, "r2") == set()
 
         # a node's own advertisement: unapproved until an admin approves it
-        await r2.stub.ReportStatus(
-            pb.StatusReport(endpoints=["192.0.2.7:41641"], advertised_routes=["10.2.0.0/16"]),
-            metadata=r2.md("ReportStatus"),
-            timeout=5,
-        )
+        await r2.report(endpoints=["192.0.2.7:41641"], advertised_routes=["10.2.0.0/16"])
         assert await _routes(admin, "r2") == {("r2", "10.2.0.0/16", True, False, False, "node")}
         await admin.ApproveRoute(apb.RouteRequest(node="r2", prefix="10.2.0.0/16"), timeout=5)
         await _until_peer(ccall, "r2", lambda p: "10.2.0.0/16" in p.allowed_ips)
         # a bad advertisement is refused whole: the endpoints do not change either
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await r2.stub.ReportStatus(
-                pb.StatusReport(
-                    endpoints=["192.0.2.8:41641"], advertised_routes=["10.3.0.0/16", "0.0.0.0/0"]
-                ),
-                metadata=r2.md("ReportStatus"),
-                timeout=5,
-            )
+            await r2.report(endpoints=["192.0.2.8:41641"], advertised_routes=["10.3.0.0/16", "0.0.0.0/0"])
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         nodes = await admin.ListNodes(apb.ListNodesRequest(), timeout=5)
         assert next(n for n in nodes.nodes if n.name == "r2").endpoints == ["192.0.2.7:41641"]
@@ -153,11 +143,7 @@ async def test_auto_approvers_and_policy_on_routes(tmp_path: Path) -> None:
         router, rcall = await _join(srv, tagged, "router")
         other, ocall = await _join(srv, plain, "other")
         for c in (router, other):
-            await c.stub.ReportStatus(
-                pb.StatusReport(advertised_routes=["10.9.1.0/24", "10.8.0.0/16"], advertise_exit_node=True),
-                metadata=c.md("ReportStatus"),
-                timeout=5,
-            )
+            await c.report(advertised_routes=["10.9.1.0/24", "10.8.0.0/16"], advertise_exit_node=True)
         rows = await _routes(admin)
         approved = {(n, p) for n, p, _, a, _, _ in rows if a}
         assert approved == {("router", "10.9.1.0/24")}  # inside the auto-approved /16, by a tagged node

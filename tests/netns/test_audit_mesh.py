@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.meshlab import SERVER_IP, Mesh, module_mesh
+from lab.mesh import SERVER_IP, Mesh, module_mesh
 
 pytestmark = pytest.mark.netns
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import Host, Lab, Proc, lab_for, udp_reflector
+from lab import Host, Lab, Proc, lab_for
+from lab.nat import udp_reflector
 
 pytestmark = pytest.mark.netns
 

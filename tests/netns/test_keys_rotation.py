@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from ghostcore.keys import PrivateKey
-from tests.meshlab import Mesh, Node, module_mesh
-from tests.netlab import PingStream
+from lab import PingStream
+from lab.mesh import Mesh, Node, module_mesh
 
 pytestmark = pytest.mark.netns
 
@@ -49,6 +49,7 @@ def _reach(mesh: Mesh, a: Node, b: Node) -> None:
 def _stop(stream: PingStream) -> tuple[int, int, float]:
     """(sent, lost, worst RTT in ms) of a ping stream."""
     stats = stream.stop()
+    print(f"{stream.proc.log_path.name}: unanswered {stats.missing_seqs} of {stats.transmitted}")
     rtts = [float(x) for x in _RTT_RE.findall(stream.proc.log_text())]
     return stats.transmitted, stats.lost, max(rtts, default=0.0)
 

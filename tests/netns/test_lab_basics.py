@@ -1,4 +1,4 @@
-"""Tests of tests/netlab.py itself: routing across segments, a hand-made WireGuard pair, cleanup."""
+"""Tests of the lab package itself: routing across segments, a hand-made WireGuard pair, cleanup."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import WG_RUN_DIR, Host, Lab, LabError, Proc, WaitTimeout, lab_for, netns_unavailable
+from lab import WG_RUN_DIR, Host, Lab, LabError, Proc, WaitTimeout, lab_for, netns_unavailable
 
 pytestmark = pytest.mark.netns
 
@@ -157,14 +157,14 @@ def test_assert_no_tracebacks_names_the_log(request: pytest.FixtureRequest) -> N
 def test_lab_for_fails_instead_of_skipping_when_required(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests import netlab  # noqa: PLC0415
+    from lab import netns  # noqa: PLC0415
 
     if netns_unavailable() is not None and os.environ.get("GHOST_REQUIRE_NETNS") != "1":
         pytest.skip(str(netns_unavailable()))
-    monkeypatch.setattr(netlab, "netns_unavailable", lambda: "netns tests need root")
+    monkeypatch.setattr(netns, "netns_unavailable", lambda: "netns tests need root")
     monkeypatch.setenv("GHOST_REQUIRE_NETNS", "1")
     with pytest.raises(pytest.fail.Exception, match="GHOST_REQUIRE_NETNS=1 but netns tests need root"):
-        netlab.lab_for(request)
+        netns.lab_for(request)
     monkeypatch.setenv("GHOST_REQUIRE_NETNS", "0")
     with pytest.raises(pytest.skip.Exception, match="need root"):
-        netlab.lab_for(request)
+        netns.lab_for(request)

@@ -1,4 +1,4 @@
-"""Tests of netlab's NAT lab (issue 3): each router kind's mapping and filtering, and the hole-punching grid.
+"""Tests of the lab's NAT routers: each router kind's mapping and filtering, and the hole-punching grid.
 
 One world per module (building it once keeps the module fast)::
 
@@ -31,19 +31,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.netlab import (
-    Host,
-    Lab,
-    LabError,
-    Proc,
-    Segment,
-    lab_for,
-    punch,
-    tcp_observe,
-    tcp_reflector,
-    udp_observe,
-    udp_reflector,
-)
+from lab import Host, Lab, LabError, Proc, Segment, lab_for
+from lab.nat import punch, tcp_observe, tcp_reflector, udp_observe, udp_reflector
 
 pytestmark = pytest.mark.netns
 
@@ -231,7 +220,7 @@ def test_udp_blocked_allows_only_tcp_to_the_relay_port(world: World) -> None:
     assert udp_observe(p1, 40004, [R1]) == [(p1.addr, 40004)]
 
 
-# Measured here; issue 3's grid judges NAT traversal against these. (naive, with peer-reflexive learning)
+# Measured here; test_paths_grid.py judges NAT traversal against these. (naive, with peer-reflexive learning)
 PUNCH_GRID: dict[tuple[str, str], tuple[bool, bool]] = {
     ("p1", "p2"): (True, True),  # none <-> none
     ("p1", "e1"): (True, True),  # none <-> easy

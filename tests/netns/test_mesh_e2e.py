@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.meshlab import GHOSTLINK, SERVER_IP, SERVER_PORT, Mesh, Node, module_mesh
+from lab.mesh import GHOSTLINK, SERVER_IP, SERVER_PORT, Mesh, Node, module_mesh
 
 pytestmark = pytest.mark.netns
 

@@ -1,6 +1,7 @@
 """OIDC join on real WireGuard: ``ghostlink join`` without ``--auth`` in a node namespace prints a login URL;
-the user logs in at a real OpenID provider (oidc-provider, in the server namespace on 192.0.2.1); the node
-comes up registered to that user and pings a peer that joined with a pre-auth key.
+the user confirms ghostmesh's page naming the node and logs in at a real OpenID provider (oidc-provider, in
+the server namespace on 192.0.2.1); the node comes up registered to that user and pings a peer that joined
+with a pre-auth key.
 
 The provider and every daemon run as lab processes (stopped by PID, logs under test-artifacts/). The
 browser is the httpx script in tests/component/_oidc_fixtures.py, run inside the node's namespace.
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.mesh import SERVER_IP, Mesh, module_mesh
 from tests.component._oidc_fixtures import CLIENT_ID, CLIENT_SECRET, FIXTURE_DIR, provider_available
-from tests.meshlab import SERVER_IP, Mesh, module_mesh
 
 pytestmark = [
     pytest.mark.netns,
@@ -43,6 +44,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         oidc = (
             f'\n[oidc]\nissuer = "http://{SERVER_IP}:{IDP_PORT}"\nclient_id = "{CLIENT_ID}"\n'
             f'client_secret = "{CLIENT_SECRET}"\nhttp_bind = "{SERVER_IP}:7780"\npublic_url = "{CALLBACK}"\n'
+            "allow_insecure_http = true\n"  # the lab's provider and listener speak plain http
         )
         m.start_server(oidc, server_keys='auth_method = "oidc"\n')
         yield m
@@ -51,7 +53,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_join_without_auth_logs_in_and_pings_a_peer(mesh: Mesh) -> None:
     peer = mesh.join("peer", "lan_b", mesh.authkey("--user", "ops"))  # pre-auth keys keep working
     node = mesh.prepare_node("lap", "lan_a")
-    proc = mesh.start_node(node, "join")
+    proc = mesh.start_node(node, "join", "--pin", mesh.pin())  # no auth key to carry the pin
 
     def url() -> str:
         m = URL_RE.search(proc.log_text())

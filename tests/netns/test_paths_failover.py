@@ -1,6 +1,6 @@
 """Path failover on real WireGuard in the NAT lab: a cut direct path, a dead relay region, and coturn as TURN.
 
-One NAT mesh (tests/natmesh.py) for the first two tests: ghostmesh, two ghostgate regions r1/r2, two easy
+One NAT mesh (lab/natmesh.py) for the first two tests: ghostmesh, two ghostgate regions r1/r2, two easy
 and two hard nodes, each behind its own router.
 
 * A cut direct path: two easy nodes on a direct path, 20 pps ping streams both ways; an nftables rule in
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.natmesh import REKEY_AFTER_TIME, NatMesh, coturn_available, coturn_region, gaps, longest_gap
-from tests.netlab import PingStats, lab_for
+from lab import PingStats, gaps, lab_for, longest_gap
+from lab.natmesh import REKEY_AFTER_TIME, NatMesh
+from lab.regions import coturn_available, coturn_region
 
 pytestmark = pytest.mark.netns
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.meshlab import SERVER_IP, Mesh, Node
-from tests.netlab import Host, lab_for
+from lab import Host, lab_for
+from lab.mesh import SERVER_IP, Mesh, Node
 
 pytestmark = pytest.mark.netns
 

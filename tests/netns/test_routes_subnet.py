@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.meshlab import SERVER_IP, Mesh, Node
-from tests.netlab import Host, Segment, lab_for
+from lab import Host, Segment, lab_for
+from lab.mesh import SERVER_IP, Mesh, Node
 
 pytestmark = pytest.mark.netns
 
@@ -82,8 +82,9 @@ def rl(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         nodes = {
             "r1": mesh.join("r1", "lan_a", ops, host=r1_host),  # joins first: the lower id, primary
             "r2": mesh.join("r2", "lan_a", ops, host=r2_host),
-            "alice1": mesh.join("alice1", "lan_a", mesh.authkey("--user", "alice")),
-            "bob1": mesh.join("bob1", "lan_a", mesh.authkey("--user", "bob")),
+            # clients opt in to subnet routes, as `tailscale up --accept-routes`
+            "alice1": mesh.join("alice1", "lan_a", mesh.authkey("--user", "alice"), "--accept-routes"),
+            "bob1": mesh.join("bob1", "lan_a", mesh.authkey("--user", "bob"), "--accept-routes"),
         }
         yield RouteLab(mesh, site, site_host, nodes)
         lab.assert_no_tracebacks()

@@ -10,19 +10,20 @@ from typing import Any
 
 from aioice import stun
 
-from ghostgate.turn_core import Addr, CoreConfig, GateCore, Transmit
+from ghostcore.addr import HostPort
+from ghostgate.turn_core import CoreConfig, Transmit, TurnCore
 
 SECRET = b"s3cret"
 T0 = 1_800_000_000.0
-CLIENT: Addr = ("198.51.100.7", 40000)
-PEER: Addr = ("203.0.113.9", 5000)
+CLIENT: HostPort = ("198.51.100.7", 40000)
+PEER: HostPort = ("203.0.113.9", 5000)
 
 
-def make_core(**kw: Any) -> tuple[GateCore, list[Addr]]:
+def make_core(**kw: Any) -> tuple[TurnCore, list[HostPort]]:
     """A core whose relay sockets are numbered 192.0.2.1:49152, :49153, ...; returns it and that list."""
-    bound: list[Addr] = []
+    bound: list[HostPort] = []
 
-    def bind() -> Addr:
+    def bind() -> HostPort:
         bound.append(("192.0.2.1", 49152 + len(bound)))
         return bound[-1]
 
@@ -31,7 +32,7 @@ def make_core(**kw: Any) -> tuple[GateCore, list[Addr]]:
         "denied_peers": tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "0.0.0.0/8")),
     }
     defaults.update(kw)
-    return GateCore(CoreConfig(**defaults), bind, nonce_key=b"k" * 32), bound
+    return TurnCore(CoreConfig(**defaults), bind, nonce_key=b"k" * 32), bound
 
 
 def rest_creds(expiry: float, user: str = "node1") -> tuple[str, str]:
@@ -44,7 +45,9 @@ def rest_creds(expiry: float, user: str = "node1") -> tuple[str, str]:
 class Client:
     """A TURN client written against the RFC, driving a core by hand with a stepped clock."""
 
-    def __init__(self, core: GateCore, addr: Addr = CLIENT, user: str = "node1", expiry: float = T0 + 86400):
+    def __init__(
+        self, core: TurnCore, addr: HostPort = CLIENT, user: str = "node1", expiry: float = T0 + 86400
+    ):
         self.core, self.addr = core, addr
         self.username, password = rest_creds(expiry, user)
         self.key = hashlib.md5(f"{self.username}:ghostmesh:{password}".encode()).digest()  # noqa: S324

@@ -188,6 +188,63 @@ def test_rewritten_log_and_replaced_key_against_a_checkpoint() -> None:
     )
 
 
+def pruned(n: int, through: int, key: Ed25519PrivateKey = KEY) -> list[AuditRecord]:
+    """A log of ``n`` entries and then a prune entry recording the cut after seq ``through``, cut there."""
+    entries = chain(n, key)
+    cut = entries[through - 1]
+    prune = ac.seal(
+        AuditRecord(
+            seq=n + 1,
+            ts_ms=1_700_000_000_000 + n + 1,
+            actor="system",
+            action=ac.PRUNE_ACTION,
+            target="audit",
+            detail=ac.canonical_detail(ac.prune_detail(cut.seq, cut.hash)),
+            remote="",
+            prev_hash=entries[-1].hash,
+        ),
+        key,
+    )
+    return [*entries[through:], prune]
+
+
+def test_pruned_log_verifies_from_the_cut_its_prune_entry_records() -> None:
+    kept = pruned(6, 4)
+    verdict = ac.verify(kept, PUB)
+    assert verdict.ok, verdict.problem
+    assert (verdict.first_seq, verdict.last_seq, verdict.count) == (5, 7, 3)
+    assert ac.pruned_through(kept[-1]) == (4, chain(6)[3].hash)
+    assert ac.pruned_through(kept[0]) is None
+
+
+def test_oldest_entries_cut_without_a_prune_entry_are_named() -> None:
+    assert problem(chain(6)[2:]) == (
+        "entry 2: missing: the log starts at seq 3 but no signed audit.prune entry records removing "
+        "seq 1..2 (oldest entries removed)"
+    )
+    assert problem(pruned(6, 4)[1:]).startswith("entry 5: missing: the log starts at seq 6")  # cut deeper
+
+
+def test_a_forged_prune_entry_does_not_vouch() -> None:
+    kept = pruned(6, 4)
+    forged = dataclasses.replace(kept[-1], detail=ac.canonical_detail(ac.prune_detail(5, kept[1].prev_hash)))
+    assert problem([*kept[1:-1], forged]).startswith("entry 7: hash does not match")
+    resealed = pruned(6, 4, OTHER)  # signed by another key
+    assert problem(resealed).startswith("entry 5: signature is not valid")
+
+
+def test_checkpoint_pruned_since_is_checked_as_far_as_the_kept_log_allows() -> None:
+    full = chain(6)
+    kept = pruned(6, 4)
+    assert ac.verify(kept, PUB, Checkpoint(PUB, 2, full[1].hash)).ok  # pruned: its key still checked
+    assert ac.verify(kept, PUB, Checkpoint(PUB, 4, full[3].hash)).ok  # the cut itself: hash compared
+    assert problem(kept, Checkpoint(PUB, 4, bytes(32))) == (
+        "entry 4: hash differs from the checkpoint's (log rewritten)"
+    )
+    assert ac.verify(kept, PUB, Checkpoint(PUB, 6, full[5].hash)).ok
+    assert problem(kept, Checkpoint(ac.raw_public_key(OTHER), 2, full[1].hash)).endswith("(key replaced)")
+
+
 def test_checkpoint_round_trip_and_bad_documents() -> None:
     cp = Checkpoint(PUB, 9, bytes(range(32)))
     assert Checkpoint.from_json(cp.to_json(), "f") == cp

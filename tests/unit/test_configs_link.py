@@ -21,6 +21,15 @@ def test_example_loads() -> None:
     assert cfg.control.reconnect_max == 30.0
     assert cfg.control.connect_timeout == 5.0
     assert cfg.log.level == "info"
+    assert cfg.dns.accept
+
+
+def test_accept_dns_from_file_environment_and_flag(tmp_path: Path) -> None:
+    assert not load_config(write(tmp_path, "[dns]\naccept = false\n")).dns.accept
+    assert not load_config(None, environ={"GHOSTLINK_DNS_ACCEPT": "false"}).dns.accept
+    assert not load_config(None, flags={"dns.accept": False}).dns.accept
+    with pytest.raises(ConfigError, match=r"dns\.accept: expected true or false"):
+        load_config(write(tmp_path, "[dns]\naccept = 'maybe'\n"))
 
 
 def test_defaults_without_file() -> None:

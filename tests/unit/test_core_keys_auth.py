@@ -51,55 +51,55 @@ def test_private_key_base64_round_trip_keeps_public_key() -> None:
 
 
 def _md(node: PrivateKey, server: PublicKey, method: str = METHOD, now_ms: int = 1_000_000) -> dict[str, str]:
-    return dict(nodeauth.make_metadata(node, server, method, now_ms))
+    return dict(nodeauth.sign_request(node, server, method, b"", now_ms=now_ms))
 
 
 def test_a_proof_made_with_the_node_key_verifies_on_the_server() -> None:
     node, server = PrivateKey.generate(), PrivateKey.generate()
-    proof = nodeauth.parse_metadata(_md(node, server.public_key()))
-    assert nodeauth.verify(server, proof, METHOD, 1_000_500) == node.public_key()
+    proof = nodeauth.read_proof(_md(node, server.public_key()))
+    assert nodeauth.check_proof(server, proof, METHOD, b"", 1_000_500) == node.public_key()
 
 
 def test_claiming_another_nodes_key_fails_the_proof() -> None:
     victim, attacker, server = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
     md = _md(attacker, server.public_key())
     md[nodeauth.MD_NODE_KEY] = victim.public_key().base64()
-    proof = nodeauth.parse_metadata(md)
+    proof = nodeauth.read_proof(md)
     with pytest.raises(AuthError, match="proof of possession"):
-        nodeauth.verify(server, proof, METHOD, 1_000_000)
+        nodeauth.check_proof(server, proof, METHOD, b"", 1_000_000)
 
 
 def test_a_proof_for_one_method_does_not_verify_for_another() -> None:
     node, server = PrivateKey.generate(), PrivateKey.generate()
-    proof = nodeauth.parse_metadata(_md(node, server.public_key(), "/ghostmesh.v1.Coordination/ReportStatus"))
+    proof = nodeauth.read_proof(_md(node, server.public_key(), "/ghostmesh.v1.Coordination/ReportStatus"))
     with pytest.raises(AuthError):
-        nodeauth.verify(server, proof, "/ghostmesh.v1.Coordination/Register", 1_000_000)
+        nodeauth.check_proof(server, proof, "/ghostmesh.v1.Coordination/Register", b"", 1_000_000)
 
 
 def test_a_proof_for_another_server_does_not_verify() -> None:
     node, server, other = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
-    proof = nodeauth.parse_metadata(_md(node, other.public_key()))
+    proof = nodeauth.read_proof(_md(node, other.public_key()))
     with pytest.raises(AuthError):
-        nodeauth.verify(server, proof, METHOD, 1_000_000)
+        nodeauth.check_proof(server, proof, METHOD, b"", 1_000_000)
 
 
 @pytest.mark.parametrize("skew_ms", [60_001, -60_001, 10**9])
 def test_stale_or_future_proofs_are_refused(skew_ms: int) -> None:
     node, server = PrivateKey.generate(), PrivateKey.generate()
-    proof = nodeauth.parse_metadata(_md(node, server.public_key()))
+    proof = nodeauth.read_proof(_md(node, server.public_key()))
     with pytest.raises(AuthError, match="stale"):
-        nodeauth.verify(server, proof, METHOD, 1_000_000 + skew_ms)
+        nodeauth.check_proof(server, proof, METHOD, b"", 1_000_000 + skew_ms)
 
 
 def test_missing_and_malformed_metadata() -> None:
     node, server = PrivateKey.generate(), PrivateKey.generate()
     good = _md(node, server.public_key())
-    for key in (nodeauth.MD_NODE_KEY, nodeauth.MD_TS, nodeauth.MD_PROOF):
+    for key in (nodeauth.MD_NODE_KEY, nodeauth.MD_TS, nodeauth.MD_NONCE, nodeauth.MD_PROOF):
         md = dict(good)
         del md[key]
         with pytest.raises(AuthError, match="missing node credentials"):
-            nodeauth.parse_metadata(md)
+            nodeauth.read_proof(md)
     with pytest.raises(InvalidArgument, match="x-ghost-ts"):
-        nodeauth.parse_metadata({**good, nodeauth.MD_TS: "soon"})
+        nodeauth.read_proof({**good, nodeauth.MD_TS: "soon"})
     with pytest.raises(InvalidArgument, match="public key"):
-        nodeauth.parse_metadata({**good, nodeauth.MD_NODE_KEY: "not-a-key"})
+        nodeauth.read_proof({**good, nodeauth.MD_NODE_KEY: "not-a-key"})

@@ -16,6 +16,8 @@ from ghostctl.cli import main
         (["--output", "yaml", "users", "list"], "--output"),
         (["--timeout", "0", "users", "list"], "--timeout"),
         (["users", "create"], "name"),
+        (["users", "bind", "alice"], "--oidc-subject"),
+        (["users", "unbind"], "name"),
         (["nodes", "rename", "only-one"], "new_name"),
         (["frobnicate"], "invalid choice"),
         (["users"], "required"),

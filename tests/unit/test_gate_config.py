@@ -1,15 +1,20 @@
-"""configs/ghostgate.toml loads; the spec's keys work as written; bad values are refused with the key path."""
+"""configs/ghostgate.toml loads; the documented keys work as written; bad values are refused by key path."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
 
+from ghostcore import relaywire, tlscert
 from ghostcore.errors import ConfigError
-from ghostgate import tlscert
+from ghostcore.joinkey import format_pin
 from ghostgate.app import main
-from ghostgate.config import GateConfig, load_config, relay_host, relay_ports, served, turn_secret
+from ghostgate.config import GateConfig, TurnConfig, load_config, relay_host, relay_ports, served, turn_secret
+from ghostgate.turn_core import is_denied
+from ghostmesh.config import RelayConfig as MeshRelayConfig
+from ghostmesh.relaymap import RelayMinter
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "ghostgate.toml"
 
@@ -126,7 +131,7 @@ def test_relay_ports_and_cert_paths(tmp_path: Path) -> None:
 
 
 def test_config_check_reads_the_relay_cert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pair = tlscert.self_signed()
+    pair = tlscert.self_signed("ghostgate")
     (tmp_path / "c.pem").write_bytes(pair.cert_pem)
     (tmp_path / "k.pem").write_bytes(pair.key_pem)
     good = (
@@ -134,9 +139,59 @@ def test_config_check_reads_the_relay_cert(tmp_path: Path, capsys: pytest.Captur
     )
     assert main(["config", "check", "--config", str(write(tmp_path, good))]) == 0
     assert "quic relay udp/3479, tls relay tcp/3478" in capsys.readouterr().out
-    (tmp_path / "k.pem").write_bytes(tlscert.self_signed().key_pem)  # another key: does not match
+    (tmp_path / "k.pem").write_bytes(tlscert.self_signed("ghostgate").key_pem)  # another key: does not match
     assert main(["config", "check", "--config", str(write(tmp_path, good))]) == 1
     assert "relay.key_file" in capsys.readouterr().err
     (tmp_path / "c.pem").write_text("not a cert")
     assert main(["config", "check", "--config", str(write(tmp_path, good))]) == 1
     assert "relay.cert_file" in capsys.readouterr().err
+
+
+def test_config_pin_prints_what_ghostmesh_puts_in_the_relay_map(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    derived = write(tmp_path, '[turn]\nsecret = "s"\nrelay_address = "192.0.2.1"')
+    assert main(["config", "pin", "--config", str(derived)]) == 0
+    pin = capsys.readouterr().out.strip()
+    assert pin == format_pin(tlscert.key_pin(tlscert.derived_key(relaywire.relay_tls_seed(b"s"))))
+    minted = RelayMinter.from_config(
+        MeshRelayConfig(secret="s", regions=[{"id": 1, "name": "a", "host": "192.0.2.1"}]), b"s"
+    ).mint(1, "k", 0)
+    assert format_pin(minted.regions[0].tls_pin) == pin
+    pair = tlscert.self_signed("ghostgate")  # a gate with its own certificate: its pin, for tls_pin
+    (tmp_path / "c.pem").write_bytes(pair.cert_pem)
+    (tmp_path / "k.pem").write_bytes(pair.key_pem)
+    own = write(
+        tmp_path,
+        '[turn]\nsecret = "s"\nrelay_address = "192.0.2.1"\n[relay]\ncert_file = "c.pem"\nkey_file = "k.pem"',
+    )
+    assert main(["config", "pin", "--config", str(own)]) == 0
+    assert capsys.readouterr().out.strip() == tlscert.fingerprint(pair.certificate)
+    assert main(["config", "pin", "--config", str(EXAMPLE)]) == 1  # no secret: no relay
+    assert "no turn.secret" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "peer",
+    ["169.254.169.254", "10.0.0.1", "192.168.1.1", "172.17.0.1", "100.64.0.1", "127.0.0.1", "0.0.0.0",
+     "224.0.0.251", "255.255.255.255", "fe80::1", "fd00:ec2::254", "::1", "::ffff:10.0.0.1",
+     "::ffff:169.254.169.254"],
+)  # fmt: skip
+def test_default_denied_peers_keep_the_relay_host_and_private_networks_out(peer: str) -> None:
+    nets = tuple(ipaddress.ip_network(n) for n in TurnConfig().denied_peers)
+    assert is_denied(peer, nets)
+
+
+@pytest.mark.parametrize("peer", ["198.51.100.7", "203.0.113.9", "2001:db8::7", "8.8.8.8"])
+def test_public_peers_are_not_denied(peer: str) -> None:
+    assert not is_denied(peer, tuple(ipaddress.ip_network(n) for n in TurnConfig().denied_peers))
+
+
+def test_allowed_peers_open_a_range_on_purpose() -> None:
+    cfg = TurnConfig(allowed_peers=["10.1.0.0/16"])
+    denied = tuple(ipaddress.ip_network(n) for n in cfg.denied_peers)
+    allowed = tuple(ipaddress.ip_network(n) for n in cfg.allowed_peers)
+    assert not is_denied("10.1.2.3", denied, allowed)
+    assert is_denied("10.2.0.1", denied, allowed)
+    with pytest.raises(ConfigError, match=r"turn\.allowed_peers: expected"):
+        TurnConfig(allowed_peers=["fe80::%eth0/64"])

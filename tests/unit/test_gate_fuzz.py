@@ -1,4 +1,4 @@
-"""Bad input for ghostgate's core (issue 3 §7): random bytes and mutated valid messages never raise,
+"""Bad input for ghostgate's TURN core (TurnCore): random bytes and mutated valid messages never raise,
 never create an unauthenticated allocation, and are counted."""
 
 from __future__ import annotations

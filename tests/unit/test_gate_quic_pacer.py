@@ -1,4 +1,5 @@
-"""The relay's QUIC pacer (ghostcore.relayquic.TickPacer, used by ghostgate's server and ghostlink's client).
+"""The relay's QUIC pacer (ghostcore.relayquic.TickPacer; the driver installs it at both ends, which
+test_core_quicdriver checks).
 
 aioquic's own pacer lets out 16 packets and then waits on a loop timer of 1 ms resolution; these check that
 the relay pacers let a tick's worth out at once, never more than one window, and keep aioquic's rate.
@@ -6,19 +7,9 @@ the relay pacers let a tick's worth out at once, never more than one window, and
 
 from __future__ import annotations
 
-from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
 
-from ghostcore.relayquic import (
-    ALPN,
-    MAX_DATAGRAM_SIZE,
-    PACING_TICK,
-    TickPacer,
-    configuration,
-    use_tick_pacer,
-)
-from ghostgate.quic import server_configuration
-from ghostgate.tlscert import self_signed
+from ghostcore.relayquic import MAX_DATAGRAM_SIZE, PACING_TICK, TickPacer
 
 
 def _burst(pacer: QuicPacketPacer, now: float) -> int:
@@ -48,15 +39,3 @@ def test_burst_never_exceeds_one_window() -> None:
     pacer = TickPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
     pacer.update_rate(congestion_window=cwnd, smoothed_rtt=srtt)
     assert _burst(pacer, 10.0) <= 21
-
-
-def test_both_ends_get_the_tick_pacer() -> None:
-    client = QuicConnection(configuration=configuration(is_client=True))
-    # a server connection exists only for a client's first packet (its original destination connection id)
-    server = QuicConnection(
-        configuration=server_configuration(self_signed()), original_destination_connection_id=bytes(8)
-    )
-    for quic in (client, server):
-        use_tick_pacer(quic)
-        assert isinstance(quic._loss._pacer, TickPacer)
-    assert server.configuration.alpn_protocols == client.configuration.alpn_protocols == [ALPN]

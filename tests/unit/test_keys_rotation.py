@@ -2,9 +2,9 @@
 
 - the plan for a peer whose key changed under the same node id: replaced, same allowed IPs, and with a
   persistent keepalive (adding it makes WireGuard handshake with the new key at once: ghostlink.rotate);
-- ``KeyRotator.rotate``: the order of the steps (pending key on disk before WireGuard switches; proofs
-  switch before the promoting ReportStatus; node.key replaced last), and nothing changes when RotateKey
-  is refused;
+- ``Daemon.rotate_key`` (``KeyRotator.rotate``): the order of the steps (pending key on disk before
+  WireGuard switches; proofs switch before the promoting ReportStatus; node.key replaced last), and nothing
+  changes when RotateKey is refused;
 - crash recovery: a leftover pending key is used if ghostmesh accepts it, dropped if it refuses it, kept
   if ghostmesh cannot be reached;
 - ghostmesh's State: pending key stored, promoted by proof, refused when taken; nothing written on error.
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,12 +21,16 @@ import pytest
 
 from ghostcore.errors import AuthError, ConfigError, Conflict, InvalidArgument, NotFound, Unavailable
 from ghostcore.keys import PrivateKey
+from ghostcore.lock import SigningKey
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2
 from ghostlink import engine
+from ghostlink.client import CoordClient, StatusReport
 from ghostlink.config import load_config
-from ghostlink.control import CoordClient, Daemon
+from ghostlink.daemon import Daemon
+from ghostlink.nodekey import NodeKey
 from ghostlink.rotate import KeyRotator, settle_pending
 from ghostlink.state import SavedNode, StateDir
+from ghostlink.trust import NodeTrust
 from ghostlink.wg.fake import FakeBackend
 from ghostmesh.changes import NodeChanged
 from ghostmesh.state import State, StateConfig
@@ -74,27 +79,27 @@ class Recorder(StateDir):
 
 
 class FakeClient:
-    """What KeyRotator / settle_pending use of CoordClient, recording calls."""
+    """What KeyRotator / settle_pending / the daemon's reports use of CoordClient, recording calls."""
 
-    def __init__(self, key: PrivateKey, events: list[tuple[str, str]]) -> None:
-        self.key = key
+    def __init__(self, keys: NodeKey, events: list[tuple[str, str]]) -> None:
+        self.keys = keys
         self.target = "ghostmesh.test:7777"
         self.events = events
         self.rotate_error: Exception | None = None
         self.report_error: Exception | None = None
-        self.home_region = 0
-        self.turn_relay = ""
+        self.reports: list[StatusReport] = []
 
-    async def rotate_key(self, new: PrivateKey) -> coordination_pb2.Node:
+    async def rotate_key(self, new: PrivateKey, signature: bytes = b"") -> coordination_pb2.Node:
         if self.rotate_error is not None:
             raise self.rotate_error
         self.events.append(("rotate_key", new.public_key().base64()))
         return coordination_pb2.Node(id=1)
 
-    async def report_status(self, endpoints: list[str], key: PrivateKey | None = None) -> None:
+    async def report_status(self, report: StatusReport, key: PrivateKey | None = None) -> None:
         if self.report_error is not None:
             raise self.report_error
-        self.events.append(("report", (key or self.key).public_key().base64()))
+        self.reports.append(report)
+        self.events.append(("report", (key or self.keys.private).public_key().base64()))
 
 
 class FakeNet:
@@ -116,35 +121,60 @@ class RecordingBackend(FakeBackend):
         self.events.append(("wg_key", private_key.public_key().base64()))
 
 
-def _setup(tmp_path: Path) -> tuple[KeyRotator, Daemon, FakeClient, Recorder, RecordingBackend, list[Any]]:
+@dataclass
+class Rig:
+    daemon: Daemon
+    rotator: KeyRotator
+    keys: NodeKey
+    client: FakeClient
+    state: Recorder
+    backend: RecordingBackend
+    events: list[tuple[str, str]]
+
+
+def _setup(tmp_path: Path) -> Rig:
     events: list[tuple[str, str]] = []
-    key = PrivateKey.generate()
+    keys = NodeKey(PrivateKey.generate())
     state = Recorder(tmp_path / "state", events)
-    state.save(key, SavedNode("ghostmesh.test:7777", PrivateKey.generate().public_key().base64(), 1, "n1"))
-    client = FakeClient(key, events)
+    server_key = PrivateKey.generate().public_key().base64()
+    state.save(keys.private, SavedNode("ghostmesh.test:7777", server_key, 1, "n1"))
+    client = FakeClient(keys, events)
+    coord = cast(CoordClient, client)
     backend = RecordingBackend(events, state)
-    daemon = Daemon(cast(CoordClient, client), backend, cast(Any, FakeNet()), key=key, listen_port=41641)
-    return KeyRotator(daemon, state, clock=lambda: T0), daemon, client, state, backend, events
+    rotator = KeyRotator(coord, keys, state, clock=lambda: T0)
+    daemon = Daemon(
+        coord,
+        backend,
+        cast(Any, FakeNet()),
+        keys=keys,
+        trust=NodeTrust(SigningKey.generate()),
+        listen_port=41641,
+        advertise_routes=["10.1.1.0/24"],
+        rotator=rotator,
+    )
+    return Rig(daemon, rotator, keys, client, state, backend, events)
 
 
 async def test_rotate_runs_the_steps_in_order(tmp_path: Path) -> None:
-    rot, daemon, client, state, backend, events = _setup(tmp_path)
-    old_pub = daemon.key.public_key()
-    old, new = await rot.rotate()
+    r = _setup(tmp_path)
+    old_pub = r.keys.public
+    old, new = await r.daemon.rotate_key()
     assert old == old_pub
     n = new.base64()
-    assert events == [("rotate_key", n), ("save_pending", n), ("wg_key", n), ("report", n), ("commit", n)]
-    assert backend.key_seen_pending == [True]
+    assert r.events == [("rotate_key", n), ("save_pending", n), ("wg_key", n), ("report", n), ("commit", n)]
+    assert r.backend.key_seen_pending == [True]
     # Only ``private_key=`` went to WireGuard: no peer, no port, never replace_peers.
-    assert backend.requests[-1].decode().splitlines()[:2] == ["set=1", f"private_key={_hex_of(backend)}"]
-    assert len(backend.requests[-1].decode().strip().splitlines()) == 2
-    assert daemon.key.public_key() == new
-    assert client.key.public_key() == new
-    assert state.existing_key() is not None
-    assert state.existing_key().public_key() == new  # type: ignore[union-attr]
-    assert state.pending_key() is None
-    assert json.loads(state.node_path.read_text())["key_created"] == T0
-    assert state.key_path.stat().st_mode & 0o777 == 0o600
+    assert r.backend.requests[-1].decode().splitlines()[:2] == ["set=1", f"private_key={_hex_of(r.backend)}"]
+    assert len(r.backend.requests[-1].decode().strip().splitlines()) == 2
+    assert r.keys.public == new  # what the client proves with and the daemon reports
+    assert r.daemon.status().node_key == n
+    assert r.state.existing_key() is not None
+    assert r.state.existing_key().public_key() == new  # type: ignore[union-attr]
+    assert r.state.pending_key() is None
+    assert json.loads(r.state.node_path.read_text())["key_created"] == T0
+    assert r.state.key_path.stat().st_mode & 0o777 == 0o600
+    # The promoting report is the node's whole status, built when it was sent.
+    assert r.client.reports == [StatusReport(("192.0.2.5:41641",), ("10.1.1.0/24",))]
 
 
 def _hex_of(backend: FakeBackend) -> str:
@@ -152,49 +182,50 @@ def _hex_of(backend: FakeBackend) -> str:
 
 
 async def test_refused_rotation_changes_nothing(tmp_path: Path) -> None:
-    rot, daemon, client, state, backend, events = _setup(tmp_path)
-    before = daemon.key
-    client.rotate_error = AuthError("key rotation refused: node key x… failed its proof of possession")
+    r = _setup(tmp_path)
+    before = r.keys.private
+    r.client.rotate_error = AuthError("key rotation refused: node key x… failed its proof of possession")
     with pytest.raises(AuthError, match="key rotation refused"):
-        await rot.rotate()
-    assert events == []
-    assert backend.requests == []
-    assert daemon.key is before
-    assert client.key is before
-    assert state.pending_key() is None
-    assert _same(state.existing_key(), before)
+        await r.daemon.rotate_key()
+    assert r.events == []
+    assert r.backend.requests == []
+    assert r.keys.private is before
+    assert r.state.pending_key() is None
+    assert _same(r.state.existing_key(), before)
 
 
 async def test_failed_promotion_leaves_pending_key_that_resume_finishes(tmp_path: Path) -> None:
-    rot, daemon, client, state, _, _ = _setup(tmp_path)
-    old_key = daemon.key
-    client.report_error = Unavailable("ghostmesh unreachable")
+    r = _setup(tmp_path)
+    old_key = r.keys.private
+    r.client.report_error = Unavailable("ghostmesh unreachable")
     with pytest.raises(Unavailable):
-        await rot.rotate()
-    pending = state.pending_key()
+        await r.daemon.rotate_key()
+    pending = r.state.pending_key()
     assert pending is not None
-    assert _same(state.existing_key(), old_key)  # node.key still the old one: it is replaced last
-    client.report_error = None
-    await rot.resume()
-    assert state.pending_key() is None
-    assert _same(state.existing_key(), pending)
-    assert _same(daemon.key, pending)
+    assert _same(r.state.existing_key(), old_key)  # node.key still the old one: it is replaced last
+    r.client.report_error = None
+    await r.rotator.resume(r.daemon)
+    assert r.state.pending_key() is None
+    assert _same(r.state.existing_key(), pending)
+    assert _same(r.keys.private, pending)
+    # Proven with the pending key: the last report the daemon sent (none yet: the routes, no endpoints).
+    assert r.client.reports[-1] == StatusReport((), ("10.1.1.0/24",))
 
 
 async def test_resume_refused_switches_back_to_old_key(tmp_path: Path) -> None:
-    rot, daemon, client, state, backend, _ = _setup(tmp_path)
-    old_key = daemon.key
-    client.report_error = Unavailable("ghostmesh unreachable")
+    r = _setup(tmp_path)
+    old_key = r.keys.private
+    r.client.report_error = Unavailable("ghostmesh unreachable")
     with pytest.raises(Unavailable):
-        await rot.rotate()
-    assert not _same(daemon.key, old_key)
-    client.report_error = NotFound("node key abc… is not registered; join with an auth key first")
-    await rot.resume()
-    assert state.pending_key() is None
-    assert _same(daemon.key, old_key)
-    assert backend.events[-1] == ("wg_key", old_key.public_key().base64())
-    client.report_error = Unavailable("down")
-    await rot.resume()  # nothing pending: no call at all
+        await r.daemon.rotate_key()
+    assert not _same(r.keys.private, old_key)
+    r.client.report_error = NotFound("node key abc… is not registered; join with an auth key first")
+    await r.rotator.resume(r.daemon)
+    assert r.state.pending_key() is None
+    assert _same(r.keys.private, old_key)
+    assert r.backend.events[-1] == ("wg_key", old_key.public_key().base64())
+    r.client.report_error = Unavailable("down")
+    await r.rotator.resume(r.daemon)  # nothing pending: no call at all
 
 
 @pytest.mark.parametrize(
@@ -209,23 +240,25 @@ async def test_settle_pending_at_start(
     state = StateDir(tmp_path / "state")
     state.save(old, SavedNode("s:1", PrivateKey.generate().public_key().base64(), 1, "n1"))
     state.save_pending(pending)
-    client = FakeClient(old, events)
+    keys = NodeKey(old)
+    client = FakeClient(keys, events)
     client.report_error = answer
-    key = await settle_pending(state, cast(CoordClient, client), old)
-    assert _same(key, pending if uses_pending else old)
+    await settle_pending(state, cast(CoordClient, client), keys)
+    assert _same(keys.private, pending if uses_pending else old)
     assert (state.pending_key() is not None) == pending_left
-    assert _same(state.existing_key(), key)
+    assert _same(state.existing_key(), keys.private)
     if answer is None:
         assert events == [("report", pending.public_key().base64())]
-        assert _same(client.key, pending)
 
 
 async def test_settle_without_pending_key_makes_no_call(tmp_path: Path) -> None:
     events: list[tuple[str, str]] = []
     key = PrivateKey.generate()
+    keys = NodeKey(key)
     state = StateDir(tmp_path / "state")
-    client = FakeClient(key, events)
-    assert await settle_pending(state, cast(CoordClient, client), key) is key
+    client = FakeClient(keys, events)
+    await settle_pending(state, cast(CoordClient, client), keys)
+    assert keys.private is key
     assert events == []
 
 
@@ -234,7 +267,7 @@ def test_auto_rotation_due_and_check_interval(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
     key = PrivateKey.generate()
     state.save(key, SavedNode("s:1", PrivateKey.generate().public_key().base64(), 1, "n1", key_created=T0))
-    rot = KeyRotator(cast(Daemon, object()), state, clock=lambda: now[0])
+    rot = KeyRotator(cast(CoordClient, object()), NodeKey(key), state, clock=lambda: now[0])
     assert not rot.due(3600)
     now[0] = T0 + 3600
     assert rot.due(3600)

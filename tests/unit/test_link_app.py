@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ghostlink import app
+from ghostlink import app, node
 from ghostlink.engine import NodeInfo
 
 
@@ -80,6 +80,21 @@ def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_up_line() -> None:
     n = NodeInfo(1, "laptop", "u", "k", ("100.64.0.1", "fd7a:115c:a1e0::1"), (), (), True, 0, 0)
-    assert app._up_line(n, "wireguard-go", "ghost0") == (
-        "ghostlink: joined as laptop (100.64.0.1, fd7a:115c:a1e0::1) via wireguard-go on ghost0"
+    assert node.up_line(n, "wireguard-go", "ghost0") == (
+        "joined as laptop (100.64.0.1, fd7a:115c:a1e0::1) via wireguard-go on ghost0"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "accept"),
+    [([], None), (["--accept-dns"], True), (["--accept-dns=false"], False), (["--accept-dns", "no"], False)],
+)
+def test_accept_dns_flag(argv: list[str], accept: bool | None) -> None:
+    args = app.build_parser().parse_args(["run", *argv])
+    assert app._flags(args)["dns.accept"] is accept
+
+
+def test_accept_dns_flag_refuses_other_words(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        app.build_parser().parse_args(["run", "--accept-dns=maybe"])
+    assert "expected true or false" in capsys.readouterr().err

@@ -1,12 +1,29 @@
-"""The relay proxy's pure rules: home-region choice (lowest RTT, sticky), which relay / TURN carries a peer's
-packets, TURN address parsing, and that credentials stay out of reprs. No sockets, no sleeps."""
+"""The relay proxy's pure core: home-region choice (lowest RTT, sticky), which relay / TURN carries a peer's
+packets, TURN address parsing, buffering until a path is up, held first handshakes, re-sends after
+PEER_GONE, TURN bindings, and that credentials stay out of reprs. No sockets, no sleeps: time is passed in."""
 
 from __future__ import annotations
 
 import pytest
 
-from ghostlink.proxy import RelayCreds, pick_home, pick_relay, pick_route
-from ghostlink.turnclient import format_addr, parse_addr
+from ghostcore.addr import format_endpoint
+from ghostlink.traversal.proxy import RelayCreds
+from ghostlink.traversal.proxy_core import (
+    HOLD_SECONDS,
+    MAX_BUFFERED,
+    RETRY_INTERVAL,
+    HomeChanged,
+    ProxyCore,
+    ToRelay,
+    ToTurn,
+    ToWireGuard,
+    TurnBinding,
+    TurnChanged,
+    pick_home,
+    pick_relay,
+    pick_route,
+    turn_address,
+)
 
 
 def test_no_live_region_means_no_home() -> None:
@@ -80,15 +97,122 @@ def test_route_turn_only_when_no_relay_and_both_have_turn() -> None:
         ("", None),
     ],
 )
-def test_parse_addr(text: str, addr: tuple[str, int] | None) -> None:
-    assert parse_addr(text) == addr
+def test_turn_address(text: str, addr: tuple[str, int] | None) -> None:
+    assert turn_address(text) == addr
     if addr is not None:
-        assert format_addr(addr) == text
+        assert format_endpoint(*addr) == text
 
 
 def test_credentials_stay_out_of_the_repr() -> None:
-    c = RelayCreds("1700000000:7", "s3cret-password", 1700000000, b"token-bytes-xyz")
+    c = RelayCreds("1700000000:7", "s3cret-password", 1700000000, b"token-bytes-xyz", b"k" * 32)
     text = repr(c)
     assert "1700000000:7" in text
     assert "s3cret" not in text
     assert "token-bytes" not in text
+
+
+A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
+HANDSHAKE = b"\x01\x00\x00\x00" + b"i" * 144  # a WireGuard handshake initiation (type 1)
+DATA = b"\x04\x00\x00\x00data"  # a WireGuard transport data message (type 4)
+
+
+def test_packets_wait_for_a_path_then_flush_in_order() -> None:
+    core = ProxyCore()
+    core.add_peer(B)
+    assert core.from_wireguard(B, b"early-0") is None
+    assert core.from_wireguard(B, b"early-1") is None
+    assert core.counters["buffered"] == 2
+    out = core.relays({1: 10.0})
+    assert out == [HomeChanged(0, 1), ToRelay(1, B, b"early-0"), ToRelay(1, B, b"early-1")]
+    assert core.home_region == 1
+    assert core.from_wireguard(B, DATA) == ToRelay(1, B, DATA)
+    assert core.relays({1: 12.0}) == []  # an RTT sample: same home, nothing buffered
+
+
+def test_the_buffer_is_bounded() -> None:
+    core = ProxyCore()
+    core.add_peer(B)
+    for i in range(MAX_BUFFERED + 3):
+        core.from_wireguard(B, bytes([i]))
+    assert core.counters["drop_buffer_full"] == 3
+    sent = [a for a in core.relays({1: 5.0}) if isinstance(a, ToRelay)]
+    assert [a.packet for a in sent] == [bytes([i]) for i in range(3, MAX_BUFFERED + 3)]  # the oldest went
+
+
+def test_the_peers_home_relay_carries_its_packets() -> None:
+    core = ProxyCore()
+    core.relays({1: 5.0, 2: 30.0})
+    assert core.set_route(B, 2, "") == []
+    assert core.from_wireguard(B, DATA) == ToRelay(2, B, DATA)
+    assert core.route(B) == ("relay", 2)
+    assert core.route(C) == ("", 0)
+
+
+def test_turn_when_no_relay_and_bindings_follow_the_allocation() -> None:
+    core = ProxyCore()
+    peer_turn = ("192.0.2.7", 49152)
+    assert core.set_route(B, 0, "192.0.2.7:49152") == []  # no allocation yet: nothing to bind
+    assert core.from_wireguard(B, DATA) is None  # buffered
+    out = core.turn_up("198.51.100.1:50000")
+    assert out == [TurnBinding(peer_turn, True), TurnChanged("198.51.100.1:50000"), ToTurn(peer_turn, DATA)]
+    assert core.turn_relay == "198.51.100.1:50000"
+    assert core.from_turn(peer_turn, b"from b") == ToWireGuard(B, b"from b")
+    assert core.from_turn(("192.0.2.8", 1), b"?") is None
+    assert core.counters["drop_unknown_turn"] == 1
+    assert core.set_route(B, 0, "192.0.2.9:49153") == [
+        TurnBinding(peer_turn, False),
+        TurnBinding(("192.0.2.9", 49153), True),
+    ]
+    core.turn_lost()  # a failed Refresh: no more TURN until the next allocation
+    assert core.from_wireguard(B, DATA) is None
+    assert core.turn_down() == [TurnChanged("")]
+    assert core.remove_peer(B) == []  # no allocation held: nothing to unbind
+    assert core.turn_down() == []
+
+
+def test_a_handshake_from_an_unknown_key_is_held_until_it_is_a_peer() -> None:
+    core = ProxyCore()
+    assert core.from_relay(A, DATA, now=0.0) is None
+    assert core.counters["drop_unknown_key"] == 1  # not a handshake: dropped
+    assert core.from_relay(A, HANDSHAKE, now=0.0) is None
+    assert core.counters["held_unknown"] == 1
+    assert core.deliver_held(now=0.1) == []  # still no peer
+    core.set_route(A, 1, "")
+    assert core.deliver_held(now=0.2) == [ToWireGuard(A, HANDSHAKE)]
+    assert core.deliver_held(now=0.3) == []  # delivered once
+    core.from_relay(C, HANDSHAKE, now=1.0)
+    core.set_route(C, 1, "")
+    assert core.deliver_held(now=1.0 + HOLD_SECONDS + 0.1) == []  # too old: WireGuard has retried itself
+
+
+def test_peer_gone_re_sends_the_last_handshakes_until_the_peer_answers() -> None:
+    core = ProxyCore()
+    core.relays({1: 5.0})
+    core.set_route(B, 1, "")
+    assert core.from_wireguard(B, HANDSHAKE) == ToRelay(1, B, HANDSHAKE)
+    assert core.next_timer() is None
+    core.peer_gone(B, now=10.0)
+    assert core.next_timer() == 10.0 + RETRY_INTERVAL
+    assert core.timer(10.0 + RETRY_INTERVAL) == [ToRelay(1, B, HANDSHAKE)]
+    assert core.timer(10.0 + RETRY_INTERVAL + 0.1) == []  # not due yet
+    assert core.counters["handshake_retries"] == 1
+    assert core.from_relay(B, b"\x02response", now=11.1) == ToWireGuard(B, b"\x02response")
+    assert core.timer(11.5) == []  # it answered: retries stop
+    assert core.counters["handshake_retries"] == 1
+
+
+def test_handshake_re_sends_stop_after_the_hold() -> None:
+    core = ProxyCore()
+    core.relays({1: 5.0})
+    core.set_route(B, 1, "")
+    core.from_wireguard(B, HANDSHAKE)
+    core.peer_gone(B, now=100.0)
+    sent = 0
+    now = 100.0
+    while (when := core.next_timer()) is not None:
+        now = when
+        sent += len(core.timer(now))
+    assert sent == int(HOLD_SECONDS / RETRY_INTERVAL)
+    assert now > 100.0 + HOLD_SECONDS
+    core.peer_gone(C, now=now)  # no handshake sent to C: nothing to re-send
+    assert core.next_timer() is None

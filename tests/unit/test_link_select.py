@@ -1,11 +1,18 @@
-"""Backend selection (kernel if the module works, else wireguard-go) and the kernel netlink translation."""
+"""Backend selection (kernel if the module works, else wireguard-go), the kernel netlink translation, and
+the kernel interface's life: journaled while it exists, never one this ghostlink did not create."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from ghostcore.errors import ConfigError
+from ghostcore.errors import ConfigError, Unavailable
 from ghostcore.keys import PrivateKey
+from ghostlink.hostjournal import HostJournal, Origin, read_journal
+from ghostlink.wg import kernel
 from ghostlink.wg.kernel import KernelBackend, peer_dict
 from ghostlink.wg.select import Choice, choose, make_backend
 from ghostlink.wg.uapi_codec import PeerChange
@@ -100,3 +107,111 @@ def test_kernel_info_parsing() -> None:
     assert p.endpoint == "[2001:db8::1]:51820"
     assert (p.last_handshake_sec, p.rx_bytes, p.tx_bytes, p.keepalive) == (1700000000, 10, 20, 25)
     assert p.allowed_ips == ("100.64.0.2/32",)
+
+
+# ----- kernel WireGuard's interface outlives the process: journaled, and never one it did not create
+
+
+@dataclass
+class FakeLink:
+    kind: str
+
+    def get_attr(self, name: str) -> Any:
+        return {"IFLA_LINKINFO": self, "IFLA_INFO_KIND": self.kind}[name]
+
+
+@dataclass
+class FakeNetlink:
+    """pyroute2's IPRoute and WireGuard as the kernel backend uses them, over a dict name -> kind."""
+
+    links: dict[str, str]
+    journal: HostJournal
+    added_while_journaled: list[str] = field(default_factory=list)
+    refuse_add: bool = False
+
+    def __enter__(self) -> FakeNetlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _names(self) -> list[str]:
+        return sorted(self.links)
+
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [self._names().index(ifname) + 1] if ifname in self.links else []
+
+    def get_links(self, index: int) -> list[FakeLink]:
+        return [FakeLink(self.links[self._names()[index - 1]])]
+
+    def link(self, cmd: str, ifname: str = "", index: int = 0, **_: object) -> None:
+        name = ifname or self._names()[index - 1]
+        if cmd == "add":
+            on_disk = read_journal(self.journal.path)
+            self.added_while_journaled.append(on_disk.kernel_interface if on_disk else "")
+            if self.refuse_add:
+                raise OSError(95, "Operation not supported")
+            self.links[name] = "wireguard"
+        elif cmd == "del":
+            del self.links[name]
+
+    def set(self, ifname: str, **_: object) -> None:
+        return None
+
+
+@pytest.fixture
+def netlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeNetlink:
+    fake = FakeNetlink({}, HostJournal(tmp_path / "host.json", "gl0", Origin("boot", "net:[1]")))
+    monkeypatch.setattr(kernel, "_iproute", lambda: fake)
+    monkeypatch.setattr(kernel, "_wireguard", lambda: fake)
+    return fake
+
+
+async def test_kernel_interface_is_journaled_before_it_is_created_and_forgotten_once_deleted(
+    netlink: FakeNetlink,
+) -> None:
+    be = KernelBackend("gl0", netlink.journal)
+    await be.up(PrivateKey.generate(), 41641, 1280)
+    assert netlink.added_while_journaled == ["gl0"]
+    assert netlink.journal.path.exists()
+    await be.close()
+    assert netlink.links == {}
+    assert not netlink.journal.path.exists()
+
+
+async def test_kernel_refuses_an_interface_it_did_not_create_and_leaves_it(netlink: FakeNetlink) -> None:
+    netlink.links["gl0"] = "wireguard"  # e.g. someone's `ip link add gl0 type wireguard`
+    be = KernelBackend("gl0", netlink.journal)
+    with pytest.raises(ConfigError) as err:
+        await be.up(PrivateKey.generate(), 41641, 1280)
+    assert str(err.value) == (
+        "interface gl0 exists and this ghostlink did not create it; remove it (ip link del gl0) or "
+        "choose another --interface"
+    )
+    await be.close()
+    assert netlink.links == {"gl0": "wireguard"}, "not ours: not deleted"
+    assert not netlink.journal.path.exists()
+
+
+async def test_a_kernel_interface_that_could_not_be_created_is_not_left_journaled(
+    netlink: FakeNetlink,
+) -> None:
+    netlink.refuse_add = True
+    be = KernelBackend("gl0", netlink.journal)
+    with pytest.raises(Unavailable, match="cannot create kernel WireGuard interface gl0"):
+        await be.up(PrivateKey.generate(), 41641, 1280)
+    assert netlink.added_while_journaled == ["gl0"]
+    await be.close()
+    assert not netlink.journal.path.exists()
+
+
+def test_a_leftover_kernel_interface_is_deleted_only_while_it_is_a_wireguard_link(
+    netlink: FakeNetlink,
+) -> None:
+    kernel.remove_leftover("gl0")  # gone already: nothing to do
+    netlink.links.update(gl0="wireguard", gl1="bridge")
+    kernel.remove_leftover("gl0")
+    assert netlink.links == {"gl1": "bridge"}
+    with pytest.raises(ConfigError, match="interface gl1 exists and this ghostlink did not create it"):
+        kernel.remove_leftover("gl1")
+    assert netlink.links == {"gl1": "bridge"}

@@ -14,8 +14,8 @@ from aioice import stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostlink import sharedsock as ss
-from ghostlink.stunport import (
+from ghostlink.traversal import sharedsock as ss
+from ghostlink.traversal.stun_core import (
     ENDPOINT_INDEPENDENT,
     MAX_PENDING,
     UNKNOWN,
@@ -27,6 +27,7 @@ from ghostlink.stunport import (
     StunCore,
     check_username,
     classify_mapping,
+    is_stun,
     netcheck_result,
     parse_username,
 )
@@ -96,7 +97,7 @@ def test_bpf_filter_accepts_stun_to_wireguards_port_only() -> None:
     wg_handshake = b"\x01\x00\x00\x00" + bytes(144)  # WireGuard type 1: no cookie at offset 4
     assert ss.run_filter(prog, ipv4(wg_handshake)) == 0
     unlucky = b"\x04\x00\x00\x00" + (0x2112A442).to_bytes(4, "big") + bytes(40)  # receiver index == cookie
-    assert ss.is_stun(unlucky)  # passes the cookie test...
+    assert is_stun(unlucky)  # passes the cookie test...
     assert ss.run_filter(prog, ipv4(unlucky)) == 0  # ...but not the length test
     assert ss.run_filter(prog, ipv4(binding() + b"\x00" * 4)) == 0  # trailing bytes after the message
     assert ss.run_filter(prog, ipv4(binding(), dport=WG_PORT + 1)) == 0
@@ -157,10 +158,10 @@ def test_parse_ipv4_udp_roundtrip_and_rejects() -> None:
 
 
 def test_is_stun_follows_rfc8489_section5() -> None:
-    assert ss.is_stun(binding())
-    assert not ss.is_stun(binding()[:19])
-    assert not ss.is_stun(b"\xc0" + binding()[1:])
-    assert not ss.is_stun(binding()[:4] + b"\x00\x00\x00\x00" + binding()[8:])
+    assert is_stun(binding())
+    assert not is_stun(binding()[:19])
+    assert not is_stun(b"\xc0" + binding()[1:])
+    assert not is_stun(binding()[:4] + b"\x00\x00\x00\x00" + binding()[8:])
 
 
 @settings(max_examples=300)
@@ -351,3 +352,39 @@ def test_netcheck_result_reports_each_relay_and_the_first_answer() -> None:
     none = netcheck_result(servers[:1], [None])
     assert (none.udp, none.public_endpoint, none.mapping) == (False, "", UNKNOWN)
     assert netcheck_result([], []) == NetcheckResult(False, "", UNKNOWN, ())
+
+
+def udp6(payload: bytes, *, sport: int = 40000, dport: int = WG_PORT) -> bytes:
+    """A UDP segment as a raw IPv6 socket hands it over (no IP header)."""
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def test_bpf_program6_reads_udp_offsets_and_accepts_stun_to_our_port_only() -> None:
+    prog = ss.bpf_program6(WG_PORT)
+    assert ss.run_filter(prog, udp6(binding())) == 0xFFFF
+    assert ss.run_filter(prog, udp6(binding(), dport=WG_PORT + 1)) == 0
+    assert ss.run_filter(prog, udp6(b"\x01\x00\x00\x00" + b"\x00" * 144)) == 0  # a WireGuard handshake
+    assert ss.run_filter(prog, udp6(binding() + b"\x00" * 4)) == 0  # length mismatch
+    assert ss.run_filter(prog, udp6(binding())[:12]) == 0  # truncated
+    assert len(ss.pack_filter(prog)) == 8 * len(prog)
+
+
+def test_parse_udp_for_ipv6_raw_sockets() -> None:
+    dg = ss.parse_udp(udp6(b"hello", sport=1234) + b"pad", "2001:db8::5")
+    assert dg == ss.Datagram(("2001:db8::5", 1234), ("::", WG_PORT), b"hello")
+    assert ss.parse_udp(b"\x00" * 7, "2001:db8::5") is None
+    bad = struct.pack("!HHHH", 1, 2, 100, 0) + b"x"
+    assert ss.parse_udp(bad, "2001:db8::5") is None
+
+
+def test_udp_checksum_over_ipv6_pseudo_header_verifies() -> None:
+    seg = ss.build_udp(WG_PORT, 3478, b"stun!", "2001:db8::1", "2001:db8::2")
+    src, dst = (
+        socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+        socket.inet_pton(socket.AF_INET6, "2001:db8::2"),
+    )
+    data = src + dst + struct.pack("!I3xB", len(seg), 17) + seg + b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF

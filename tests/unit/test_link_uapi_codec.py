@@ -141,7 +141,9 @@ prefixes = (
     .map(lambda t: f"{t[0]}/{t[1]}")
     .map(lambda p: str(__import__("ipaddress").ip_network(p, strict=False)))
 )
-endpoints = st.one_of(st.none(), st.tuples(v4, st.integers(1, 65535)).map(lambda t: f"{t[0]}:{t[1]}"))
+# What is sent must be sendable: no unspecified or multicast endpoint (ghostcore.addr.parse_endpoint).
+sendable = v4.filter(lambda a: not a.startswith("0.") and not 224 <= int(a.split(".")[0]) <= 239)
+endpoints = st.one_of(st.none(), st.tuples(sendable, st.integers(1, 65535)).map(lambda t: f"{t[0]}:{t[1]}"))
 changes = st.builds(
     PeerChange,
     public_key=keys,

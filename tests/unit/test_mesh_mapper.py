@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
-from ghostmesh.changes import NodeAdded, NodeChanged, NodeRemoved
+from ghostcore.policy import ALLOW_ALL
+from ghostmesh.changes import LockChanged, NodeAdded, NodeChanged, NodeRemoved
 from ghostmesh.mapper import Mapper, filter_to_pb, node_to_pb
-from ghostmesh.policy import ALLOW_ALL
 from ghostmesh.store.base import NodeRec
 
 NOW = 1000.0
@@ -36,7 +36,7 @@ def rec(i: int, *, expires: float = 0.0, name: str = "") -> NodeRec:
 
 def mapper_with(n: int) -> Mapper:
     m = Mapper(keepalive_seconds=25)
-    m.load(((rec(i), False) for i in range(1, n + 1)), NOW)
+    m.load((NodeAdded(rec(i), False) for i in range(1, n + 1)), NOW)
     return m
 
 
@@ -54,7 +54,7 @@ def test_full_map_on_open() -> None:
 
 def test_unknown_or_expired_node_cannot_open() -> None:
     m = Mapper(25)
-    m.load([(rec(1, expires=NOW - 1), False), (rec(2), False)], NOW)
+    m.load([NodeAdded(rec(1, expires=NOW - 1), False), NodeAdded(rec(2), False)], NOW)
     with pytest.raises(KeyError):
         m.open_stream(1, 1)
     assert [p.id for p in m.open_stream(2, 2).peers_upserted] == []
@@ -159,17 +159,27 @@ def test_own_removal_ends_stream() -> None:
     assert s2.ended is None
 
 
-def test_close_stream_and_signals() -> None:
+def test_close_stream() -> None:
     m = mapper_with(2)
     m.open_stream(1, 1)
-    assert m.queue_signal(1, 2, b"hello") == [1]
-    u = m.flush(1)
-    assert u is not None
-    assert [(s.from_node_id, s.payload) for s in u.signals] == [(2, b"hello")]
     m.close_stream(1)
-    assert m.queue_signal(1, 2, b"x") == []
     assert m.flush(1) is None
     assert m.streams_of(1) == set()
+
+
+def test_replace_streams_ends_the_nodes_older_streams_only() -> None:
+    m = mapper_with(2)
+    m.open_stream(1, 1)
+    m.open_stream(2, 1)
+    m.open_stream(3, 2)
+    assert m.replace_streams(1) == [1, 2]
+    assert [m.session(sid).ended for sid in (1, 2, 3)] == ["replaced", "replaced", None]  # type: ignore[union-attr]
+    assert m.replace_streams(9) == []
+
+
+def test_signals_field_is_gone_from_the_wire() -> None:
+    assert "signals" not in pb.MapUpdate.DESCRIPTOR.fields_by_name
+    assert not hasattr(pb, "SignalRequest")
 
 
 def test_one_change_is_o_n_at_2000_nodes() -> None:
@@ -200,7 +210,7 @@ def test_one_change_is_o_n_at_2000_nodes() -> None:
 def test_wire_bytes_equal_message_encoding() -> None:
     m = Mapper(25)
     big = replace(rec(2), endpoints=tuple(f"192.0.2.{i}:41641" for i in range(1, 17)), tags=("tag:a",) * 5)
-    m.load([(rec(1), True), (big, False), (rec(3), False)], NOW)
+    m.load([NodeAdded(rec(1), True), NodeAdded(big, False), NodeAdded(rec(3), False)], NOW)
     data = m.open_stream_bytes(1, 1)
     parsed = pb.MapUpdate.FromString(data)
     expected = pb.MapUpdate(
@@ -217,3 +227,35 @@ def test_wire_bytes_equal_message_encoding() -> None:
     delta = m.flush_bytes(1)
     assert delta is not None
     assert pb.MapUpdate.FromString(delta).peers_upserted[0] == node_to_pb(big, True)
+
+
+# -- node-key signing ------------------------------------------------------------------------------------
+
+
+def test_node_carries_its_key_signature() -> None:
+    signed = replace(rec(2), key_signature=b"\x01chain")
+    m = mapper_with(2)
+    m.open_stream(10, 1)
+    m.apply(NodeChanged(signed, True), NOW)
+    (peer,) = m.flush(10).peers_upserted  # type: ignore[union-attr]
+    assert peer.key_signature == b"\x01chain"
+    assert node_to_pb(rec(3), False).key_signature == b""
+
+
+def test_lock_log_reaches_every_stream_once_and_rides_in_full_maps() -> None:
+    m = mapper_with(3)
+    assert not m.open_stream(10, 1).HasField("lock")  # no log: no lock in the map
+    m.open_stream(11, 2)
+    log = (b"update-1", b"update-2")
+    touched = m.apply(LockChanged(log), NOW)
+    assert sorted(touched) == [10, 11]
+    for sid in (10, 11):
+        delta = m.flush(sid)
+        assert delta is not None
+        assert list(delta.lock.updates) == list(log)
+        assert list(delta.peers_upserted) == []
+        assert m.flush(sid) is None  # sent once
+    full = m.open_stream(12, 3)
+    assert list(full.lock.updates) == list(log)
+    m.apply(NodeChanged(rec(2), True), NOW)
+    assert not m.flush(12).HasField("lock")  # type: ignore[union-attr]  # unchanged log: not re-sent

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from ghostcore import relaywire, turnrest
+from ghostcore import relaywire, tlscert, turnrest
 from ghostcore.errors import ConfigError, InvalidArgument
-from ghostcore.keys import PrivateKey
+from ghostcore.joinkey import parse_pin
+from ghostcore.keys import PrivateKey, PublicKey
 from ghostgate import creds
-from ghostmesh.changes import NodeChanged
+from ghostmesh.changes import NodeAdded, NodeChanged
 from ghostmesh.config import RelayConfig, load_config
 from ghostmesh.mapper import Mapper
 from ghostmesh.relaymap import REFRESH_FRACTION, RelayMinter
@@ -212,20 +213,45 @@ def test_minted_map_content() -> None:
 
 
 def test_relay_token_passes_a_relay_challenge() -> None:
-    _priv, key = _key()
+    priv, key = _key()
     m = _minter().mint(7, key, NOW)
+    static = relaywire.relay_static_key(SECRET.encode())
+    assert m.relay_static_key == static.public_key().raw
+    relay_pub = PublicKey(m.relay_static_key)
     raw = base64.b64decode(key)
     challenge = os.urandom(relaywire.CHALLENGE_LEN)
-    payload = relaywire.encode_auth(raw, m.expires_unix, m.relay_token, challenge)
-    assert relaywire.verify_auth(SECRET.encode(), payload, challenge, NOW) == raw
-    with pytest.raises(relaywire.RelayProtocolError, match="bad proof"):
-        relaywire.verify_auth(b"wrong secret", payload, challenge, NOW)
-    _, other = _key()  # another key cannot use the token
-    forged = relaywire.encode_auth(base64.b64decode(other), m.expires_unix, m.relay_token, challenge)
-    with pytest.raises(relaywire.RelayProtocolError, match="bad proof"):
-        relaywire.verify_auth(SECRET.encode(), forged, challenge, NOW)
+    payload = relaywire.encode_auth(priv, relay_pub, m.expires_unix, m.relay_token, challenge)
+    assert relaywire.verify_auth(SECRET.encode(), static, payload, challenge, NOW) == raw
+    with pytest.raises(relaywire.RelayProtocolError, match="bad token proof"):
+        relaywire.verify_auth(b"wrong secret", static, payload, challenge, NOW)
+    other, _ = _key()  # another key cannot use the token
+    forged = relaywire.encode_auth(other, relay_pub, m.expires_unix, m.relay_token, challenge)
+    with pytest.raises(relaywire.RelayProtocolError, match="bad token proof"):
+        relaywire.verify_auth(SECRET.encode(), static, forged, challenge, NOW)
     with pytest.raises(relaywire.RelayProtocolError, match="expired"):
-        relaywire.verify_auth(SECRET.encode(), payload, challenge, m.expires_unix + 1)
+        relaywire.verify_auth(SECRET.encode(), static, payload, challenge, m.expires_unix + 1)
+
+
+def test_regions_carry_the_derived_pin_unless_configured() -> None:
+    own = "sha256:" + "A" * 43
+    cfg = RelayConfig(
+        secret=SECRET,
+        regions=[
+            {"id": 1, "name": "fra", "host": "192.0.2.10"},
+            {"id": 2, "name": "nyc", "host": "192.0.2.11", "tls_pin": own},
+        ],
+    )
+    m = RelayMinter.from_config(cfg, SECRET.encode()).mint(7, _key()[1], NOW)
+    derived = tlscert.key_pin(tlscert.derived_key(relaywire.relay_tls_seed(SECRET.encode())))
+    assert [r.tls_pin for r in m.regions] == [derived, parse_pin(own)]
+    other = RelayMinter.from_config(cfg, b"another secret").mint(7, _key()[1], NOW)
+    assert other.regions[0].tls_pin != derived
+    assert other.relay_static_key != m.relay_static_key
+
+
+def test_a_malformed_region_pin_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"relay.regions\[0\].tls_pin"):
+        RelayConfig(secret=SECRET, regions=[{"id": 1, "name": "a", "host": "192.0.2.1", "tls_pin": "abc"}])
 
 
 def test_refresh_before_half_the_lifetime_is_left() -> None:
@@ -242,7 +268,7 @@ def test_refresh_before_half_the_lifetime_is_left() -> None:
 def _mapper(lifetime: float = 1000.0) -> tuple[Mapper, list[str]]:
     keys = [_key()[1] for _ in range(3)]
     m = Mapper(25, relay=_minter(lifetime))
-    m.load(((_rec(i, keys[i - 1]), True) for i in (1, 2, 3)), NOW)
+    m.load((NodeAdded(_rec(i, keys[i - 1]), True) for i in (1, 2, 3)), NOW)
     return m, keys
 
 
@@ -260,7 +286,7 @@ def test_full_map_carries_the_nodes_own_credentials() -> None:
 
 def test_no_regions_no_relay_map() -> None:
     m = Mapper(25)
-    m.load([(_rec(1, _key()[1]), True)], NOW)
+    m.load([NodeAdded(_rec(1, _key()[1]), True)], NOW)
     assert not m.open_stream(1, 1).HasField("relay_map")
     assert m.next_relay_refresh() is None
     assert m.refresh_relays(NOW + 10**9) == []
@@ -387,7 +413,7 @@ def test_report_home_region_and_turn_relay(tmp_path: Path) -> None:
     (cleared,) = st.report_status(node.id, ["192.0.2.1:41641"], NOW + 3)
     assert isinstance(cleared, NodeChanged)
     assert (cleared.node.home_region, cleared.node.turn_relay) == (0, "")
-    (v6,) = st.report_status(node.id, [], NOW + 4, turn_relay="[2001:db8:0::1]:3478")
+    (v6,) = st.report_status(node.id, [], NOW + 4, turn_relay="[2001:db8::1]:3478")
     assert isinstance(v6, NodeChanged)
     assert v6.node.turn_relay == "[2001:db8::1]:3478"
 
@@ -399,6 +425,9 @@ def test_report_home_region_and_turn_relay(tmp_path: Path) -> None:
         (0, "192.0.2.10", r"invalid turn_relay '192\.0\.2\.10': expected ip:port"),
         (0, "relay.example:3478", r"invalid turn_relay"),
         (1, "192.0.2.10:0", r"invalid turn_relay"),
+        # what a node reports must already be canonical (RFC 5952), never repaired: refused
+        (0, "[2001:db8:0::1]:3478", r"invalid turn_relay '\[2001:db8:0::1\]:3478'"),
+        (0, "[fe80::1%x\nremove=true]:3478", r"invalid turn_relay"),
     ],
 )
 def test_bad_report_changes_nothing(tmp_path: Path, home: int, turn: str, message: str) -> None:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ghostcore.errors import AuthError, Conflict, InvalidArgument, NotFound
+from ghostcore.errors import AuthError, Conflict, InvalidArgument, NotFound, Unavailable
 from ghostcore.keys import PrivateKey
 from ghostmesh.changes import NodeAdded, NodeChanged, NodeRemoved
 from ghostmesh.state import (
     State,
     StateConfig,
-    load_server_key,
     sanitize_name,
     split_key,
     validate_endpoint,
@@ -141,7 +140,7 @@ def test_register_refusals_write_nothing(st: State, case: str, message: str) -> 
     assert _rows(st, "nodes") == nodes_before
     if case != "revoked":
         assert [(k.id, k.used_count) for k in st.list_auth_keys()] == keys_before
-    assert len(list(st.nodes())) == nodes_before
+    assert len(st.list_nodes()) == nodes_before
 
 
 def test_invalid_wireguard_key_refused(st: State) -> None:
@@ -188,15 +187,7 @@ def test_allocation_stable_across_reopen(tmp_path: Path) -> None:
     taken = {n.ipv4 for n in first.values()} - {first[keys[1]].ipv4}
     assert new.ipv4 not in taken
     assert new.ipv6 not in {n.ipv6 for n in first.values()} - {first[keys[1]].ipv6}
-    assert len({n.ipv4 for n in st2.nodes()}) == len(list(st2.nodes()))
-
-
-def test_server_key_generated_once(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "db.sqlite")
-    k1 = load_server_key(store)
-    store.close()
-    store = SqliteStore(tmp_path / "db.sqlite")
-    assert load_server_key(store).public_key() == k1.public_key()
+    assert len({n.ipv4 for n in st2.list_nodes()}) == len(st2.list_nodes())
 
 
 def test_rename_expire_delete(st: State) -> None:
@@ -234,6 +225,22 @@ def test_delete_user_with_nodes_conflicts(st: State) -> None:
         st.delete_user("alice")
     with pytest.raises(InvalidArgument):
         st.create_user("Bad Name", T0)
+
+
+@pytest.mark.parametrize("name", ["alice@example.com", "bob+ops@corp.example", "carol"])
+def test_user_names_may_be_email_addresses_as_in_tailscale_policies(st: State, name: str) -> None:
+    assert st.create_user(name, T0).name == name
+    _, ak = st.create_auth_key(user=name, now=T0)
+    node, _ = st.register(_key(), ak, "n-" + name.split("@", maxsplit=1)[0].replace("+", "-"), T0)
+    assert node.user == name
+
+
+@pytest.mark.parametrize(
+    "name", ["Alice@example.com", "@example.com", "a@", "a@b@c", "a b@example.com", "a@-x"]
+)
+def test_malformed_user_names_are_refused_in_one_line(st: State, name: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"^invalid user name .*@domain"):
+        st.create_user(name, T0)
 
 
 def test_online_tracking_and_ephemeral_reaping(st: State) -> None:
@@ -311,3 +318,42 @@ def test_auth_key_listing_and_expire_by_whole_key(st: State) -> None:
         st.expire_auth_key("zz")
     with pytest.raises(InvalidArgument):
         st.create_auth_key(tags=["bad tag"], now=T0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[fe80::1%x\nremove=true]:41641",  # a zone ID carrying a newline (a second UAPI line at the peer)
+        "[fe80::1%eth0]:41641",
+        "[2001:DB8::1]:41641",  # not canonical: what a node reports is never repaired
+        "[2001:db8:0::1]:41641",
+        "192.0.2.1:41641\n",
+        "192.0.2.1 :41641",
+        "[::]:41641",
+        "224.0.0.1:41641",
+    ],
+)
+def test_non_canonical_endpoints_are_refused_and_change_nothing(st: State, text: str) -> None:
+    _, ak = st.create_auth_key(now=T0)
+    a, _ = st.register(_key(), ak, "a", T0)
+    st.report_status(a.id, ["192.0.2.1:41641"], T0)
+    before = st.node(a.id)
+    with pytest.raises(InvalidArgument) as info:
+        st.report_status(a.id, ["192.0.2.2:41641", text], T0 + 1)
+    assert str(info.value).startswith("invalid endpoint ")
+    assert "\n" not in str(info.value)
+    assert st.node(a.id) == before
+    assert list(st.store.list_nodes()) == [before]
+    assert validate_endpoint("[2001:db8::1]:41641") == "[2001:db8::1]:41641"
+
+
+def test_the_node_resolver_addresses_are_never_handed_out(tmp_path: Path) -> None:
+    # a /29 around 100.100.100.100 and a /125 around fd7a:115c:a1e0::53: 6 and 6 usable host addresses
+    cfg = StateConfig(ipv4_prefix="100.100.100.96/29", ipv6_prefix="fd7a:115c:a1e0::50/125")
+    st = _open(tmp_path, cfg)
+    _, ak = st.create_auth_key(reusable=True, now=T0)
+    nodes = [st.register(_key(), ak, f"n{i}", T0)[0] for i in range(5)]
+    assert "100.100.100.100" not in {n.ipv4 for n in nodes}
+    assert "fd7a:115c:a1e0::53" not in {n.ipv6 for n in nodes}
+    with pytest.raises(Unavailable):  # the 6th would have to be a resolver address
+        st.register(_key(), ak, "n5", T0)

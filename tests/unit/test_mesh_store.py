@@ -1,42 +1,21 @@
-"""SQLite store: migrations, pragmas, transactions, uniqueness, auth-key consumption."""
+"""What is SQLite's own in its store: migrations of old schemas, pragmas, file modes, a commit failing on a
+deferred key, a locked file, secrets deleted from the files. What every backend must do (uniqueness,
+auth-key consumption, joined transactions) is tested on SQLite and PostgreSQL in
+tests/component/test_store_contract.py."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from dataclasses import replace
+import stat
 from pathlib import Path
 
 import pytest
 
-from ghostcore.errors import AuthError, ConfigError, Conflict, NotFound, Unavailable
-from ghostmesh.state import hash_secret
-from ghostmesh.store.base import AuthKeyRec, NodeRec
-from ghostmesh.store.sqlite import SCHEMA_VERSION, SqliteStore
-
-
-def _node(name: str = "a", key: str = "k1", v4: str = "100.64.0.1", v6: str = "fd7a:115c:a1e0::1") -> NodeRec:
-    return NodeRec(
-        id=0,
-        name=name,
-        user="default",
-        node_key=key,
-        ipv4=v4,
-        ipv6=v6,
-        ephemeral=False,
-        tags=("tag:x",),
-        created=1.0,
-        expires=0.0,
-        last_seen=1.0,
-        endpoints=("1.2.3.4:5",),
-        hostname=name,
-        auth_key_id=None,
-    )
-
-
-def _key(key_id: str = "aaaaaaaaaaaa", *, reusable: bool = False) -> AuthKeyRec:
-    return AuthKeyRec(
-        id=key_id, hash=hash_secret("s"), user="default", reusable=reusable, created=1.0, expires=100.0
-    )
+from ghostcore.errors import ConfigError, Conflict, NotFound, Unavailable
+from ghostmesh.store.base import CommitFailed, RouteRec, UserRec
+from ghostmesh.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from tests.component._store_fixtures import auth_key_rec, node_rec
 
 
 @pytest.fixture
@@ -60,7 +39,7 @@ def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     s = SqliteStore(path)
     s.create_user("default", 1.0)
-    n = s.insert_node(_node())
+    n = s.insert_node(node_rec())
     s.set_kv("k", b"v")
     s.close()
     for _ in range(2):
@@ -91,81 +70,82 @@ def test_not_a_database_is_a_config_error(tmp_path: Path) -> None:
         SqliteStore(path)
 
 
-def test_uniqueness_is_enforced(store: SqliteStore) -> None:
-    store.insert_node(_node())
-    with pytest.raises(Conflict, match="name is already taken"):
-        store.insert_node(_node(key="k2", v4="100.64.0.2", v6="fd7a:115c:a1e0::2"))
-    with pytest.raises(Conflict, match="node_key"):
-        store.insert_node(_node(name="b", v4="100.64.0.2", v6="fd7a:115c:a1e0::2"))
-    with pytest.raises(Conflict, match="ipv4"):
-        store.insert_node(_node(name="b", key="k2", v6="fd7a:115c:a1e0::2"))
-    assert len(store.list_nodes()) == 1
+def _files(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
 
 
-def test_single_use_key_consumed_once_and_failure_writes_nothing(store: SqliteStore) -> None:
-    store.insert_auth_key(_key())
-    store.insert_node(_node(), consume_auth_key="aaaaaaaaaaaa")
-    assert store.get_auth_key("aaaaaaaaaaaa").used_count == 1  # type: ignore[union-attr]
-    with pytest.raises(AuthError, match="spent"):
-        store.insert_node(
-            _node(name="b", key="k2", v4="100.64.0.2", v6="fd7a:115c:a1e0::2"),
-            consume_auth_key="aaaaaaaaaaaa",
-        )
-    assert [n.name for n in store.list_nodes()] == ["a"]
-    assert store.get_auth_key("aaaaaaaaaaaa").used_count == 1  # type: ignore[union-attr]
+def test_delete_secret_leaves_no_copy_in_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    s = SqliteStore(path)
+    secret = bytes(range(1, 33)) * 2
+    s.set_kv("audit_private_key", secret)
+    s.set_kv("acl_policy", b"kept")
+    s._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # a copy in the database file too, not only the WAL
+    assert secret in _files(path)
+    s.delete_secret("audit_private_key")
+    assert s.get_kv("audit_private_key") is None
+    assert s.get_kv("acl_policy") == b"kept"
+    assert secret not in _files(path)
+    s.close()
 
 
-def test_conflict_rolls_back_key_consumption(store: SqliteStore) -> None:
-    store.insert_auth_key(_key(reusable=True))
-    store.insert_node(_node())
-    with pytest.raises(Conflict):
-        store.insert_node(
-            _node(key="k2", v4="100.64.0.2", v6="fd7a:115c:a1e0::2"), consume_auth_key="aaaaaaaaaaaa"
-        )
-    assert store.get_auth_key("aaaaaaaaaaaa").used_count == 0  # type: ignore[union-attr]
+def test_commits_are_synchronous_full(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "db.sqlite")
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL is fsynced per commit
+    s.close()
 
 
-def test_revoked_key_cannot_be_consumed(store: SqliteStore) -> None:
-    store.insert_auth_key(_key(reusable=True))
-    rec = store.revoke_auth_key("aaaaaaaaaaaa")
-    assert rec is not None
-    assert rec.revoked
-    with pytest.raises(AuthError):
-        store.insert_node(_node(), consume_auth_key="aaaaaaaaaaaa")
-    assert store.list_nodes() == []
+@pytest.mark.parametrize("dir_mode", [0o755, 0o777])
+def test_database_wal_and_shm_are_born_private(tmp_path: Path, dir_mode: int) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=dir_mode)
+    state.chmod(dir_mode)
+    old = os.umask(0o022)
+    try:
+        s = SqliteStore(state / "ghostmesh.db")
+        s.create_user("default", 1.0)
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in state.iterdir())
+    assert names == ["ghostmesh.db", "ghostmesh.db-shm", "ghostmesh.db-wal"]
+    assert {stat.S_IMODE((state / n).stat().st_mode) for n in names} == {0o600}
+    assert stat.S_IMODE(state.stat().st_mode) == dir_mode  # the directory is not ghostmesh's to change
+    s.close()
 
 
-def test_delete_user_with_nodes_conflicts_and_cascades_keys(store: SqliteStore) -> None:
-    store.insert_auth_key(_key())
-    n = store.insert_node(_node())
-    with pytest.raises(Conflict, match="still owns nodes"):
-        store.delete_user("default")
-    store.delete_node(n.id)
-    store.delete_user("default")
-    assert store.list_auth_keys() == []
-    with pytest.raises(NotFound):
-        store.delete_user("default")
+def test_database_files_left_readable_are_made_private_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "ghostmesh.db"
+    s = SqliteStore(path)
+    s.create_user("default", 1.0)
+    other = sqlite3.connect(path)  # keeps the -wal and -shm files while the store closes
+    other.execute("SELECT 1 FROM users").fetchall()
+    s.close()
+    sidecars = [path, path.with_name("ghostmesh.db-wal"), path.with_name("ghostmesh.db-shm")]
+    for p in sidecars:
+        p.chmod(0o644)
+    s = SqliteStore(path)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in sidecars] == [0o600] * 3
+    assert [u.name for u in s.list_users()] == ["default"]
+    other.close()
+    s.close()
 
 
-def test_update_and_delete_node(store: SqliteStore) -> None:
-    n = store.insert_node(_node())
-    store.update_node(replace(n, name="renamed", endpoints=("[::1]:5",)))
-    assert store.list_nodes()[0].name == "renamed"
-    assert store.list_nodes()[0].endpoints == ("[::1]:5",)
-    store.delete_node(n.id)
-    with pytest.raises(NotFound):
-        store.delete_node(n.id)
-    with pytest.raises(NotFound):
-        store.update_node(n)
+def test_a_failed_commit_is_commit_failed_and_writes_nothing(store: SqliteStore) -> None:
+    def lost_at_commit() -> None:
+        with store.transaction():
+            store._db.execute("PRAGMA defer_foreign_keys=ON")  # the missing node is noticed at COMMIT
+            store.set_kv("k", b"v")
+            store.put_routes([RouteRec(99, "10.0.0.0/8", by_node=True)])
 
-
-def test_kv_set_if_absent(store: SqliteStore) -> None:
-    assert store.set_kv_if_absent("server", b"one") == b"one"
-    assert store.set_kv_if_absent("server", b"two") == b"one"
+    with pytest.raises(CommitFailed, match="commit failed"):
+        lost_at_commit()
+    assert store.get_kv("k") is None
+    assert store.list_routes() == []
+    assert not store._db.in_transaction
 
 
 def test_record_repr_hides_hash() -> None:
-    assert "hash" not in repr(_key())
+    assert "hash" not in repr(auth_key_rec())
 
 
 def test_locked_database_is_unavailable_and_writes_nothing(tmp_path: Path) -> None:
@@ -181,3 +161,64 @@ def test_locked_database_is_unavailable_and_writes_nothing(tmp_path: Path) -> No
     assert s.list_users() == []
     s.create_user("default", 1.0)
     assert [u.name for u in s.list_users()] == ["default"]
+
+
+def test_migration_4_keeps_rows_of_a_version_3_database(tmp_path: Path) -> None:
+    """A database written before node-key signing: its nodes gain empty signatures and no pending age."""
+    path = tmp_path / "db.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (3)")
+    for script in MIGRATIONS[:3]:
+        db.executescript(script)
+    db.execute("INSERT INTO users (name, created) VALUES ('default', 1)")
+    db.execute(
+        "INSERT INTO nodes (name, user, node_key, ipv4, ipv6, ephemeral, created, expires, pending_key) "
+        "VALUES ('a', 'default', 'k1', '100.64.0.1', 'fd7a:115c:a1e0::1', 0, 1, 0, 'k2')"
+    )
+    db.commit()
+    db.close()
+    s = SqliteStore(path)
+    assert s.schema_version() == SCHEMA_VERSION >= 4
+    (node,) = s.list_nodes()
+    assert (node.pending_key, node.pending_since, node.key_signature, node.pending_signature) == (
+        "k2",
+        0.0,
+        b"",
+        b"",
+    )
+    assert s.list_lock() == []
+    s.close()
+
+
+def test_migration_5_binds_users_by_issuer_and_subject(tmp_path: Path) -> None:
+    """A database of schema 4 (a user's OIDC binding was its sub alone): the binding is kept with issuer
+    "" (the state adopts it for the configured issuer), and from then on a sub is unique per issuer."""
+    path = tmp_path / "db.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (4)")
+    for script in MIGRATIONS[:4]:
+        db.executescript(script)
+    db.execute(
+        "INSERT INTO users (name, created, oidc_subject, groups) VALUES ('alice', 1, 's1', '[\"eng\"]')"
+    )
+    db.commit()
+    db.close()
+    s = SqliteStore(path)
+    assert s.schema_version() == SCHEMA_VERSION >= 5
+    assert s.list_users() == [UserRec(1, "alice", 1.0, "s1", ("eng",), "")]
+    assert s.adopt_oidc_issuer("https://a.example") == 1
+    assert s.user_by_oidc_identity("https://a.example", "s1") == UserRec(
+        1, "alice", 1.0, "s1", ("eng",), "https://a.example"
+    )
+    s.put_oidc_user("bob", "https://b.example", "s1", [], 2.0)  # the same sub at another issuer
+    with pytest.raises(Conflict, match="belongs to another user"):
+        s.put_oidc_user("carol", "https://a.example", "s1", [], 3.0)
+    s.create_user("carol", 3.0)
+    with pytest.raises(Conflict, match="bound to another user already; 'carol' was not bound"):
+        s.set_oidc_identity("carol", "https://b.example", "s1")
+    assert s.set_oidc_identity("alice", "", None) == UserRec(1, "alice", 1.0, None, (), "")
+    with pytest.raises(NotFound):
+        s.set_oidc_identity("nobody", "", None)
+    s.close()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostmesh.policy import (
+from ghostcore.policy import (
     ALLOW_ALL,
     Compiler,
     FRule,
@@ -22,6 +22,7 @@ from ghostmesh.policy import (
     run_tests,
     validate,
 )
+from ghostcore.policy.model import MESH
 
 BASE = """
 [groups]
@@ -72,7 +73,7 @@ h = "not-an-ip"
 action = "drop"
 src = ["group:zzz", "autogroup:self"]
 dst = ["tag:x", "tag:x:99999", "autogroup:nope:*"]
-proto = "sctp"
+proto = "ssh"
 extra = true
 [[tests]]
 src = "alice"
@@ -144,8 +145,11 @@ def test_checks() -> None:
     assert check(pol, "alice", "tag:server:1", "icmp").allowed  # ICMP ignores ports
     with pytest.raises(ValueError, match="unknown tag"):
         check(pol, "tag:nope", "db:1")
-    with pytest.raises(ValueError, match="many nodes"):
-        check(pol, "group:eng", "db:1")
+    # a group as the source: each of its users must get the answer
+    assert check(pol, "group:eng", "tag:server:22").allowed
+    assert not check(pol, "group:eng", "alice:22").allowed  # bob may not reach alice's nodes
+    with pytest.raises(ValueError, match="cannot be a test destination"):
+        check(pol, "alice", "group:eng:1")
 
 
 def test_policy_tests_pass_and_fail() -> None:
@@ -231,7 +235,10 @@ def test_autogroups_member_tagged_and_star() -> None:
     lab = node(3, "bob")
     lab = NodeIdent(3, "bob", frozenset(), (ipaddress.ip_address("10.1.1.7"),), "lab")
     c.upsert(lab)
-    assert c.filter(3)[-1] == FRule(("0.0.0.0/0", "::/0"), (("10.1.1.7/32", 0, 65535),), ("udp",))
+    # "*" is the mesh (Tailscale's ranges) and the approved routes, never the internet
+    assert c.filter(3)[-1] == FRule(
+        tuple(sorted(str(m) for m in MESH)), (("10.1.1.7/32", 0, 65535),), ("udp",)
+    )
 
 
 def test_no_policy_is_allow_all() -> None:

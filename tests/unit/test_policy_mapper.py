@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostcore.policy import parse_policy
 from ghostmesh.changes import NodeAdded, NodeChanged, NodeRemoved
 from ghostmesh.mapper import Mapper
-from ghostmesh.policy import parse_policy
 from ghostmesh.store.base import NodeRec
 
 NOW = 1000.0
@@ -49,7 +49,7 @@ A, B, S = rec(1, "alice"), rec(2, "bob"), rec(3, "carol", ("tag:server",))
 
 def setup() -> Mapper:
     m = Mapper(25, parse_policy(POLICY))
-    m.load([(A, True), (B, True), (S, True)], NOW)
+    m.load([NodeAdded(A, True), NodeAdded(B, True), NodeAdded(S, True)], NOW)
     for sid, node in ((10, A), (20, B), (30, S)):
         m.open_stream(sid, node.id)
     return m
@@ -62,7 +62,7 @@ def ids(u: pb.MapUpdate | None) -> set[int]:
 
 def test_full_maps_hold_visible_peers_and_filter() -> None:
     m = Mapper(25, parse_policy(POLICY))
-    m.load([(A, True), (B, True), (S, True)], NOW)
+    m.load([NodeAdded(A, True), NodeAdded(B, True), NodeAdded(S, True)], NOW)
     assert ids(m.open_stream(1, A.id)) == {S.id}
     assert ids(m.open_stream(2, B.id)) == set()
     full_s = m.open_stream(3, S.id)

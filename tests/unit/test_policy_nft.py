@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ghostcore.errors import InvalidArgument
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostlink.engine import FilterSpec, NetMap
 from ghostlink.nft import NftFirewall, render, render_delete, rule_lines, table_name
@@ -26,20 +27,46 @@ def test_rule_lines_per_proto_and_family() -> None:
         "ip saddr 100.64.0.1/32 ip daddr 100.64.0.4/32 tcp dport 22 accept",
         "ip6 saddr fd7a:115c:a1e0::1/128 ip6 daddr fd7a:115c:a1e0::4/128 tcp dport 22 accept",
         "ip saddr 100.64.0.3/32 ip daddr 100.64.0.4/32 udp dport 5000-6000 accept",  # v4 only
-        "ip daddr 100.64.0.4/32 meta l4proto icmp accept",
-        "ip6 daddr fd7a:115c:a1e0::4/128 meta l4proto ipv6-icmp accept",
+        "ip daddr 100.64.0.4/32 meta l4proto icmp accept",  # icmp is IPv4's protocol 1 only
     ]
 
 
-def test_any_proto_and_overlapping_sources() -> None:
+def test_no_proto_is_tailscales_default_set_not_every_protocol() -> None:
     everything = FilterSpec(("0.0.0.0/0", "::/0"), (("0.0.0.0/0", 0, 65535), ("::/0", 0, 65535)), ())
-    assert rule_lines((everything,)) == ["accept"]  # both families collapse to one bare accept
+    # both families are whole (no address match), so the IPv6 lines equal the IPv4 ones but for ICMPv6
+    assert rule_lines((everything,)) == [
+        "meta l4proto tcp accept",
+        "meta l4proto udp accept",
+        "meta l4proto icmp accept",
+        "meta l4proto ipv6-icmp accept",
+    ]
     ported = FilterSpec(("10.0.0.0/8", "10.1.0.0/16", "100.64.0.2/32"), ((V4, 80, 80),), ())
     assert rule_lines((ported,)) == [
         "ip saddr { 10.0.0.0/8, 100.64.0.2/32 } ip daddr 100.64.0.4/32 tcp dport 80 accept",
         "ip saddr { 10.0.0.0/8, 100.64.0.2/32 } ip daddr 100.64.0.4/32 udp dport 80 accept",
         "ip saddr { 10.0.0.0/8, 100.64.0.2/32 } ip daddr 100.64.0.4/32 meta l4proto icmp accept",
     ]
+
+
+def test_protocols_are_enforced_as_written() -> None:
+    src = ("100.64.0.1/32", "fd7a:115c:a1e0::1/128")
+    rules = (
+        FilterSpec(src, ((V4, 0, 65535), (V6, 0, 65535)), ("gre", "esp", "99")),
+        FilterSpec(src, ((V4, 2905, 2905),), ("sctp", "gre")),  # gre has no ports: not on a port subset
+        FilterSpec(src, ((V6, 0, 0),), ("ipv6-icmp", "icmp")),  # icmp (v4) cannot match a v6 address
+    )
+    assert rule_lines(rules) == [
+        "ip saddr 100.64.0.1/32 ip daddr 100.64.0.4/32 meta l4proto 47 accept",
+        "ip saddr 100.64.0.1/32 ip daddr 100.64.0.4/32 meta l4proto 50 accept",
+        "ip saddr 100.64.0.1/32 ip daddr 100.64.0.4/32 meta l4proto 99 accept",
+        "ip6 saddr fd7a:115c:a1e0::1/128 ip6 daddr fd7a:115c:a1e0::4/128 meta l4proto 47 accept",
+        "ip6 saddr fd7a:115c:a1e0::1/128 ip6 daddr fd7a:115c:a1e0::4/128 meta l4proto 50 accept",
+        "ip6 saddr fd7a:115c:a1e0::1/128 ip6 daddr fd7a:115c:a1e0::4/128 meta l4proto 99 accept",
+        "ip saddr 100.64.0.1/32 ip daddr 100.64.0.4/32 sctp dport 2905 accept",
+        "ip6 saddr fd7a:115c:a1e0::1/128 ip6 daddr fd7a:115c:a1e0::4/128 meta l4proto ipv6-icmp accept",
+    ]
+    with pytest.raises(InvalidArgument, match="not a protocol"):
+        rule_lines((FilterSpec(src, ((V4, 0, 65535),), ("tcp; flush ruleset",)),))
 
 
 def test_render_is_one_atomic_replacement() -> None:

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ghostcore import relaywire as rw
+from ghostcore.keys import PrivateKey
 from ghostgate.relay_core import (
     MAX_PACKET,
     PEER_GONE_BURST,
@@ -23,7 +24,15 @@ from ghostgate.relay_core import (
 
 SECRET = b"unit-relay-secret"
 T0 = 1_800_000_000.0
-A_KEY, B_KEY, C_KEY = b"A" * 32, b"B" * 32, b"C" * 32
+PRIVATE = [PrivateKey.generate() for _ in range(3)]
+A_KEY, B_KEY, C_KEY = (k.public_key().raw for k in PRIVATE)
+_BY_KEY = {k.public_key().raw: k for k in PRIVATE}
+STATIC = rw.relay_static_key(SECRET).public_key()
+
+
+def auth(key: bytes, expiry: int, tok: bytes, challenge: bytes) -> bytes:
+    """The AUTH payload the holder of ``key``'s private half makes (relaywire: token and key proofs)."""
+    return rw.encode_auth(_BY_KEY[key], STATIC, expiry, tok, challenge)
 
 
 def make_core(**kw: object) -> RelayCore:
@@ -56,9 +65,7 @@ def hello(core: RelayCore, conn: int, now: float = T0) -> bytes:
 def login(core: RelayCore, conn: int, key: bytes, now: float = T0, ttl: int = 3600) -> list[Action]:
     challenge = hello(core, conn, now)
     expiry = int(now) + ttl
-    return core.stream(
-        conn, rw.encode(rw.AUTH, rw.encode_auth(key, expiry, token(key, expiry), challenge)), now
-    )
+    return core.stream(conn, rw.encode(rw.AUTH, auth(key, expiry, token(key, expiry), challenge)), now)
 
 
 def test_auth_ok_then_forward_and_ping() -> None:
@@ -88,10 +95,10 @@ def test_frames_split_across_reads() -> None:
 def test_bad_proof_refused_and_counted() -> None:
     core = make_core()
     challenge = hello(core, 1)
-    out = core.stream(1, rw.encode(rw.AUTH, rw.encode_auth(A_KEY, int(T0) + 60, b"wrong", challenge)), T0)
+    out = core.stream(1, rw.encode(rw.AUTH, auth(A_KEY, int(T0) + 60, b"wrong", challenge)), T0)
     (err,) = frames(out, 1)
     assert err.type == rw.ERROR
-    assert b"bad proof" in err.payload
+    assert b"bad token proof" in err.payload
     assert closed(out) == {1}
     assert core.counters["auth_failed"] == 1
     assert not core.conns
@@ -109,9 +116,7 @@ def test_expired_credentials_refused() -> None:
     # a token valid when minted, presented after its expiry, is refused too
     expiry = int(T0) + 10
     challenge = hello(core, 2, T0 + 11)
-    out = core.stream(
-        2, rw.encode(rw.AUTH, rw.encode_auth(A_KEY, expiry, token(A_KEY, expiry), challenge)), T0 + 11
-    )
+    out = core.stream(2, rw.encode(rw.AUTH, auth(A_KEY, expiry, token(A_KEY, expiry), challenge)), T0 + 11)
     assert closed(out) == {2}
     assert core.counters["auth_expired"] == 2
     assert not core.conns
@@ -121,7 +126,7 @@ def test_replayed_auth_on_a_second_connection_refused() -> None:
     core = make_core()
     challenge = hello(core, 1)
     expiry = int(T0) + 3600
-    recorded = rw.encode(rw.AUTH, rw.encode_auth(A_KEY, expiry, token(A_KEY, expiry), challenge))
+    recorded = rw.encode(rw.AUTH, auth(A_KEY, expiry, token(A_KEY, expiry), challenge))
     assert frames(core.stream(1, recorded, T0), 1) == [rw.Frame(rw.AUTH_OK, b"")]
     second = hello(core, 2)
     assert second != challenge  # fresh per connection
@@ -216,8 +221,10 @@ def test_refusals_after_auth_ok() -> None:
         rw.encode(rw.RECV, B_KEY),
         rw.encode(rw.AUTH, b""),
     ]
-    for conn, data in enumerate(bad, start=1):
-        login(core, conn, bytes([conn]) * 32)
+    extra = [PrivateKey.generate() for _ in bad]
+    _BY_KEY.update({k.public_key().raw: k for k in extra})
+    for conn, (data, node) in enumerate(zip(bad, extra, strict=True), start=1):
+        login(core, conn, node.public_key().raw)
         assert closed(core.stream(conn, data, T0)) == {conn}, data
     login(core, 10, A_KEY)
     assert closed(core.datagram(10, rw.encode_datagram(rw.RECV, B_KEY, b"x"), T0)) == {10}
@@ -230,6 +237,22 @@ def test_refusals_after_auth_ok() -> None:
     assert not core.routes
 
 
+def test_a_leaked_token_does_not_evict_the_node() -> None:
+    """The token in a node's map is not enough to take its key over on the relay: the AUTH must also prove
+    the node's private key (relaywire), so the real node keeps its route."""
+    core = make_core()
+    login(core, 1, A_KEY)
+    challenge = hello(core, 2)
+    expiry = int(T0) + 3600
+    stolen = bytearray(rw.encode_auth(PrivateKey.generate(), STATIC, expiry, token(A_KEY, expiry), challenge))
+    stolen[:32] = A_KEY
+    (err,) = frames(out := core.stream(2, rw.encode(rw.AUTH, bytes(stolen)), T0), 2)
+    assert b"bad key proof" in err.payload
+    assert closed(out) == {2}
+    assert core.routes == {A_KEY: 1}
+    assert core.counters["auth_failed"] == 1
+
+
 def test_repr_keeps_the_secret_out() -> None:
     assert "unit-relay-secret" not in repr(make_core())
 
@@ -240,7 +263,7 @@ _SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Hea
 def _valid_stream(core: RelayCore, conn: int) -> bytes:
     challenge = hello(core, conn)
     expiry = int(T0) + 3600
-    return rw.encode(rw.AUTH, rw.encode_auth(B_KEY, expiry, token(B_KEY, expiry), challenge))
+    return rw.encode(rw.AUTH, auth(B_KEY, expiry, token(B_KEY, expiry), challenge))
 
 
 @_SETTINGS

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from ghostcore.errors import InvalidArgument, NotFound
 from ghostcore.keys import PrivateKey
-from ghostmesh.changes import NodeChanged
+from ghostcore.policy import Compiler, NodeIdent, PolicyError, parse_policy
+from ghostcore.policy.model import Principal
+from ghostmesh.changes import NodeAdded, NodeChanged
 from ghostmesh.mapper import Mapper, node_to_pb
-from ghostmesh.policy import Compiler, NodeIdent, PolicyError, parse_policy
-from ghostmesh.policy.model import Principal
 from ghostmesh.routes import RouteTable, validate_prefix
 from ghostmesh.state import State, StateConfig
 from ghostmesh.store.base import NodeRec, RouteRec
@@ -30,7 +30,7 @@ OVERLAY = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115
 
 def test_valid_prefixes_are_normalised() -> None:
     assert validate_prefix("10.1.1.0/24", OVERLAY) == "10.1.1.0/24"
-    assert validate_prefix(" 2001:db8:1:0::/64 ", OVERLAY) == "2001:db8:1::/64"
+    assert validate_prefix("2001:DB8:1:0::/64", OVERLAY) == "2001:db8:1::/64"
     assert validate_prefix("0.0.0.0/0", OVERLAY) == "0.0.0.0/0"  # exit node
     assert validate_prefix("::/0", OVERLAY) == "::/0"
 
@@ -45,6 +45,9 @@ def test_valid_prefixes_are_normalised() -> None:
         ("10.1.1.0", "expected a prefix such as 10.1.1.0/24"),
         ("banana/24", "expected a prefix"),
         ("10.1.1.0/33", "expected a prefix"),
+        (" 2001:db8:1::/64 ", "expected a prefix"),  # whitespace is refused, not stripped
+        ("fe80::%eth0/64", "expected a prefix"),  # a zone ID
+        ("10.1.1.0/24\n", "expected a prefix"),
     ],
 )
 def test_bad_prefixes_are_refused_in_one_line(text: str, says: str) -> None:
@@ -121,7 +124,10 @@ def test_add_route_then_failover_is_two_node_changes(tmp_path: Path) -> None:
     ]
     _, changed, changes = st.add_route("r2", "10.1.1.0/24")
     assert changed
-    assert changes == []  # standby: r2 serves but r1 stays primary (nothing a peer sees changed)
+    # standby: r2 serves but r1 stays primary; r2 changes only as a router the policy sees (approved)
+    assert [(c.node.name, c.node.primary_routes, c.node.approved_routes) for c in changes] == [
+        ("r2", (), ("10.1.1.0/24",))
+    ]
     changes = st.disconnect(r1.id, T0 + 1)
     got = {c.node.name: (c.online, c.node.primary_routes) for c in changes if isinstance(c, NodeChanged)}
     assert got == {"r1": (False, ()), "r2": (True, ("10.1.1.0/24",))}
@@ -220,7 +226,10 @@ def test_auto_approvers_errors_name_key_paths() -> None:
         parse_policy(bad)
     errs = exc.value.errors
     assert any(
-        e.startswith('auto_approvers.routes."10.1.0.1/16": "10.1.0.1/16" is not a prefix without host bits')
+        e.startswith(
+            "auto_approvers.routes.\"10.1.0.1/16\": invalid prefix '10.1.0.1/16': expected a prefix "
+            "without host bits, e.g. 10.1.0.0/16"
+        )
         for e in errs
     )
     assert any(e.startswith("auto_approvers.exit_node[1]:") for e in errs)
@@ -297,7 +306,10 @@ def test_mapper_sends_the_new_primary_to_the_sources_only() -> None:
             f"n{i}", None, primary_routes=routes,
         )  # fmt: skip
 
-    m.load([(rec(1, "alice"), True), (rec(2, "carol"), True), (rec(3, "eve"), True)], T0)
+    m.load(
+        [NodeAdded(rec(1, "alice"), True), NodeAdded(rec(2, "carol"), True), NodeAdded(rec(3, "eve"), True)],
+        T0,
+    )
     s1 = m.open_stream(1, 1)
     s3 = m.open_stream(3, 3)
     assert len(s1.peers_upserted) == 0

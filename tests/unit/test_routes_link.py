@@ -83,8 +83,12 @@ def test_advertise_config() -> None:
     cfg = load_config(None, environ={"GHOSTLINK_NODE_ADVERTISE_ROUTES": "10.1.1.0/24, 2001:db8:1::/64"})
     assert cfg.node.advertise_routes == ["10.1.1.0/24", "2001:db8:1::/64"]
     assert not cfg.node.advertise_exit_node
-    with pytest.raises(ConfigError, match=r"node\.advertise_routes\[0\]: '10\.1\.1\.1/24' is not a prefix"):
+    with pytest.raises(
+        ConfigError, match=r"node\.advertise_routes\[0\]: expected a prefix without host bits"
+    ):
         load_config(None, environ={}, flags={"node.advertise_routes": "10.1.1.1/24"})
+    with pytest.raises(ConfigError, match=r"node\.advertise_routes\[0\]: expected"):
+        load_config(None, environ={}, flags={"node.advertise_routes": "fe80::%eth0/64"})
     with pytest.raises(ConfigError, match=r"use node\.advertise_exit_node"):
         load_config(None, environ={}, flags={"node.advertise_routes": "0.0.0.0/0"})
 

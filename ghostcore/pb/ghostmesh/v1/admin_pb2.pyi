@@ -3,8 +3,8 @@
 isort:skip_file
 The admin contract: ghostctl (or any API client) -> ghostmesh.
 
-Served on a root-only unix socket (no credentials: the file mode is the check) and on the TCP bind
-address, where every call needs metadata "authorization: Bearer <api key>".
+Served on a root-only unix socket (no credentials: the file mode is the check) and, over TLS only, on the
+TCP bind address, where every call needs metadata "authorization: Bearer <api key>".
 """
 
 from collections import abc as _abc
@@ -30,19 +30,32 @@ class User(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    OIDC_ISSUER_FIELD_NUMBER: _builtins.int
+    OIDC_SUBJECT_FIELD_NUMBER: _builtins.int
+    OIDC_GROUPS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     created_unix: _builtins.int
+    oidc_issuer: _builtins.str
+    """the OIDC account the user is bound to; both empty: none"""
+    oidc_subject: _builtins.str
+    @_builtins.property
+    def oidc_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the account's groups at its last login (policy "oidc:<group>")"""
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         name: _builtins.str = ...,
         created_unix: _builtins.int = ...,
+        oidc_issuer: _builtins.str = ...,
+        oidc_subject: _builtins.str = ...,
+        oidc_groups: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "id", b"id", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "id", b"id", "name", b"name", "oidc_groups", b"oidc_groups", "oidc_issuer", b"oidc_issuer", "oidc_subject", b"oidc_subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -50,6 +63,60 @@ Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
 class CreateUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OIDC_SUBJECT_FIELD_NUMBER: _builtins.int
+    OIDC_ISSUER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    oidc_subject: _builtins.str
+    """set: the user is bound to this OIDC account at once (see BindUser)"""
+    oidc_issuer: _builtins.str
+    """empty: the server's configured oidc.issuer"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        oidc_subject: _builtins.str = ...,
+        oidc_issuer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "oidc_issuer", b"oidc_issuer", "oidc_subject", b"oidc_subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
+
+@_typing.final
+class BindUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OIDC_SUBJECT_FIELD_NUMBER: _builtins.int
+    OIDC_ISSUER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    oidc_subject: _builtins.str
+    """the provider's `sub` of the account"""
+    oidc_issuer: _builtins.str
+    """empty: the server's configured oidc.issuer"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        oidc_subject: _builtins.str = ...,
+        oidc_issuer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "oidc_issuer", b"oidc_issuer", "oidc_subject", b"oidc_subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BindUserRequest: _TypeAlias = BindUserRequest  # noqa: Y015
+
+@_typing.final
+class UnbindUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -65,7 +132,7 @@ class CreateUserRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
+Global___UnbindUserRequest: _TypeAlias = UnbindUserRequest  # noqa: Y015
 
 @_typing.final
 class ListUsersRequest(_message.Message):
@@ -339,8 +406,11 @@ class CreateAuthKeyResponse(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """the whole key, shown exactly once"""
+    pin: _builtins.str
+    """the server's TLS key pin, "sha256:<base64url>" (ghostcore.joinkey)"""
     @_builtins.property
     def key(self) -> Global___AuthKey: ...
     def __init__(
@@ -348,10 +418,11 @@ class CreateAuthKeyResponse(_message.Message):
         *,
         key: Global___AuthKey | None = ...,
         secret: _builtins.str = ...,
+        pin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "pin", b"pin", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -471,7 +542,9 @@ class CreateApiKeyResponse(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
+    pin: _builtins.str
     @_builtins.property
     def key(self) -> Global___ApiKey: ...
     def __init__(
@@ -479,10 +552,11 @@ class CreateApiKeyResponse(_message.Message):
         *,
         key: Global___ApiKey | None = ...,
         secret: _builtins.str = ...,
+        pin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "pin", b"pin", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1000,3 +1074,133 @@ class ListRoutesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRoutesResponse: _TypeAlias = ListRoutesResponse  # noqa: Y015
+
+@_typing.final
+class GetServerIdentityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerIdentityRequest: _TypeAlias = GetServerIdentityRequest  # noqa: Y015
+
+@_typing.final
+class ServerIdentity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    TLS_PIN_FIELD_NUMBER: _builtins.int
+    TLS_SELF_SIGNED_FIELD_NUMBER: _builtins.int
+    SERVER_KEY_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    tls_pin: _builtins.str
+    """"sha256:<base64url>" of the TLS certificate's public key"""
+    tls_self_signed: _builtins.bool
+    """false: the [tls] cert_file of ghostmesh.toml (a CA's) is in use"""
+    server_key: _builtins.str
+    """the X25519 key node proofs are made with, base64"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        tls_pin: _builtins.str = ...,
+        tls_self_signed: _builtins.bool = ...,
+        server_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["server_key", b"server_key", "tls_pin", b"tls_pin", "tls_self_signed", b"tls_self_signed", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerIdentity: _TypeAlias = ServerIdentity  # noqa: Y015
+
+@_typing.final
+class GetLockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLockRequest: _TypeAlias = GetLockRequest  # noqa: Y015
+
+@_typing.final
+class LockStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOG_FIELD_NUMBER: _builtins.int
+    UNSIGNED_NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def log(self) -> _coordination_pb2.LockLog: ...
+    @_builtins.property
+    def unsigned_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes whose key no valid signature vouches for (names)"""
+
+    def __init__(
+        self,
+        *,
+        log: _coordination_pb2.LockLog | None = ...,
+        unsigned_nodes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["log", b"log"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log", b"log", "unsigned_nodes", b"unsigned_nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockStatus: _TypeAlias = LockStatus  # noqa: Y015
+
+@_typing.final
+class AppendLockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATE_FIELD_NUMBER: _builtins.int
+    update: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        update: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendLockRequest: _TypeAlias = AppendLockRequest  # noqa: Y015
+
+@_typing.final
+class SignNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    node_key: _builtins.str
+    """the WireGuard key signed, base64"""
+    signature: _builtins.bytes
+    """ghostcore.lock chain vouching for it"""
+    def __init__(
+        self,
+        *,
+        node_key: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_key", b"node_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignNodeRequest: _TypeAlias = SignNodeRequest  # noqa: Y015

@@ -50,6 +50,16 @@ class AdminStub:
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.BindUser = channel.unary_unary(
+                '/ghostmesh.v1.Admin/BindUser',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.BindUserRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.User.FromString,
+                _registered_method=True)
+        self.UnbindUser = channel.unary_unary(
+                '/ghostmesh.v1.Admin/UnbindUser',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.UnbindUserRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.User.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/ghostmesh.v1.Admin/ListNodes',
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
@@ -150,6 +160,26 @@ class AdminStub:
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesResponse.FromString,
                 _registered_method=True)
+        self.GetServerIdentity = channel.unary_unary(
+                '/ghostmesh.v1.Admin/GetServerIdentity',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.GetServerIdentityRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ServerIdentity.FromString,
+                _registered_method=True)
+        self.GetLock = channel.unary_unary(
+                '/ghostmesh.v1.Admin/GetLock',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.GetLockRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.LockStatus.FromString,
+                _registered_method=True)
+        self.AppendLock = channel.unary_unary(
+                '/ghostmesh.v1.Admin/AppendLock',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.AppendLockRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.LockStatus.FromString,
+                _registered_method=True)
+        self.SignNode = channel.unary_unary(
+                '/ghostmesh.v1.Admin/SignNode',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.SignNodeRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.Node.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -168,6 +198,21 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BindUser(self, request, context):
+        """Bind a user to an OIDC account (issuer, subject): that account's logins act as this user, whatever
+        name their claims carry, and no other account's do. An OIDC login never takes over a user that is
+        bound to no account. Unbind: no OIDC login acts as the user any more (its nodes stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnbindUser(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -299,6 +344,35 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerIdentity(self, request, context):
+        """The server's identity on the control channel: its TLS key pin (what nodes and remote admins trust).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLock(self, request, context):
+        """Node-key signing ("tailnet lock", ghostcore.lock). ghostmesh stores and forwards the signed log and
+        the node signatures; it holds no signing key and checks each against the log before storing it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendLock(self, request, context):
+        """one signed update that extends the log
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignNode(self, request, context):
+        """a signature for the node holding node_key
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +390,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteUser,
                     request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteUserRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'BindUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindUser,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.BindUserRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.User.SerializeToString,
+            ),
+            'UnbindUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnbindUser,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.UnbindUserRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.User.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -417,6 +501,26 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_admin__pb2.ListRoutesResponse.SerializeToString,
             ),
+            'GetServerIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerIdentity,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.GetServerIdentityRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.ServerIdentity.SerializeToString,
+            ),
+            'GetLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLock,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.GetLockRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.LockStatus.SerializeToString,
+            ),
+            'AppendLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendLock,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.AppendLockRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_admin__pb2.LockStatus.SerializeToString,
+            ),
+            'SignNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignNode,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.SignNodeRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.Node.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ghostmesh.v1.Admin', rpc_method_handlers)
@@ -499,6 +603,60 @@ class Admin:
             '/ghostmesh.v1.Admin/DeleteUser',
             ghostmesh_dot_v1_dot_admin__pb2.DeleteUserRequest.SerializeToString,
             ghostmesh_dot_v1_dot_admin__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/BindUser',
+            ghostmesh_dot_v1_dot_admin__pb2.BindUserRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnbindUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/UnbindUser',
+            ghostmesh_dot_v1_dot_admin__pb2.UnbindUserRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.User.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1039,6 +1197,114 @@ class Admin:
             '/ghostmesh.v1.Admin/ListRoutes',
             ghostmesh_dot_v1_dot_admin__pb2.ListRoutesRequest.SerializeToString,
             ghostmesh_dot_v1_dot_admin__pb2.ListRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/GetServerIdentity',
+            ghostmesh_dot_v1_dot_admin__pb2.GetServerIdentityRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.ServerIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/GetLock',
+            ghostmesh_dot_v1_dot_admin__pb2.GetLockRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.LockStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/AppendLock',
+            ghostmesh_dot_v1_dot_admin__pb2.AppendLockRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_admin__pb2.LockStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/SignNode',
+            ghostmesh_dot_v1_dot_admin__pb2.SignNodeRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_coordination__pb2.Node.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,8 @@
 isort:skip_file
 The admin contract: ghostctl (or any API client) -> ghostmesh.
 
-Served on a root-only unix socket (no credentials: the file mode is the check) and on the TCP bind
-address, where every call needs metadata "authorization: Bearer <api key>".
+Served on a root-only unix socket (no credentials: the file mode is the check) and, over TLS only, on the
+TCP bind address, where every call needs metadata "authorization: Bearer <api key>".
 """
 
 from collections import abc as _abc
@@ -39,6 +39,12 @@ class AdminStub:
     CreateUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateUserRequest, _admin_pb2.User]
     ListUsers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListUsersRequest, _admin_pb2.ListUsersResponse]
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteUserRequest, _admin_pb2.DeleteUserResponse]
+    BindUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.BindUserRequest, _admin_pb2.User]
+    """Bind a user to an OIDC account (issuer, subject): that account's logins act as this user, whatever
+    name their claims carry, and no other account's do. An OIDC login never takes over a user that is
+    bound to no account. Unbind: no OIDC login acts as the user any more (its nodes stay).
+    """
+    UnbindUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnbindUserRequest, _admin_pb2.User]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]
     RenameNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RenameNodeRequest, _coordination_pb2.Node]
     ExpireNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExpireNodeRequest, _coordination_pb2.Node]
@@ -67,6 +73,16 @@ class AdminStub:
     ApproveRoute: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.Route]
     DeleteRoute: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.DeleteRouteResponse]
     ListRoutes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRoutesRequest, _admin_pb2.ListRoutesResponse]
+    GetServerIdentity: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetServerIdentityRequest, _admin_pb2.ServerIdentity]
+    """The server's identity on the control channel: its TLS key pin (what nodes and remote admins trust)."""
+    GetLock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetLockRequest, _admin_pb2.LockStatus]
+    """Node-key signing ("tailnet lock", ghostcore.lock). ghostmesh stores and forwards the signed log and
+    the node signatures; it holds no signing key and checks each against the log before storing it.
+    """
+    AppendLock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AppendLockRequest, _admin_pb2.LockStatus]
+    """one signed update that extends the log"""
+    SignNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SignNodeRequest, _coordination_pb2.Node]
+    """a signature for the node holding node_key"""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -74,6 +90,12 @@ class AdminAsyncStub(AdminStub):
     CreateUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateUserRequest, _admin_pb2.User]  # type: ignore[assignment]
     ListUsers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListUsersRequest, _admin_pb2.ListUsersResponse]  # type: ignore[assignment]
     DeleteUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteUserRequest, _admin_pb2.DeleteUserResponse]  # type: ignore[assignment]
+    BindUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.BindUserRequest, _admin_pb2.User]  # type: ignore[assignment]
+    """Bind a user to an OIDC account (issuer, subject): that account's logins act as this user, whatever
+    name their claims carry, and no other account's do. An OIDC login never takes over a user that is
+    bound to no account. Unbind: no OIDC login acts as the user any more (its nodes stay).
+    """
+    UnbindUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnbindUserRequest, _admin_pb2.User]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]  # type: ignore[assignment]
     RenameNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RenameNodeRequest, _coordination_pb2.Node]  # type: ignore[assignment]
     ExpireNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExpireNodeRequest, _coordination_pb2.Node]  # type: ignore[assignment]
@@ -102,6 +124,16 @@ class AdminAsyncStub(AdminStub):
     ApproveRoute: _aio.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.Route]  # type: ignore[assignment]
     DeleteRoute: _aio.UnaryUnaryMultiCallable[_admin_pb2.RouteRequest, _admin_pb2.DeleteRouteResponse]  # type: ignore[assignment]
     ListRoutes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRoutesRequest, _admin_pb2.ListRoutesResponse]  # type: ignore[assignment]
+    GetServerIdentity: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetServerIdentityRequest, _admin_pb2.ServerIdentity]  # type: ignore[assignment]
+    """The server's identity on the control channel: its TLS key pin (what nodes and remote admins trust)."""
+    GetLock: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetLockRequest, _admin_pb2.LockStatus]  # type: ignore[assignment]
+    """Node-key signing ("tailnet lock", ghostcore.lock). ghostmesh stores and forwards the signed log and
+    the node signatures; it holds no signing key and checks each against the log before storing it.
+    """
+    AppendLock: _aio.UnaryUnaryMultiCallable[_admin_pb2.AppendLockRequest, _admin_pb2.LockStatus]  # type: ignore[assignment]
+    """one signed update that extends the log"""
+    SignNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.SignNodeRequest, _coordination_pb2.Node]  # type: ignore[assignment]
+    """a signature for the node holding node_key"""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -124,6 +156,24 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DeleteUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteUserResponse, _abc.Awaitable[_admin_pb2.DeleteUserResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def BindUser(
+        self,
+        request: _admin_pb2.BindUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.User, _abc.Awaitable[_admin_pb2.User]]:
+        """Bind a user to an OIDC account (issuer, subject): that account's logins act as this user, whatever
+        name their claims carry, and no other account's do. An OIDC login never takes over a user that is
+        bound to no account. Unbind: no OIDC login acts as the user any more (its nodes stay).
+        """
+
+    @_abc_1.abstractmethod
+    def UnbindUser(
+        self,
+        request: _admin_pb2.UnbindUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.User, _abc.Awaitable[_admin_pb2.User]]: ...
 
     @_abc_1.abstractmethod
     def ListNodes(
@@ -272,5 +322,39 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListRoutesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListRoutesResponse, _abc.Awaitable[_admin_pb2.ListRoutesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetServerIdentity(
+        self,
+        request: _admin_pb2.GetServerIdentityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ServerIdentity, _abc.Awaitable[_admin_pb2.ServerIdentity]]:
+        """The server's identity on the control channel: its TLS key pin (what nodes and remote admins trust)."""
+
+    @_abc_1.abstractmethod
+    def GetLock(
+        self,
+        request: _admin_pb2.GetLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.LockStatus, _abc.Awaitable[_admin_pb2.LockStatus]]:
+        """Node-key signing ("tailnet lock", ghostcore.lock). ghostmesh stores and forwards the signed log and
+        the node signatures; it holds no signing key and checks each against the log before storing it.
+        """
+
+    @_abc_1.abstractmethod
+    def AppendLock(
+        self,
+        request: _admin_pb2.AppendLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.LockStatus, _abc.Awaitable[_admin_pb2.LockStatus]]:
+        """one signed update that extends the log"""
+
+    @_abc_1.abstractmethod
+    def SignNode(
+        self,
+        request: _admin_pb2.SignNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordination_pb2.Node, _abc.Awaitable[_coordination_pb2.Node]]:
+        """a signature for the node holding node_key"""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

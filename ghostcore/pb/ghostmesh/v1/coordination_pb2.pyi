@@ -3,15 +3,26 @@
 isort:skip_file
 The coordination contract between ghostlink (node agent) and ghostmesh (server).
 
-Authentication of a node (every RPC but GetServerInfo carries it in metadata):
+Transport: gRPC over TLS only. A node trusts the server's TLS key through the pin it was handed at join
+(ghostcore.joinkey, ghostcore.tlschannel) or, without a pin, through a certificate authority.
+
+Authentication of a node (every RPC but GetServerInfo carries it in metadata, ghostcore.nodeauth):
   x-ghost-node-key : the node's WireGuard public key, base64 (44 chars)
   x-ghost-ts       : unix time in milliseconds, decimal
-  x-ghost-proof    : base64 HMAC-SHA256(K, "<method>\\n<ts>\\n<node-key>") where
-                     K = HKDF-SHA256(X25519(node_private, server_public), info="ghostmesh-node-proof-v1")
+  x-ghost-nonce    : 16 random bytes, unpadded base64url; the server accepts each nonce once per key
+  x-ghost-proof    : base64 HMAC-SHA256(K, "ghost-proof-v2\\n<method>\\n<ts>\\n<nonce>\\n<node-key>\\n<h>")
+                     where h is the hex SHA-256 of the serialized request message and
+                     K = HKDF-SHA256(X25519(node_private, server_public), info="ghostmesh-node-proof-v2")
 The server recomputes K with its own private key, so only the holder of the node's WireGuard private
-key can produce a proof (the same trick as Noise IK's static-static DH, without the handshake).
-Proofs older than 60 s are refused. The server's X25519 public key comes from GetServerInfo and is
-pinned by the node at join.
+key can produce a proof, and nobody can change the request it covers or send it twice. Proofs more
+than 60 s from the server's clock are refused. The server's X25519 public key comes from GetServerInfo
+(over the authenticated channel) and is pinned by the node at join.
+Refusals: a missing, wrong or stale proof, or a request sent a second time, is UNAUTHENTICATED;
+malformed credentials are INVALID_ARGUMENT; while the server remembers too many recent requests to
+admit another it answers UNAVAILABLE (retry shortly).
+
+Node-key signing (ghostcore.lock): with a lock on, peers install a node only if Node.key_signature
+vouches for its key under the trusted keys of MapUpdate.lock, which ghostmesh cannot forge.
 """
 
 from collections import abc as _abc
@@ -73,19 +84,23 @@ class RegisterRequest(_message.Message):
 
     AUTH_KEY_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
     auth_key: _builtins.str
     """pre-auth key, shown once at creation; empty for re-registration of a known node"""
     hostname: _builtins.str
     """requested name; the server makes it unique"""
+    key_signature: _builtins.bytes
+    """node-key signing: the node's signature of its key, made with a pre-signed"""
     def __init__(
         self,
         *,
         auth_key: _builtins.str = ...,
         hostname: _builtins.str = ...,
+        key_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_key", b"auth_key", "hostname", b"hostname"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_key", b"auth_key", "hostname", b"hostname", "key_signature", b"key_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,6 +184,7 @@ class Node(_message.Message):
     EXIT_NODE_FIELD_NUMBER: _builtins.int
     HOME_REGION_FIELD_NUMBER: _builtins.int
     TURN_RELAY_FIELD_NUMBER: _builtins.int
+    KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     user: _builtins.str
@@ -191,6 +207,8 @@ class Node(_message.Message):
     """peers send relayed packets for it through that region
     "ip:port": the node's TURN relayed address (allocation), if any
     """
+    key_signature: _builtins.bytes
+    """node-key signing: the chain vouching for node_key"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """overlay addresses, e.g. "100.64.0.1", "fd7a:115c:a1e0::1" """
@@ -228,14 +246,37 @@ class Node(_message.Message):
         exit_node: _builtins.bool = ...,
         home_region: _builtins.int = ...,
         turn_relay: _builtins.str = ...,
+        key_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "home_region", b"home_region", "id", b"id", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "turn_relay", b"turn_relay", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "home_region", b"home_region", "id", b"id", "key_signature", b"key_signature", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "turn_relay", b"turn_relay", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class LockLog(_message.Message):
+    """Node-key signing: the lock's signed updates, in order (ghostcore.lock). No updates: no lock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockLog: _TypeAlias = LockLog  # noqa: Y015
 
 @_typing.final
 class RelayRegion(_message.Message):
@@ -250,6 +291,7 @@ class RelayRegion(_message.Message):
     QUIC_PORT_FIELD_NUMBER: _builtins.int
     TCP_PORT_FIELD_NUMBER: _builtins.int
     TURN_FIELD_NUMBER: _builtins.int
+    TLS_PIN_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """> 0, unique in the map"""
     name: _builtins.str
@@ -263,6 +305,8 @@ class RelayRegion(_message.Message):
     """relay over a TLS stream (0: none)"""
     turn: _builtins.bool
     """the server does TURN with the map's REST credentials"""
+    tls_pin: _builtins.bytes
+    """SHA-256 of the relay certificate's SubjectPublicKeyInfo (both relay"""
     def __init__(
         self,
         *,
@@ -273,10 +317,11 @@ class RelayRegion(_message.Message):
         quic_port: _builtins.int = ...,
         tcp_port: _builtins.int = ...,
         turn: _builtins.bool = ...,
+        tls_pin: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "id", b"id", "name", b"name", "quic_port", b"quic_port", "stun_port", b"stun_port", "tcp_port", b"tcp_port", "turn", b"turn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "id", b"id", "name", b"name", "quic_port", b"quic_port", "stun_port", b"stun_port", "tcp_port", b"tcp_port", "tls_pin", b"tls_pin", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -294,6 +339,7 @@ class RelayMap(_message.Message):
     EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
     RELAY_TOKEN_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    RELAY_STATIC_KEY_FIELD_NUMBER: _builtins.int
     turn_username: _builtins.str
     """TURN REST: "<expiry unix>:<node id>" """
     turn_password: _builtins.str
@@ -302,6 +348,8 @@ class RelayMap(_message.Message):
     """when the credentials below stop working"""
     relay_token: _builtins.bytes
     """QUIC/TLS relay: HMAC-SHA256(secret, "ghostrelay-v1\\n" key "\\n" expiry)"""
+    relay_static_key: _builtins.bytes
+    """the relays' X25519 public key (32 bytes): a node's relay AUTH proves"""
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RelayRegion]: ...
     @_builtins.property
@@ -319,10 +367,11 @@ class RelayMap(_message.Message):
         expires_unix: _builtins.int = ...,
         relay_token: _builtins.bytes = ...,
         fallback: _abc.Iterable[_builtins.str] | None = ...,
+        relay_static_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix", b"expires_unix", "fallback", b"fallback", "regions", b"regions", "relay_token", b"relay_token", "turn_password", b"turn_password", "turn_username", b"turn_username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix", b"expires_unix", "fallback", b"fallback", "regions", b"regions", "relay_static_key", b"relay_static_key", "relay_token", b"relay_token", "turn_password", b"turn_password", "turn_username", b"turn_username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -423,10 +472,11 @@ class MapUpdate(_message.Message):
     SELF_FIELD_NUMBER: _builtins.int
     PEERS_UPSERTED_FIELD_NUMBER: _builtins.int
     PEERS_REMOVED_FIELD_NUMBER: _builtins.int
-    SIGNALS_FIELD_NUMBER: _builtins.int
     KEEPALIVE_SECONDS_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     RELAY_MAP_FIELD_NUMBER: _builtins.int
+    LOCK_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
     serial: _builtins.int
     """per stream, strictly increasing; 1 is the full map"""
     full: _builtins.bool
@@ -446,14 +496,22 @@ class MapUpdate(_message.Message):
         """node ids"""
 
     @_builtins.property
-    def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignalMessage]: ...
-    @_builtins.property
     def filter(self) -> Global___PacketFilter:
         """set (whole) when this node's inbound filter changed; always on full"""
 
     @_builtins.property
     def relay_map(self) -> Global___RelayMap:
         """set on full maps and whenever regions or credentials change"""
+
+    @_builtins.property
+    def lock(self) -> Global___LockLog:
+        """(credentials are re-minted before half their lifetime is left)
+        set on full maps and whenever the lock log grows
+        """
+
+    @_builtins.property
+    def dns(self) -> Global___DnsConfig:
+        """set on full maps (unset: no DNS settings, the node leaves its"""
 
     def __init__(
         self_,  # pyright: ignore[reportSelfClsParameterName]
@@ -463,18 +521,127 @@ class MapUpdate(_message.Message):
         self: Global___Node | None = ...,
         peers_upserted: _abc.Iterable[Global___Node] | None = ...,
         peers_removed: _abc.Iterable[_builtins.int] | None = ...,
-        signals: _abc.Iterable[Global___SignalMessage] | None = ...,
         keepalive_seconds: _builtins.int = ...,
         filter: Global___PacketFilter | None = ...,
         relay_map: Global___RelayMap | None = ...,
+        lock: Global___LockLog | None = ...,
+        dns: Global___DnsConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "relay_map", b"relay_map", "self", b"self"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "filter", b"filter", "lock", b"lock", "relay_map", b"relay_map", "self", b"self"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "full", b"full", "keepalive_seconds", b"keepalive_seconds", "peers_removed", b"peers_removed", "peers_upserted", b"peers_upserted", "relay_map", b"relay_map", "self", b"self", "serial", b"serial", "signals", b"signals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "filter", b"filter", "full", b"full", "keepalive_seconds", b"keepalive_seconds", "lock", b"lock", "peers_removed", b"peers_removed", "peers_upserted", b"peers_upserted", "relay_map", b"relay_map", "self", b"self", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MapUpdate: _TypeAlias = MapUpdate  # noqa: Y015
+
+@_typing.final
+class DnsConfig(_message.Message):
+    """MagicDNS and split DNS for the node's resolver (ghostlink's resolver at 100.100.100.100). Peer names
+    come from the map itself: `<peer name>.<base_domain>` answers a visible peer's overlay addresses.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAGIC_DNS_FIELD_NUMBER: _builtins.int
+    BASE_DOMAIN_FIELD_NUMBER: _builtins.int
+    NAMESERVERS_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    SEARCH_DOMAINS_FIELD_NUMBER: _builtins.int
+    EXTRA_RECORDS_FIELD_NUMBER: _builtins.int
+    magic_dns: _builtins.bool
+    """answer `<node>.<base_domain>` from the map"""
+    base_domain: _builtins.str
+    """e.g. "mesh.example" (lower case, no trailing dot)"""
+    @_builtins.property
+    def nameservers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """upstreams for every other name: "ip" or "ip:port" / "[ip6]:port";"""
+
+    @_builtins.property
+    def split(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitDns]:
+        """empty: the node's own upstreams (what its host used before)
+        names under a domain go to that domain's servers
+        """
+
+    @_builtins.property
+    def search_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """added to the host's search list (after base_domain)"""
+
+    @_builtins.property
+    def extra_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___DnsRecord]:
+        """admin-set records, answered as they are"""
+
+    def __init__(
+        self,
+        *,
+        magic_dns: _builtins.bool = ...,
+        base_domain: _builtins.str = ...,
+        nameservers: _abc.Iterable[_builtins.str] | None = ...,
+        split: _abc.Iterable[Global___SplitDns] | None = ...,
+        search_domains: _abc.Iterable[_builtins.str] | None = ...,
+        extra_records: _abc.Iterable[Global___DnsRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_domain", b"base_domain", "extra_records", b"extra_records", "magic_dns", b"magic_dns", "nameservers", b"nameservers", "search_domains", b"search_domains", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsConfig: _TypeAlias = DnsConfig  # noqa: Y015
+
+@_typing.final
+class SplitDns(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SERVERS_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """"corp.example": the domain and every name under it"""
+    @_builtins.property
+    def servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"ip" or "ip:port" / "[ip6]:port" """
+
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        servers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "servers", b"servers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitDns: _TypeAlias = SplitDns  # noqa: Y015
+
+@_typing.final
+class DnsRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """fully qualified, lower case, no trailing dot"""
+    type: _builtins.str
+    """"A", "AAAA" or "CNAME" """
+    value: _builtins.str
+    """an address, or the CNAME's target name"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "type", b"type", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsRecord: _TypeAlias = DnsRecord  # noqa: Y015
 
 @_typing.final
 class StatusReport(_message.Message):
@@ -530,88 +697,34 @@ class StatusAck(_message.Message):
 Global___StatusAck: _TypeAlias = StatusAck  # noqa: Y015
 
 @_typing.final
-class SignalRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TO_NODE_ID_FIELD_NUMBER: _builtins.int
-    PAYLOAD_FIELD_NUMBER: _builtins.int
-    to_node_id: _builtins.int
-    payload: _builtins.bytes
-    """opaque to the server, at most 4 KiB"""
-    def __init__(
-        self,
-        *,
-        to_node_id: _builtins.int = ...,
-        payload: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "to_node_id", b"to_node_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SignalRequest: _TypeAlias = SignalRequest  # noqa: Y015
-
-@_typing.final
-class SignalMessage(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FROM_NODE_ID_FIELD_NUMBER: _builtins.int
-    PAYLOAD_FIELD_NUMBER: _builtins.int
-    from_node_id: _builtins.int
-    payload: _builtins.bytes
-    def __init__(
-        self,
-        *,
-        from_node_id: _builtins.int = ...,
-        payload: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node_id", b"from_node_id", "payload", b"payload"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SignalMessage: _TypeAlias = SignalMessage  # noqa: Y015
-
-@_typing.final
-class SignalAck(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SignalAck: _TypeAlias = SignalAck  # noqa: Y015
-
-@_typing.final
 class RotateKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NEW_NODE_KEY_FIELD_NUMBER: _builtins.int
     NEW_TS_MS_FIELD_NUMBER: _builtins.int
     NEW_KEY_PROOF_FIELD_NUMBER: _builtins.int
+    NEW_KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
     new_node_key: _builtins.str
     """base64 X25519 public key the node will switch to"""
     new_ts_ms: _builtins.int
     """timestamp of new_key_proof"""
     new_key_proof: _builtins.bytes
-    """ghostcore.nodeauth MAC made with the NEW private key for method"""
+    """ghostcore.nodeauth.rotation_proof: a MAC by the NEW key over the new key,"""
+    new_key_signature: _builtins.bytes
+    """the current node key and new_ts_ms
+    node-key signing: the node's rotation key vouching for the new key
+    """
     def __init__(
         self,
         *,
         new_node_key: _builtins.str = ...,
         new_ts_ms: _builtins.int = ...,
         new_key_proof: _builtins.bytes = ...,
+        new_key_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_key_proof", b"new_key_proof", "new_node_key", b"new_node_key", "new_ts_ms", b"new_ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_key_proof", b"new_key_proof", "new_key_signature", b"new_key_signature", "new_node_key", b"new_node_key", "new_ts_ms", b"new_ts_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,11 +59,6 @@ class CoordinationStub:
                 request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.StatusReport.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.StatusAck.FromString,
                 _registered_method=True)
-        self.Signal = channel.unary_unary(
-                '/ghostmesh.v1.Coordination/Signal',
-                request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalRequest.SerializeToString,
-                response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalAck.FromString,
-                _registered_method=True)
         self.RotateKey = channel.unary_unary(
                 '/ghostmesh.v1.Coordination/RotateKey',
                 request_serializer=ghostmesh_dot_v1_dot_coordination__pb2.RotateKeyRequest.SerializeToString,
@@ -112,19 +107,15 @@ class CoordinationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Signal(self, request, context):
-        """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def RotateKey(self, request, context):
-        """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
-        the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
-        to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
-        new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
-        packets.
+        """Key rotation, step 1: metadata proves the CURRENT key (and the whole body); the body carries the NEW
+        key's consent to replace exactly that key (new_key_proof) and, while node-key signing is on, a
+        signature for it (else INVALID_ARGUMENT). The server keeps the new key as pending (peers still see
+        the old one) and answers; the same new key again is answered the same way, while another one is
+        refused (ALREADY_EXISTS) as long as the pending key is younger than ten minutes, and replaces it
+        after that. Step 2: the node switches WireGuard to the new key and makes any call proven with the
+        new key (ReportStatus): the server then makes the new key (and its signature) current and peers get
+        the change. See ghostlink's rotation docs for why this order loses no packets.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,11 +148,6 @@ def add_CoordinationServicer_to_server(servicer, server):
                     servicer.ReportStatus,
                     request_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.StatusReport.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.StatusAck.SerializeToString,
-            ),
-            'Signal': grpc.unary_unary_rpc_method_handler(
-                    servicer.Signal,
-                    request_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalRequest.FromString,
-                    response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.SignalAck.SerializeToString,
             ),
             'RotateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateKey,
@@ -304,33 +290,6 @@ class Coordination:
             '/ghostmesh.v1.Coordination/ReportStatus',
             ghostmesh_dot_v1_dot_coordination__pb2.StatusReport.SerializeToString,
             ghostmesh_dot_v1_dot_coordination__pb2.StatusAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Signal(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ghostmesh.v1.Coordination/Signal',
-            ghostmesh_dot_v1_dot_coordination__pb2.SignalRequest.SerializeToString,
-            ghostmesh_dot_v1_dot_coordination__pb2.SignalAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,15 +3,26 @@
 isort:skip_file
 The coordination contract between ghostlink (node agent) and ghostmesh (server).
 
-Authentication of a node (every RPC but GetServerInfo carries it in metadata):
+Transport: gRPC over TLS only. A node trusts the server's TLS key through the pin it was handed at join
+(ghostcore.joinkey, ghostcore.tlschannel) or, without a pin, through a certificate authority.
+
+Authentication of a node (every RPC but GetServerInfo carries it in metadata, ghostcore.nodeauth):
   x-ghost-node-key : the node's WireGuard public key, base64 (44 chars)
   x-ghost-ts       : unix time in milliseconds, decimal
-  x-ghost-proof    : base64 HMAC-SHA256(K, "<method>\\n<ts>\\n<node-key>") where
-                     K = HKDF-SHA256(X25519(node_private, server_public), info="ghostmesh-node-proof-v1")
+  x-ghost-nonce    : 16 random bytes, unpadded base64url; the server accepts each nonce once per key
+  x-ghost-proof    : base64 HMAC-SHA256(K, "ghost-proof-v2\\n<method>\\n<ts>\\n<nonce>\\n<node-key>\\n<h>")
+                     where h is the hex SHA-256 of the serialized request message and
+                     K = HKDF-SHA256(X25519(node_private, server_public), info="ghostmesh-node-proof-v2")
 The server recomputes K with its own private key, so only the holder of the node's WireGuard private
-key can produce a proof (the same trick as Noise IK's static-static DH, without the handshake).
-Proofs older than 60 s are refused. The server's X25519 public key comes from GetServerInfo and is
-pinned by the node at join.
+key can produce a proof, and nobody can change the request it covers or send it twice. Proofs more
+than 60 s from the server's clock are refused. The server's X25519 public key comes from GetServerInfo
+(over the authenticated channel) and is pinned by the node at join.
+Refusals: a missing, wrong or stale proof, or a request sent a second time, is UNAUTHENTICATED;
+malformed credentials are INVALID_ARGUMENT; while the server remembers too many recent requests to
+admit another it answers UNAVAILABLE (retry shortly).
+
+Node-key signing (ghostcore.lock): with a lock on, peers install a node only if Node.key_signature
+vouches for its key under the trusted keys of MapUpdate.lock, which ghostmesh cannot forge.
 """
 
 from collections import abc as _abc
@@ -57,14 +68,15 @@ class CoordinationStub:
     """The peer map: a full map first (serial 1 on each stream), then deltas with increasing serials."""
     ReportStatus: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.StatusReport, _coordination_pb2.StatusAck]
     """Endpoints and health the node observed; the server forwards endpoint changes to peers."""
-    Signal: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.SignalRequest, _coordination_pb2.SignalAck]
-    """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate."""
     RotateKey: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.RotateKeyRequest, _coordination_pb2.RotateKeyResponse]
-    """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
-    the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
-    to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
-    new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
-    packets.
+    """Key rotation, step 1: metadata proves the CURRENT key (and the whole body); the body carries the NEW
+    key's consent to replace exactly that key (new_key_proof) and, while node-key signing is on, a
+    signature for it (else INVALID_ARGUMENT). The server keeps the new key as pending (peers still see
+    the old one) and answers; the same new key again is answered the same way, while another one is
+    refused (ALREADY_EXISTS) as long as the pending key is younger than ten minutes, and replaces it
+    after that. Step 2: the node switches WireGuard to the new key and makes any call proven with the
+    new key (ReportStatus): the server then makes the new key (and its signature) current and peers get
+    the change. See ghostlink's rotation docs for why this order loses no packets.
     """
 
 @_typing.type_check_only
@@ -85,14 +97,15 @@ class CoordinationAsyncStub(CoordinationStub):
     """The peer map: a full map first (serial 1 on each stream), then deltas with increasing serials."""
     ReportStatus: _aio.UnaryUnaryMultiCallable[_coordination_pb2.StatusReport, _coordination_pb2.StatusAck]  # type: ignore[assignment]
     """Endpoints and health the node observed; the server forwards endpoint changes to peers."""
-    Signal: _aio.UnaryUnaryMultiCallable[_coordination_pb2.SignalRequest, _coordination_pb2.SignalAck]  # type: ignore[assignment]
-    """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate."""
     RotateKey: _aio.UnaryUnaryMultiCallable[_coordination_pb2.RotateKeyRequest, _coordination_pb2.RotateKeyResponse]  # type: ignore[assignment]
-    """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
-    the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
-    to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
-    new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
-    packets.
+    """Key rotation, step 1: metadata proves the CURRENT key (and the whole body); the body carries the NEW
+    key's consent to replace exactly that key (new_key_proof) and, while node-key signing is on, a
+    signature for it (else INVALID_ARGUMENT). The server keeps the new key as pending (peers still see
+    the old one) and answers; the same new key again is answered the same way, while another one is
+    refused (ALREADY_EXISTS) as long as the pending key is younger than ten minutes, and replaces it
+    after that. Step 2: the node switches WireGuard to the new key and makes any call proven with the
+    new key (ReportStatus): the server then makes the new key (and its signature) current and peers get
+    the change. See ghostlink's rotation docs for why this order loses no packets.
     """
 
 class CoordinationServicer(metaclass=_abc_1.ABCMeta):
@@ -142,24 +155,19 @@ class CoordinationServicer(metaclass=_abc_1.ABCMeta):
         """Endpoints and health the node observed; the server forwards endpoint changes to peers."""
 
     @_abc_1.abstractmethod
-    def Signal(
-        self,
-        request: _coordination_pb2.SignalRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_coordination_pb2.SignalAck, _abc.Awaitable[_coordination_pb2.SignalAck]]:
-        """Peer-to-peer signalling (NAT traversal candidates, later): delivered in the target's MapUpdate."""
-
-    @_abc_1.abstractmethod
     def RotateKey(
         self,
         request: _coordination_pb2.RotateKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordination_pb2.RotateKeyResponse, _abc.Awaitable[_coordination_pb2.RotateKeyResponse]]:
-        """Key rotation, step 1: metadata proves the CURRENT key; the body proves the NEW key. The server keeps
-        the new key as pending (peers still see the old one) and answers. Step 2: the node switches WireGuard
-        to the new key and makes any call proven with the new key (ReportStatus): the server then makes the
-        new key current and peers get the change. See ghostlink's rotation docs for why this order loses no
-        packets.
+        """Key rotation, step 1: metadata proves the CURRENT key (and the whole body); the body carries the NEW
+        key's consent to replace exactly that key (new_key_proof) and, while node-key signing is on, a
+        signature for it (else INVALID_ARGUMENT). The server keeps the new key as pending (peers still see
+        the old one) and answers; the same new key again is answered the same way, while another one is
+        refused (ALREADY_EXISTS) as long as the pending key is younger than ten minutes, and replaces it
+        after that. Step 2: the node switches WireGuard to the new key and makes any call proven with the
+        new key (ReportStatus): the server then makes the new key (and its signature) current and peers get
+        the change. See ghostlink's rotation docs for why this order loses no packets.
         """
 
 def add_CoordinationServicer_to_server(servicer: CoordinationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

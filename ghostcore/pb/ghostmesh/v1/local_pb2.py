@@ -24,33 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ghostmesh/v1/local.proto\x12\x0cghostmesh.v1\"\x11\n\x0fNetcheckRequest\"o\n\x0cRelayLatency\x12\x0e\n\x06region\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0e\n\x06mapped\x18\x05 \x01(\t\x12\x0c\n\x04home\x18\x06 \x01(\x08\"\xa1\x01\n\x0eNetcheckReport\x12\x0b\n\x03udp\x18\x01 \x01(\x08\x12\x17\n\x0fpublic_endpoint\x18\x02 \x01(\t\x12\x0f\n\x07mapping\x18\x03 \x01(\t\x12*\n\x06relays\x18\x04 \x03(\x0b\x32\x1a.ghostmesh.v1.RelayLatency\x12\x13\n\x0bhome_region\x18\x05 \x01(\r\x12\x17\n\x0frelay_transport\x18\x06 \x01(\t\"\x17\n\x15LocalRotateKeyRequest\"D\n\x16LocalRotateKeyResponse\x12\x14\n\x0cold_node_key\x18\x01 \x01(\t\x12\x14\n\x0cnew_node_key\x18\x02 \x01(\t\"\x14\n\x12LocalStatusRequest\"\x90\x02\n\x0bLocalStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0e\n\x06server\x18\x06 \x01(\t\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x12\n\nmap_serial\x18\x08 \x01(\x04\x12\x11\n\tinterface\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x13\n\x0blisten_port\x18\x0b \x01(\r\x12\x15\n\rlast_map_unix\x18\x0c \x01(\x03\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x0e \x01(\x03\"\x13\n\x11LocalPeersRequest\"\xe5\x01\n\tLocalPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08node_key\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x1d\n\x15latest_handshake_unix\x18\x06 \x01(\x03\x12\x10\n\x08rx_bytes\x18\x07 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06online\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\r\n\x05relay\x18\x0b \x01(\t\x12\x12\n\nlatency_ms\x18\x0c \x01(\x01\"<\n\x12LocalPeersResponse\x12&\n\x05peers\x18\x01 \x03(\x0b\x32\x17.ghostmesh.v1.LocalPeer2\xbf\x02\n\tLocalNode\x12\x45\n\x06Status\x12 .ghostmesh.v1.LocalStatusRequest\x1a\x19.ghostmesh.v1.LocalStatus\x12J\n\x05Peers\x12\x1f.ghostmesh.v1.LocalPeersRequest\x1a .ghostmesh.v1.LocalPeersResponse\x12V\n\tRotateKey\x12#.ghostmesh.v1.LocalRotateKeyRequest\x1a$.ghostmesh.v1.LocalRotateKeyResponse\x12G\n\x08Netcheck\x12\x1d.ghostmesh.v1.NetcheckRequest\x1a\x1c.ghostmesh.v1.NetcheckReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ghostmesh/v1/local.proto\x12\x0cghostmesh.v1\"\x17\n\x15LocalDnsStatusRequest\"3\n\x10LocalSplitDomain\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\"\xf8\x02\n\x0eLocalDnsStatus\x12\x12\n\naccept_dns\x18\x01 \x01(\x08\x12\x12\n\nconfigured\x18\x02 \x01(\x08\x12\x11\n\tmagic_dns\x18\x03 \x01(\x08\x12\x13\n\x0b\x62\x61se_domain\x18\x04 \x01(\t\x12\r\n\x05names\x18\x05 \x01(\r\x12\x15\n\rextra_records\x18\x06 \x01(\r\x12-\n\x05split\x18\x07 \x03(\x0b\x32\x1e.ghostmesh.v1.LocalSplitDomain\x12\x11\n\tupstreams\x18\x08 \x03(\t\x12\x18\n\x10upstreams_source\x18\t \x01(\t\x12\x16\n\x0esearch_domains\x18\n \x03(\t\x12\x0e\n\x06listen\x18\x0b \x03(\t\x12\x11\n\thost_mode\x18\x0c \x01(\t\x12\x13\n\x0bhost_detail\x18\r \x01(\t\x12\x0f\n\x07queries\x18\x0e \x01(\x04\x12\x11\n\tforwarded\x18\x0f \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x10 \x01(\x04\x12\x0f\n\x07refused\x18\x11 \x03(\t\"3\n\x10LocalPingRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\xae\x01\n\x11LocalPingResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08node_key\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08\x61nswered\x18\x04 \x01(\x08\x12\x0e\n\x06rtt_ms\x18\x05 \x01(\x01\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\r\n\x05relay\x18\x07 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x08 \x01(\t\x12\x17\n\x0fpath_latency_ms\x18\t \x01(\x01\"\x11\n\x0fNetcheckRequest\"o\n\x0cRelayLatency\x12\x0e\n\x06region\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x0e\n\x06mapped\x18\x05 \x01(\t\x12\x0c\n\x04home\x18\x06 \x01(\x08\"\xa1\x01\n\x0eNetcheckReport\x12\x0b\n\x03udp\x18\x01 \x01(\x08\x12\x17\n\x0fpublic_endpoint\x18\x02 \x01(\t\x12\x0f\n\x07mapping\x18\x03 \x01(\t\x12*\n\x06relays\x18\x04 \x03(\x0b\x32\x1a.ghostmesh.v1.RelayLatency\x12\x13\n\x0bhome_region\x18\x05 \x01(\r\x12\x17\n\x0frelay_transport\x18\x06 \x01(\t\"\x17\n\x15LocalRotateKeyRequest\"D\n\x16LocalRotateKeyResponse\x12\x14\n\x0cold_node_key\x18\x01 \x01(\t\x12\x14\n\x0cnew_node_key\x18\x02 \x01(\t\"\x14\n\x12LocalStatusRequest\"\x8e\x03\n\x0bLocalStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0e\n\x06server\x18\x06 \x01(\t\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x12\n\nmap_serial\x18\x08 \x01(\x04\x12\x11\n\tinterface\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x13\n\x0blisten_port\x18\x0b \x01(\r\x12\x15\n\rlast_map_unix\x18\x0c \x01(\x03\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x0e \x01(\x03\x12\x14\n\x0clock_enabled\x18\x0f \x01(\x08\x12\x12\n\nkey_signed\x18\x10 \x01(\x08\x12\x14\n\x0clock_request\x18\x11 \x01(\t\x12\x14\n\x0clock_trusted\x18\x12 \x03(\t\x12\x0f\n\x07refused\x18\x13 \x03(\t\x12\x15\n\rrefused_total\x18\x14 \x01(\x04\"\x13\n\x11LocalPeersRequest\"\xe5\x01\n\tLocalPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08node_key\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x1d\n\x15latest_handshake_unix\x18\x06 \x01(\x03\x12\x10\n\x08rx_bytes\x18\x07 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06online\x18\t \x01(\x08\x12\x0c\n\x04path\x18\n \x01(\t\x12\r\n\x05relay\x18\x0b \x01(\t\x12\x12\n\nlatency_ms\x18\x0c \x01(\x01\"<\n\x12LocalPeersResponse\x12&\n\x05peers\x18\x01 \x03(\x0b\x32\x17.ghostmesh.v1.LocalPeer2\xd8\x03\n\tLocalNode\x12\x45\n\x06Status\x12 .ghostmesh.v1.LocalStatusRequest\x1a\x19.ghostmesh.v1.LocalStatus\x12J\n\x05Peers\x12\x1f.ghostmesh.v1.LocalPeersRequest\x1a .ghostmesh.v1.LocalPeersResponse\x12V\n\tRotateKey\x12#.ghostmesh.v1.LocalRotateKeyRequest\x1a$.ghostmesh.v1.LocalRotateKeyResponse\x12G\n\x08Netcheck\x12\x1d.ghostmesh.v1.NetcheckRequest\x1a\x1c.ghostmesh.v1.NetcheckReport\x12G\n\x04Ping\x12\x1e.ghostmesh.v1.LocalPingRequest\x1a\x1f.ghostmesh.v1.LocalPingResponse\x12N\n\tDnsStatus\x12#.ghostmesh.v1.LocalDnsStatusRequest\x1a\x1c.ghostmesh.v1.LocalDnsStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ghostcore.pb.ghostmesh.v1.local_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NETCHECKREQUEST']._serialized_start=42
-  _globals['_NETCHECKREQUEST']._serialized_end=59
-  _globals['_RELAYLATENCY']._serialized_start=61
-  _globals['_RELAYLATENCY']._serialized_end=172
-  _globals['_NETCHECKREPORT']._serialized_start=175
-  _globals['_NETCHECKREPORT']._serialized_end=336
-  _globals['_LOCALROTATEKEYREQUEST']._serialized_start=338
-  _globals['_LOCALROTATEKEYREQUEST']._serialized_end=361
-  _globals['_LOCALROTATEKEYRESPONSE']._serialized_start=363
-  _globals['_LOCALROTATEKEYRESPONSE']._serialized_end=431
-  _globals['_LOCALSTATUSREQUEST']._serialized_start=433
-  _globals['_LOCALSTATUSREQUEST']._serialized_end=453
-  _globals['_LOCALSTATUS']._serialized_start=456
-  _globals['_LOCALSTATUS']._serialized_end=728
-  _globals['_LOCALPEERSREQUEST']._serialized_start=730
-  _globals['_LOCALPEERSREQUEST']._serialized_end=749
-  _globals['_LOCALPEER']._serialized_start=752
-  _globals['_LOCALPEER']._serialized_end=981
-  _globals['_LOCALPEERSRESPONSE']._serialized_start=983
-  _globals['_LOCALPEERSRESPONSE']._serialized_end=1043
-  _globals['_LOCALNODE']._serialized_start=1046
-  _globals['_LOCALNODE']._serialized_end=1365
+  _globals['_LOCALDNSSTATUSREQUEST']._serialized_start=42
+  _globals['_LOCALDNSSTATUSREQUEST']._serialized_end=65
+  _globals['_LOCALSPLITDOMAIN']._serialized_start=67
+  _globals['_LOCALSPLITDOMAIN']._serialized_end=118
+  _globals['_LOCALDNSSTATUS']._serialized_start=121
+  _globals['_LOCALDNSSTATUS']._serialized_end=497
+  _globals['_LOCALPINGREQUEST']._serialized_start=499
+  _globals['_LOCALPINGREQUEST']._serialized_end=550
+  _globals['_LOCALPINGRESPONSE']._serialized_start=553
+  _globals['_LOCALPINGRESPONSE']._serialized_end=727
+  _globals['_NETCHECKREQUEST']._serialized_start=729
+  _globals['_NETCHECKREQUEST']._serialized_end=746
+  _globals['_RELAYLATENCY']._serialized_start=748
+  _globals['_RELAYLATENCY']._serialized_end=859
+  _globals['_NETCHECKREPORT']._serialized_start=862
+  _globals['_NETCHECKREPORT']._serialized_end=1023
+  _globals['_LOCALROTATEKEYREQUEST']._serialized_start=1025
+  _globals['_LOCALROTATEKEYREQUEST']._serialized_end=1048
+  _globals['_LOCALROTATEKEYRESPONSE']._serialized_start=1050
+  _globals['_LOCALROTATEKEYRESPONSE']._serialized_end=1118
+  _globals['_LOCALSTATUSREQUEST']._serialized_start=1120
+  _globals['_LOCALSTATUSREQUEST']._serialized_end=1140
+  _globals['_LOCALSTATUS']._serialized_start=1143
+  _globals['_LOCALSTATUS']._serialized_end=1541
+  _globals['_LOCALPEERSREQUEST']._serialized_start=1543
+  _globals['_LOCALPEERSREQUEST']._serialized_end=1562
+  _globals['_LOCALPEER']._serialized_start=1565
+  _globals['_LOCALPEER']._serialized_end=1794
+  _globals['_LOCALPEERSRESPONSE']._serialized_start=1796
+  _globals['_LOCALPEERSRESPONSE']._serialized_end=1856
+  _globals['_LOCALNODE']._serialized_start=1859
+  _globals['_LOCALNODE']._serialized_end=2331
 # @@protoc_insertion_point(module_scope)

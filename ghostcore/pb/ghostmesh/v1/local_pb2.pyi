@@ -19,6 +19,208 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class LocalDnsStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalDnsStatusRequest: _TypeAlias = LocalDnsStatusRequest  # noqa: Y015
+
+@_typing.final
+class LocalSplitDomain(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SERVERS_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    @_builtins.property
+    def servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        servers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "servers", b"servers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalSplitDomain: _TypeAlias = LocalSplitDomain  # noqa: Y015
+
+@_typing.final
+class LocalDnsStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPT_DNS_FIELD_NUMBER: _builtins.int
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    MAGIC_DNS_FIELD_NUMBER: _builtins.int
+    BASE_DOMAIN_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    EXTRA_RECORDS_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    UPSTREAMS_FIELD_NUMBER: _builtins.int
+    UPSTREAMS_SOURCE_FIELD_NUMBER: _builtins.int
+    SEARCH_DOMAINS_FIELD_NUMBER: _builtins.int
+    LISTEN_FIELD_NUMBER: _builtins.int
+    HOST_MODE_FIELD_NUMBER: _builtins.int
+    HOST_DETAIL_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    FORWARDED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    accept_dns: _builtins.bool
+    """ghostlink takes the map's DNS settings (--accept-dns)"""
+    configured: _builtins.bool
+    """the map carries DNS settings and the resolver serves them"""
+    magic_dns: _builtins.bool
+    base_domain: _builtins.str
+    names: _builtins.int
+    """node names answered (this node included)"""
+    extra_records: _builtins.int
+    upstreams_source: _builtins.str
+    """"map" (the map's nameservers), "host" (the host's previous"""
+    host_mode: _builtins.str
+    """"resolv.conf", "systemd-resolved" or "" (host not configured)"""
+    host_detail: _builtins.str
+    """e.g. the backup of the original resolv.conf"""
+    queries: _builtins.int
+    """queries answered since start"""
+    forwarded: _builtins.int
+    """... of them forwarded upstream"""
+    dropped: _builtins.int
+    """refused: too many forwarded queries in flight, or malformed"""
+    @_builtins.property
+    def split(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalSplitDomain]: ...
+    @_builtins.property
+    def upstreams(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """where every other name goes ("ip:port")"""
+
+    @_builtins.property
+    def search_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """resolvers) or "none" """
+
+    @_builtins.property
+    def listen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the resolver's addresses ("ip:port", UDP and TCP)"""
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what of the map's DNS settings the node left out, one line each"""
+
+    def __init__(
+        self,
+        *,
+        accept_dns: _builtins.bool = ...,
+        configured: _builtins.bool = ...,
+        magic_dns: _builtins.bool = ...,
+        base_domain: _builtins.str = ...,
+        names: _builtins.int = ...,
+        extra_records: _builtins.int = ...,
+        split: _abc.Iterable[Global___LocalSplitDomain] | None = ...,
+        upstreams: _abc.Iterable[_builtins.str] | None = ...,
+        upstreams_source: _builtins.str = ...,
+        search_domains: _abc.Iterable[_builtins.str] | None = ...,
+        listen: _abc.Iterable[_builtins.str] | None = ...,
+        host_mode: _builtins.str = ...,
+        host_detail: _builtins.str = ...,
+        queries: _builtins.int = ...,
+        forwarded: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        refused: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_dns", b"accept_dns", "base_domain", b"base_domain", "configured", b"configured", "dropped", b"dropped", "extra_records", b"extra_records", "forwarded", b"forwarded", "host_detail", b"host_detail", "host_mode", b"host_mode", "listen", b"listen", "magic_dns", b"magic_dns", "names", b"names", "queries", b"queries", "refused", b"refused", "search_domains", b"search_domains", "split", b"split", "upstreams", b"upstreams", "upstreams_source", b"upstreams_source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalDnsStatus: _TypeAlias = LocalDnsStatus  # noqa: Y015
+
+@_typing.final
+class LocalPingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    """a peer's name, one of its overlay addresses, or its node key (base64)"""
+    timeout_s: _builtins.float
+    """how long to wait for the echo reply (0: the daemon's default, 2 s)"""
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalPingRequest: _TypeAlias = LocalPingRequest  # noqa: Y015
+
+@_typing.final
+class LocalPingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_KEY_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    RTT_MS_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    PATH_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the peer resolved"""
+    node_key: _builtins.str
+    address: _builtins.str
+    """the overlay address pinged"""
+    answered: _builtins.bool
+    """an echo reply came back within timeout_s"""
+    rtt_ms: _builtins.float
+    """the echo's round trip; < 0: no answer"""
+    path: _builtins.str
+    """as LocalPeer.path, read right after the echo"""
+    relay: _builtins.str
+    """the relay region's name on a relayed path"""
+    endpoint: _builtins.str
+    """what WireGuard sends to for this peer"""
+    path_latency_ms: _builtins.float
+    """as LocalPeer.latency_ms"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node_key: _builtins.str = ...,
+        address: _builtins.str = ...,
+        answered: _builtins.bool = ...,
+        rtt_ms: _builtins.float = ...,
+        path: _builtins.str = ...,
+        relay: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        path_latency_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "answered", b"answered", "endpoint", b"endpoint", "name", b"name", "node_key", b"node_key", "path", b"path", "path_latency_ms", b"path_latency_ms", "relay", b"relay", "rtt_ms", b"rtt_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalPingResponse: _TypeAlias = LocalPingResponse  # noqa: Y015
+
+@_typing.final
 class NetcheckRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -180,6 +382,12 @@ class LocalStatus(_message.Message):
     LAST_MAP_UNIX_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    LOCK_ENABLED_FIELD_NUMBER: _builtins.int
+    KEY_SIGNED_FIELD_NUMBER: _builtins.int
+    LOCK_REQUEST_FIELD_NUMBER: _builtins.int
+    LOCK_TRUSTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    REFUSED_TOTAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     node_id: _builtins.int
     user: _builtins.str
@@ -196,8 +404,24 @@ class LocalStatus(_message.Message):
     last_error: _builtins.str
     """why the last connection attempt failed, if it did"""
     expires_unix: _builtins.int
+    lock_enabled: _builtins.bool
+    """node-key signing is on in this node's verified lock log"""
+    key_signed: _builtins.bool
+    """this node's own key carries a valid signature"""
+    lock_request: _builtins.str
+    """"nodekey:…": what an admin signs (`ghostctl lock sign`) for this node"""
+    refused_total: _builtins.int
+    """refusals counted since start"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def lock_trusted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the trusted signing keys, "lockkey:…" """
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what of the current map this node refused to install, one line each"""
+
     def __init__(
         self,
         *,
@@ -215,10 +439,16 @@ class LocalStatus(_message.Message):
         last_map_unix: _builtins.int = ...,
         last_error: _builtins.str = ...,
         expires_unix: _builtins.int = ...,
+        lock_enabled: _builtins.bool = ...,
+        key_signed: _builtins.bool = ...,
+        lock_request: _builtins.str = ...,
+        lock_trusted: _abc.Iterable[_builtins.str] | None = ...,
+        refused: _abc.Iterable[_builtins.str] | None = ...,
+        refused_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "backend", b"backend", "connected", b"connected", "expires_unix", b"expires_unix", "interface", b"interface", "last_error", b"last_error", "last_map_unix", b"last_map_unix", "listen_port", b"listen_port", "map_serial", b"map_serial", "name", b"name", "node_id", b"node_id", "node_key", b"node_key", "server", b"server", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "backend", b"backend", "connected", b"connected", "expires_unix", b"expires_unix", "interface", b"interface", "key_signed", b"key_signed", "last_error", b"last_error", "last_map_unix", b"last_map_unix", "listen_port", b"listen_port", "lock_enabled", b"lock_enabled", "lock_request", b"lock_request", "lock_trusted", b"lock_trusted", "map_serial", b"map_serial", "name", b"name", "node_id", b"node_id", "node_key", b"node_key", "refused", b"refused", "refused_total", b"refused_total", "server", b"server", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

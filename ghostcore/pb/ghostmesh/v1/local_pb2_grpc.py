@@ -54,6 +54,16 @@ class LocalNodeStub:
                 request_serializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckReport.FromString,
                 _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/ghostmesh.v1.LocalNode/Ping',
+                request_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalPingRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalPingResponse.FromString,
+                _registered_method=True)
+        self.DnsStatus = channel.unary_unary(
+                '/ghostmesh.v1.LocalNode/DnsStatus',
+                request_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalDnsStatusRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalDnsStatus.FromString,
+                _registered_method=True)
 
 
 class LocalNodeServicer:
@@ -85,6 +95,21 @@ class LocalNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ping(self, request, context):
+        """One ICMP echo to a peer's overlay address through the tunnel, timed, with the path it took
+        (ghostctl ping). NOT_FOUND: no peer of that name, address or key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DnsStatus(self, request, context):
+        """What the node's resolver serves and how the host is set up to use it (ghostctl dns status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LocalNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +132,16 @@ def add_LocalNodeServicer_to_server(servicer, server):
                     servicer.Netcheck,
                     request_deserializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_local__pb2.NetcheckReport.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalPingRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalPingResponse.SerializeToString,
+            ),
+            'DnsStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.DnsStatus,
+                    request_deserializer=ghostmesh_dot_v1_dot_local__pb2.LocalDnsStatusRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_local__pb2.LocalDnsStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +252,60 @@ class LocalNode:
             '/ghostmesh.v1.LocalNode/Netcheck',
             ghostmesh_dot_v1_dot_local__pb2.NetcheckRequest.SerializeToString,
             ghostmesh_dot_v1_dot_local__pb2.NetcheckReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.LocalNode/Ping',
+            ghostmesh_dot_v1_dot_local__pb2.LocalPingRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_local__pb2.LocalPingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DnsStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.LocalNode/DnsStatus',
+            ghostmesh_dot_v1_dot_local__pb2.LocalDnsStatusRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_local__pb2.LocalDnsStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,12 @@ class LocalNodeStub:
     """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
     Netcheck: _grpc.UnaryUnaryMultiCallable[_local_pb2.NetcheckRequest, _local_pb2.NetcheckReport]
     """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port."""
+    Ping: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalPingRequest, _local_pb2.LocalPingResponse]
+    """One ICMP echo to a peer's overlay address through the tunnel, timed, with the path it took
+    (ghostctl ping). NOT_FOUND: no peer of that name, address or key.
+    """
+    DnsStatus: _grpc.UnaryUnaryMultiCallable[_local_pb2.LocalDnsStatusRequest, _local_pb2.LocalDnsStatus]
+    """What the node's resolver serves and how the host is set up to use it (ghostctl dns status)."""
 
 @_typing.type_check_only
 class LocalNodeAsyncStub(LocalNodeStub):
@@ -47,6 +53,12 @@ class LocalNodeAsyncStub(LocalNodeStub):
     """Rotate this node's WireGuard key now (ghostctl keys rotate), without losing traffic."""
     Netcheck: _aio.UnaryUnaryMultiCallable[_local_pb2.NetcheckRequest, _local_pb2.NetcheckReport]  # type: ignore[assignment]
     """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port."""
+    Ping: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalPingRequest, _local_pb2.LocalPingResponse]  # type: ignore[assignment]
+    """One ICMP echo to a peer's overlay address through the tunnel, timed, with the path it took
+    (ghostctl ping). NOT_FOUND: no peer of that name, address or key.
+    """
+    DnsStatus: _aio.UnaryUnaryMultiCallable[_local_pb2.LocalDnsStatusRequest, _local_pb2.LocalDnsStatus]  # type: ignore[assignment]
+    """What the node's resolver serves and how the host is set up to use it (ghostctl dns status)."""
 
 class LocalNodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +90,23 @@ class LocalNodeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_local_pb2.NetcheckReport, _abc.Awaitable[_local_pb2.NetcheckReport]]:
         """NAT behaviour, public endpoint and relay latencies, measured now from WireGuard's port."""
+
+    @_abc_1.abstractmethod
+    def Ping(
+        self,
+        request: _local_pb2.LocalPingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.LocalPingResponse, _abc.Awaitable[_local_pb2.LocalPingResponse]]:
+        """One ICMP echo to a peer's overlay address through the tunnel, timed, with the path it took
+        (ghostctl ping). NOT_FOUND: no peer of that name, address or key.
+        """
+
+    @_abc_1.abstractmethod
+    def DnsStatus(
+        self,
+        request: _local_pb2.LocalDnsStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_local_pb2.LocalDnsStatus, _abc.Awaitable[_local_pb2.LocalDnsStatus]]:
+        """What the node's resolver serves and how the host is set up to use it (ghostctl dns status)."""
 
 def add_LocalNodeServicer_to_server(servicer: LocalNodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,121 @@
+"""The web console's sessions and what its mesh picture shows. PURE: time comes in, nothing does I/O.
+
+Sessions (:class:`Sessions`): a login with an API key makes one; its id is 32 random bytes (``secrets``,
+256 bits: never guessed) and is the only thing the browser holds (the cookie). The table lives in memory
+only, is bounded (``console.max_sessions``: a new login beyond it ends the oldest session) and every entry
+ends ``console.session_lifetime`` after its login. Each session has its own CSRF token (another 32 random
+bytes) that every POST must carry; :meth:`Session.csrf_ok` compares in constant time
+(:func:`hmac.compare_digest`), so the comparison leaks nothing about the token. A restart ends every
+session (admins log in again).
+
+The mesh picture (:func:`mesh_picture`): the server does not learn which path two nodes use to reach
+each other (ghostlink chooses per peer and reports no per-peer path); it knows what each node reports
+about itself (ReportStatus): its direct endpoints, its relay home region and its TURN relayed address.
+An edge between two online nodes is drawn with the path those reports make likely: ``direct`` when both
+report endpoints, else ``turn`` when one has a TURN relayed address, else ``relay`` when both have a home
+region, else ``unknown``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ghostmesh.store.base import NodeRec
+
+TOKEN_BYTES = 32
+MAX_PICTURE_NODES = 200  # points in the mesh picture at most (the first by id); the nodes page lists all
+MAX_PICTURE_EDGES = 2000  # edges at most (they grow with the square of the online nodes)
+
+
+@dataclass
+class Session:
+    """One logged-in admin: the audit actor (``apikey:<id>``), the API key's id (the session ends with
+    the key), when it ends, its CSRF token, and a message for the next page shown (then cleared)."""
+
+    id: str = field(repr=False)
+    actor: str
+    key_id: str
+    expires: float
+    csrf: str = field(repr=False)
+    flash: str = ""
+
+    def csrf_ok(self, token: str) -> bool:
+        """``token`` is this session's CSRF token (constant-time comparison)."""
+        return hmac.compare_digest(self.csrf.encode(), token.encode())
+
+    def take_flash(self) -> str:
+        text, self.flash = self.flash, ""
+        return text
+
+
+class Sessions:
+    """The session table: at most ``max_sessions`` entries, each living ``lifetime`` seconds."""
+
+    def __init__(self, lifetime: float, max_sessions: int) -> None:
+        self.lifetime = lifetime
+        self.max_sessions = max_sessions
+        self._by_id: OrderedDict[str, Session] = OrderedDict()  # oldest login first
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def create(self, actor: str, key_id: str, now: float) -> Session:
+        """A new session for ``actor``; the oldest one goes when the table is full."""
+        self.sweep(now)
+        while len(self._by_id) >= self.max_sessions:
+            self._by_id.popitem(last=False)
+        sid = secrets.token_urlsafe(TOKEN_BYTES)
+        session = Session(sid, actor, key_id, now + self.lifetime, secrets.token_urlsafe(TOKEN_BYTES))
+        self._by_id[sid] = session
+        return session
+
+    def get(self, sid: str, now: float) -> Session | None:
+        """The live session with id ``sid`` (None: unknown or ended; an ended one is removed)."""
+        session = self._by_id.get(sid)
+        if session is None:
+            return None
+        if session.expires <= now:
+            del self._by_id[sid]
+            return None
+        return session
+
+    def end(self, sid: str) -> None:
+        self._by_id.pop(sid, None)
+
+    def sweep(self, now: float) -> None:
+        """Remove every ended session."""
+        for sid in [s.id for s in self._by_id.values() if s.expires <= now]:
+            del self._by_id[sid]
+
+
+def edge_kind(a: NodeRec, b: NodeRec) -> str:
+    """The path two nodes' own reports make likely (see the module docstring)."""
+    if a.endpoints and b.endpoints:
+        return "direct"
+    if a.turn_relay or b.turn_relay:
+        return "turn"
+    if a.home_region and b.home_region:
+        return "relay"
+    return "unknown"
+
+
+def mesh_picture(nodes: Sequence[NodeRec], online: set[int]) -> dict[str, object]:
+    """What the picture draws, as JSON-ready data: points (the first :data:`MAX_PICTURE_NODES` nodes by
+    id) and the edges between online ones, each with :func:`edge_kind`; ``more``: nodes left out."""
+    shown = sorted(nodes, key=lambda n: n.id)[:MAX_PICTURE_NODES]
+    points = [
+        {"id": n.id, "name": n.name, "ip": n.ipv4, "online": n.id in online, "region": n.home_region}
+        for n in shown
+    ]
+    live = [n for n in shown if n.id in online]
+    edges: list[list[object]] = []
+    for i, a in enumerate(live):
+        for b in live[i + 1 :]:
+            if len(edges) >= MAX_PICTURE_EDGES:
+                break
+            edges.append([a.id, b.id, edge_kind(a, b)])
+    return {"nodes": points, "edges": edges, "more": max(0, len(nodes) - len(shown))}
