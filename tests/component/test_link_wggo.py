@@ -224,10 +224,12 @@ def spawn_stuck(cwd: Path, ifname: str) -> tuple[subprocess.Popen[bytes], WireGu
         signal.signal(signal.SIGTERM, old)
     for _ in range(200):  # bounded: 2 s for the exec to show in /proc
         identity = process_identity(proc.pid)
-        if identity is not None and identity[1][0] == "wireguard-go":
+        # between fork and exec /proc/<pid>/cmdline can read empty: wait for the exec'd argv
+        if identity is not None and identity[1][:1] == ("wireguard-go",):
             return proc, WireGuardGoRecord(proc.pid, identity[0], identity[1], str(cwd / f"{ifname}.sock"))
         time.sleep(0.01)
     proc.kill()
+    proc.wait(5)
     raise AssertionError("tail did not start")
 
 

@@ -50,6 +50,11 @@ def peer_ids(u: pb.MapUpdate) -> set[int]:
     return {p.id for p in u.peers_upserted}
 
 
+def online(u: pb.MapUpdate, node_id: int) -> bool:
+    """Whether ``u`` upserts ``node_id`` as online."""
+    return any(p.online for p in u.peers_upserted if p.id == node_id)
+
+
 class Stream:
     """A Sync stream read by a task into a queue, so waiting for silence does not cancel the call."""
 
@@ -74,6 +79,19 @@ class Stream:
     def cancel(self) -> None:
         self.call.cancel()
         self.task.cancel()
+
+
+async def until_online(stream: Stream, full: pb.MapUpdate, node_id: int) -> None:
+    """Read ``stream`` (whose full map was ``full``) until it has upserted ``node_id`` as online; every
+    update on the way may carry that node and no other."""
+    seen = online(full, node_id)
+    for _ in range(10):  # bounded; each read waits at most Stream.next's timeout
+        if seen:
+            return
+        u = await stream.next()
+        assert peer_ids(u) <= {node_id}
+        seen = online(u, node_id)
+    raise AssertionError(f"node {node_id} never came online in this stream")
 
 
 @contextlib.asynccontextmanager
@@ -112,11 +130,11 @@ async def test_maps_hold_only_visible_peers_and_policy_changes_are_deltas(tmp_pa
             ("100.64.0.3/32", 22, 22),
             ("fd7a:115c:a1e0::3/128", 22, 22),
         ]
-        # deltas while streams run: online changes reach only the peers that see the node
-        while True:  # a hears s come online (and maybe more); b hears nothing about a or s
-            u = await ca.next()
-            if not (peer_ids(u) - {s_id}):
-                break
+        # deltas while streams run: online changes reach only the peers that see the node. Each stream
+        # may have opened before the other's full map was built (then that map already has it online) or
+        # after (then a delta brings it); either way a and s hear of nobody but each other, b of nobody.
+        await until_online(ca, full_a, s_id)
+        await until_online(cs, full_s, a_id)
         assert await cb.quiet()
 
         async with admin_unix(srv) as admin:
