@@ -134,6 +134,9 @@ class NetworkConfig:
 class NodesConfig:
     key_expiry: float = duration(180 * 86400.0)  # 0: never
     ephemeral_grace: float = duration(30.0)
+    # A node whose map stream ended stays online to its peers this long, so that one that reconnects
+    # in time (a restart, a dropped connection, a fleet reconnecting at once) is no change to anyone.
+    presence_grace: float = duration(15.0)
     keepalive: int = 25  # seconds of WireGuard persistent keepalive nodes use with peers
 
     def __post_init__(self) -> None:

@@ -19,10 +19,12 @@ a restart loads the state from the database, which holds neither the change nor 
 point leaves both or neither. A transaction never spans an await (the store is shared by every handler on
 the loop); one opened while another is open joins it.
 
-``Hub.dispatch(changes)`` folds change records into the :class:`~ghostmesh.mapper.Mapper` and wakes only
-the streams they touched (one ``asyncio.Event`` per stream). Each Sync handler waits on its event, sleeps
-``mapper.batch_delay`` so a burst coalesces into one update, then flushes. A node has one stream: a new
-one ends the old one (:meth:`Hub.open_stream`).
+``Hub.dispatch(changes)`` folds change records into the :class:`~ghostmesh.mapper.Mapper` and marks only
+the streams they touched in the :class:`~ghostmesh.flushplan.FlushPlan`. One flusher task releases the
+marked streams in rounds: it waits the plan's window (``mapper.batch_delay`` when quiet, twice the last
+round's duration under a burst), then sets each released stream's ``asyncio.Event``; each Sync handler
+flushes its delta and reports it written (:meth:`Hub.flushed`), which ends the round. A node has one
+stream: a new one ends the old one (:meth:`Hub.open_stream`).
 
 A timer task calls :meth:`Hub.run_due` when the next key expiry, ephemeral grace, relay credential
 refresh, limit window or audit prune is due: it calls ``State.tick``, writes the audit rows of what the
@@ -52,6 +54,7 @@ from ghostmesh import audit
 from ghostmesh.audit import Auditor
 from ghostmesh.changes import Change, NodeRemoved
 from ghostmesh.config import LimitsConfig
+from ghostmesh.flushplan import FlushPlan
 from ghostmesh.limits import Limits
 from ghostmesh.mapper import Mapper
 from ghostmesh.state import State
@@ -127,6 +130,10 @@ class Hub:
         self._listeners: list[Callable[[Sequence[Change], float], None]] = []
         self._timer_wake = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
+        self.flush_plan = FlushPlan(batch_delay)
+        self._flush_wake = asyncio.Event()  # a stream was marked (or finished writing)
+        self._round_over = asyncio.Event()  # the released round has been written
+        self._flusher_task: asyncio.Task[None] | None = None
         self._next_prune = clock() if retention else None
         # A new stream's relay refresh is never nearer than 35% of the credential lifetime, so sleeping at
         # most the minter's slack notices it in time without waking the timer on every stream opened.
@@ -174,11 +181,7 @@ class Hub:
         woken_at = time.monotonic()
         batch = list(changes)
         for change in batch:
-            for sid in self.mapper.apply(change, now):
-                ev = self._events.get(sid)
-                if ev is not None:
-                    ev.set()
-                    self._woken.setdefault(sid, woken_at)  # the first change it has not been sent yet
+            self._mark(self.mapper.apply(change, now), woken_at)
         if batch:
             for listener in self._listeners:
                 listener(batch, now)
@@ -221,28 +224,64 @@ class Hub:
         self.mapper.close_stream(sid)
         self._events.pop(sid, None)
         self._woken.pop(sid, None)
+        if self.flush_plan.forget(sid, time.monotonic()):
+            self._round_over.set()
         if not self.stopping:
             self.dispatch(self.state.disconnect(node_id, self.now()))
 
     def wake(self, sids: Iterable[int]) -> None:
-        now = time.monotonic()
-        for sid in sids:
-            ev = self._events.get(sid)
-            if ev is not None:
-                ev.set()
-                self._woken.setdefault(sid, now)  # the first change the stream has not been sent yet
+        """These streams have something to flush (or are to end): the next flush round releases them."""
+        self._mark(sids, time.monotonic())
+
+    def _mark(self, sids: Iterable[int], at: float) -> None:
+        marked = [sid for sid in sids if sid in self._events]
+        if not marked:
+            return
+        for sid in marked:
+            self._woken.setdefault(sid, at)  # the first change the stream has not been sent yet
+        self.flush_plan.mark(marked)
+        self._flush_wake.set()
 
     def flushed(self, sid: int, sent: bool) -> None:
-        """The stream wrote what it was woken for (``sent``: a delta went out): observe how long the
-        change took to reach it (change -> fan-out latency, the batch delay included)."""
+        """The stream wrote what its round released it for (``sent``: a delta went out): observe how
+        long the change took to reach it (change -> fan-out latency, the flush window included)."""
+        now = time.monotonic()
         woken = self._woken.pop(sid, None)
         if sent and woken is not None:
-            self.fanout_latency.observe(time.monotonic() - woken)
+            self.fanout_latency.observe(now - woken)
+        if self.flush_plan.done(sid, now):
+            self._round_over.set()
+        if self.flush_plan.pending:
+            self._flush_wake.set()  # marked again while it was writing
+
+    async def _run_flusher(self) -> None:
+        """Release the marked streams in rounds, a window apart (see :mod:`ghostmesh.flushplan`)."""
+        plan = self.flush_plan
+        while not self.stopping:
+            await self._flush_wake.wait()
+            self._flush_wake.clear()
+            if not plan.pending:
+                continue
+            await asyncio.sleep(plan.window_at(time.monotonic()))  # a burst piles up into one update
+            self._round_over.clear()
+            for sid in plan.take(time.monotonic()):
+                ev = self._events.get(sid)
+                if ev is None:
+                    plan.forget(sid, time.monotonic())
+                else:
+                    ev.set()
+            if plan.in_round:
+                try:
+                    await asyncio.wait_for(self._round_over.wait(), plan.max_window)
+                except TimeoutError:
+                    plan.expire_round(time.monotonic())
 
     # -- timers ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._timer_task = asyncio.get_running_loop().create_task(self._run_timers(), name="ghostmesh-timers")
+        loop = asyncio.get_running_loop()
+        self._timer_task = loop.create_task(self._run_timers(), name="ghostmesh-timers")
+        self._flusher_task = loop.create_task(self._run_flusher(), name="ghostmesh-flusher")
 
     def next_deadline(self) -> float | None:
         """When :meth:`run_due` has work next (None: nothing scheduled)."""
@@ -306,7 +345,8 @@ class Hub:
         self.stopping = True
         for ev in self._events.values():
             ev.set()
-        if self._timer_task is not None:
-            self._timer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer_task
+        for task in (self._timer_task, self._flusher_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

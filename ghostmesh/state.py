@@ -26,7 +26,8 @@ Secrets: auth keys look like ``gmauth_<12 hex id>_<43 char secret>`` and API key
 ``hmac.compare_digest``; the whole key is returned once, at creation. Error messages name the public id
 at most, never the secret.
 
-Time-driven work (node keys expiring, ephemeral nodes whose grace ran out) is done by :meth:`State.tick`;
+Time-driven work (node keys expiring, nodes whose presence grace ran out, ephemeral nodes whose grace ran
+out) is done by :meth:`State.tick`;
 :meth:`State.next_deadline` tells the caller when to call it next. Both use heaps, so neither scans all
 nodes.
 
@@ -171,6 +172,7 @@ class StateConfig:
     ipv6_prefix: str = "fd7a:115c:a1e0::/48"
     key_expiry: float = 180 * 86400.0  # 0: never
     ephemeral_grace: float = 30.0
+    presence_grace: float = 0.0  # a node whose last stream ended is offline to peers only after this
     authkey_expiration: float = 3600.0
     relay_regions: frozenset[int] = frozenset()  # configured relay region ids (a node's home_region)
     oidc_issuer: str = ""  # with auth_method = "oidc": the provider's issuer, canonical (oidc_issuer())
@@ -182,6 +184,7 @@ class StateConfig:
             ipv6_prefix=cfg.network.ipv6_prefix,
             key_expiry=cfg.nodes.key_expiry,
             ephemeral_grace=cfg.nodes.ephemeral_grace,
+            presence_grace=cfg.nodes.presence_grace,
             authkey_expiration=cfg.authkeys.default_expiration,
             relay_regions=frozenset(r.id for r in cfg.relay.region_list()),
             oidc_issuer=canonical_issuer(cfg.oidc.issuer) if cfg.server.auth_method == "oidc" else "",
@@ -202,6 +205,8 @@ class State:
         self._expiry_heap: list[tuple[float, int]] = []
         self._ephemeral_due: dict[int, float] = {}
         self._ephemeral_heap: list[tuple[float, int]] = []
+        self._leaving: dict[int, float] = {}  # node id -> when it goes offline (its last stream ended)
+        self._leaving_heap: list[tuple[float, int]] = []
         # the nodes' resolver addresses are never a node's (ghostlink.magicdns listens on them)
         resolvers = (ipaddress.ip_address(RESOLVER_V4), ipaddress.ip_address(RESOLVER_V6))
         self._v4 = Allocator(parse_prefix(cfg.ipv4_prefix, "network.ipv4_prefix"), reserved=resolvers)
@@ -247,6 +252,7 @@ class State:
         self._by_name.pop(node.name, None)
         self._streams.pop(node.id, None)
         self._ephemeral_due.pop(node.id, None)
+        self._leaving.pop(node.id, None)
 
     def snapshot(self) -> list[NodeAdded]:
         """Every node as the record that adds it (presence and its user's OIDC groups included): what the
@@ -715,6 +721,8 @@ class State:
         node = self._nodes.get(node_id)
         if node is None:
             return []
+        if self._leaving.pop(node_id, None) is not None:
+            return []  # back within the presence grace: it never looked offline, nothing changed
         count = self._streams.get(node_id, 0) + 1
         self._streams[node_id] = count
         self._ephemeral_due.pop(node_id, None)  # reconnected within the grace: keep it
@@ -727,14 +735,29 @@ class State:
         return [self._changed(seen), *others]  # online now
 
     def disconnect(self, node_id: int, now: float) -> list[Change]:
-        """A Sync stream of ``node_id`` ended."""
+        """A Sync stream of ``node_id`` ended.
+
+        When it was the node's last one, the node goes offline after ``presence_grace`` (in
+        :meth:`tick`), unless a new stream opens first: a node that reconnects within the grace (a
+        restart, a server-side drop, a whole fleet reconnecting at once) is no change to any peer. A node
+        that routes for others (an approved subnet route or exit node) goes offline at once, so that
+        another router takes over its prefixes without waiting for the grace.
+        """
         node = self._nodes.get(node_id)
-        if node is None or node_id not in self._streams:
+        if node is None or node_id not in self._streams or node_id in self._leaving:
             return []
         count = self._streams[node_id] - 1
         if count > 0:
             self._streams[node_id] = count
             return []
+        if self.cfg.presence_grace > 0 and not self.routes.prefixes_of(node_id):
+            due = now + self.cfg.presence_grace  # the stream count stays 1 until then
+            self._leaving[node_id] = due
+            heapq.heappush(self._leaving_heap, (due, node_id))
+            return []
+        return self._go_offline(node_id, now)
+
+    def _go_offline(self, node_id: int, now: float) -> list[Change]:
         del self._streams[node_id]
         others = self._reelect_around(node_id)  # failover: another router takes over its prefixes
         seen = replace(self._nodes[node_id], last_seen=now)
@@ -1118,17 +1141,21 @@ class State:
             if node is not None and node.expires == due:
                 break
             heapq.heappop(self._expiry_heap)  # stale: node deleted, renewed or expired by hand
-        while self._ephemeral_heap:
-            due, node_id = self._ephemeral_heap[0]
-            if self._ephemeral_due.get(node_id) == due:
-                break
-            heapq.heappop(self._ephemeral_heap)
-        candidates = [h[0][0] for h in (self._expiry_heap, self._ephemeral_heap) if h]
+        for heap, dues in ((self._ephemeral_heap, self._ephemeral_due), (self._leaving_heap, self._leaving)):
+            while heap and dues.get(heap[0][1]) != heap[0][0]:
+                heapq.heappop(heap)  # stale: back online, deleted, or rescheduled
+        candidates = [h[0][0] for h in (self._expiry_heap, self._ephemeral_heap, self._leaving_heap) if h]
         return min(candidates) if candidates else None
 
     def tick(self, now: float) -> list[Change]:
-        """Expire nodes whose key expiry passed and delete ephemeral nodes whose grace ran out."""
+        """Expire nodes whose key expiry passed, take offline the nodes whose presence grace ran out,
+        and delete ephemeral nodes whose grace ran out."""
         changes: list[Change] = []
+        while self._leaving_heap and self._leaving_heap[0][0] <= now:
+            due, node_id = heapq.heappop(self._leaving_heap)
+            if self._leaving.get(node_id) == due and node_id in self._nodes:
+                del self._leaving[node_id]
+                changes.extend(self._go_offline(node_id, due - self.cfg.presence_grace))  # when it left
         while self._expiry_heap and self._expiry_heap[0][0] <= now:
             due, node_id = heapq.heappop(self._expiry_heap)
             node = self._nodes.get(node_id)

@@ -9,8 +9,8 @@ the proof. A proof that verifies is then admitted by the servicer's :class:`ghos
 (only then, so unauthenticated junk cannot fill it): the same request sent twice is refused
 (UNAUTHENTICATED), and a guard at capacity refuses new requests (UNAVAILABLE) rather than forget a nonce.
 
-Sync sends the full map, then waits on its stream's event (set by :class:`ghostmesh.hub.Hub` when a change
-touches it), sleeps ``mapper.batch_delay`` to coalesce bursts and flushes one delta. It ends with
+Sync sends the full map, then waits on its stream's event (set by :class:`ghostmesh.hub.Hub`'s flusher when
+a round releases the stream, see :mod:`ghostmesh.flushplan`) and flushes one delta. It ends with
 NOT_FOUND when its node is deleted, UNAUTHENTICATED when its key expires, ALREADY_EXISTS when the node
 opened a newer stream (one stream per node), UNAVAILABLE at shutdown.
 
@@ -27,7 +27,6 @@ node-key signing is on it needs a signature (``new_key_signature``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -299,11 +298,7 @@ class CoordinationServicer:
             # O(N) per stream, O(N²) for the server
             del full
             while True:
-                await wake.wait()
-                if self.hub.stopping:
-                    raise Unavailable("server is shutting down; reconnect shortly")
-                if self.hub.batch_delay > 0:
-                    await asyncio.sleep(self.hub.batch_delay)  # let a burst pile up into one update
+                await wake.wait()  # the hub's flusher released this stream's round
                 wake.clear()
                 session = self.hub.mapper.session(sid)
                 if session is None or self.hub.stopping:
@@ -315,11 +310,13 @@ class CoordinationServicer:
                 if session.ended == "replaced":
                     raise Conflict(f"node {node.name} opened a newer map stream, which replaces this one")
                 update = self.hub.mapper.flush_bytes(sid, self.hub.now())
-                self.hub.flushed(sid, update is not None)
+                sent = update is not None
                 if update is not None:
                     stats.deltas_sent += 1
                     stats.delta_bytes += len(update)
-                    yield update
+                    yield update  # returns once gRPC took it: the round counts the write
+                    update = None
+                self.hub.flushed(sid, sent)
         finally:
             self.hub.close_stream(sid, node.id)
             log.info("stream closed", extra={"node": node.name})

@@ -48,7 +48,8 @@ def mesh_config(tmp_path: Path, *, batch_delay: float = 0.05, **nodes: Any) -> M
             state_dir=str(tmp_path / "state"),
             max_message_bytes=65536,
         ),
-        nodes=replace(NodesConfig(), **nodes),
+        # offline at once unless a test asks for a presence grace: most tests watch a node go offline
+        nodes=replace(NodesConfig(), **{"presence_grace": 0.0, **nodes}),
         mapper=MapperConfig(batch_delay=batch_delay),
     )
 

@@ -14,6 +14,7 @@ from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from tests.component._mesh_fixtures import (
     SERVICE,
+    Clock,
     NodeClient,
     admin_unix,
     auth_key,
@@ -268,5 +269,45 @@ async def test_a_newer_stream_of_a_node_ends_the_older_one(tmp_path: Path) -> No
         assert len(srv.hub.mapper.streams_of(na.id)) == 1
         for call in (second, watch):
             call.cancel()
+        await a.close()
+        await b.close()
+
+
+async def test_a_node_back_within_the_presence_grace_is_no_change_to_its_peers(tmp_path: Path) -> None:
+    clock = Clock()
+    async with running(mesh_config(tmp_path, presence_grace=30.0), clock) as srv:
+        key = await auth_key(srv, reusable=True)
+        a, b = NodeClient(srv), NodeClient(srv)
+        na = await a.register(key, "a")
+        await b.register(key, "b")
+        watch = b.sync()
+        await next_update(watch)
+        first = a.sync()
+        await next_update(first)
+        assert [p.online for p in (await next_update(watch)).peers_upserted if p.id == na.id] == [True]
+        stats = srv.hub.mapper.stats
+
+        async def streams(n: int) -> None:
+            for _ in range(100):  # bounded: the server notices a cancelled stream
+                if srv.hub.stream_count == n:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"{srv.hub.stream_count} streams open, expected {n}")
+
+        deltas = stats.deltas_sent
+        first.cancel()
+        await streams(1)
+        again = a.sync()
+        assert (await next_update(again)).self.id == na.id
+        again.cancel()
+        await streams(1)
+        await asyncio.sleep(0.3)  # several flush windows
+        assert stats.deltas_sent == deltas  # leaving and coming back cost b nothing
+        assert srv.state.is_online(na.id)  # within the grace
+        clock.now += 31
+        srv.hub.run_due()
+        offline = await next_update(watch)
+        assert [(p.id, p.online) for p in offline.peers_upserted] == [(na.id, False)]
+        watch.cancel()
         await a.close()
         await b.close()

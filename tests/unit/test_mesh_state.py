@@ -357,3 +357,52 @@ def test_the_node_resolver_addresses_are_never_handed_out(tmp_path: Path) -> Non
     assert "fd7a:115c:a1e0::53" not in {n.ipv6 for n in nodes}
     with pytest.raises(Unavailable):  # the 6th would have to be a resolver address
         st.register(_key(), ak, "n5", T0)
+
+
+def test_presence_grace_hides_a_reconnect_and_delays_offline(tmp_path: Path) -> None:
+    st = _open(tmp_path, StateConfig(key_expiry=1000.0, ephemeral_grace=30.0, presence_grace=15.0))
+    _, ak = st.create_auth_key(reusable=True, now=T0)
+    node, _ = st.register(_key(), ak, "a", T0)
+    assert [c.online for c in st.connect(node.id, T0 + 1)] == [True]  # type: ignore[attr-defined]
+    assert st.disconnect(node.id, T0 + 2) == []  # still online to its peers for the grace
+    assert st.is_online(node.id)
+    assert st.next_deadline() == T0 + 17
+    assert st.connect(node.id, T0 + 10) == []  # back in time: no change to anyone, no deadline left
+    assert st.is_online(node.id)
+    assert st.next_deadline() == T0 + 1000  # only the key expiry
+    assert st.tick(T0 + 17) == []
+    assert st.disconnect(node.id, T0 + 20) == []
+    assert st.tick(T0 + 34) == []
+    (offline,) = st.tick(T0 + 35)
+    assert isinstance(offline, NodeChanged)
+    assert not offline.online
+    assert offline.node.last_seen == T0 + 20  # when its stream ended, not when the grace ran out
+    assert not st.is_online(node.id)
+    assert [c.online for c in st.connect(node.id, T0 + 40)] == [True]  # type: ignore[attr-defined]
+
+
+def test_presence_grace_then_ephemeral_grace_counts_from_the_disconnect(tmp_path: Path) -> None:
+    st = _open(tmp_path, StateConfig(key_expiry=1000.0, ephemeral_grace=10.0, presence_grace=15.0))
+    _, ak = st.create_auth_key(ephemeral=True, now=T0)
+    node, _ = st.register(_key(), ak, "eph", T0)
+    st.connect(node.id, T0)
+    st.disconnect(node.id, T0 + 5)
+    changes = st.tick(T0 + 20)  # presence grace over; the ephemeral grace (from T0 + 5) too
+    assert [type(c) for c in changes] == [NodeChanged, NodeRemoved]
+    assert st.node(node.id) is None
+
+
+def test_a_router_goes_offline_at_once_despite_the_presence_grace(tmp_path: Path) -> None:
+    st = _open(tmp_path, StateConfig(key_expiry=0.0, presence_grace=15.0))
+    _, ak = st.create_auth_key(reusable=True, now=T0)
+    r1, _ = st.register(_key(), ak, "r1", T0)
+    r2, _ = st.register(_key(), ak, "r2", T0)
+    for r in (r1, r2):
+        st.connect(r.id, T0)
+        st.advertise_routes(r.id, ["10.2.0.0/16"], False)
+        st.approve_route(r.name, "10.2.0.0/16")
+    assert st.resolve("r1").primary_routes == ("10.2.0.0/16",)
+    changes = st.disconnect(r1.id, T0 + 1)  # failover must not wait for the grace
+    assert not st.is_online(r1.id)
+    assert st.resolve("r2").primary_routes == ("10.2.0.0/16",)
+    assert {c.node.id for c in changes if isinstance(c, NodeChanged)} == {r1.id, r2.id}
