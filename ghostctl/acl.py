@@ -23,15 +23,18 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ghostcore import errors as e
 from ghostcore.pb.ghostmesh.v1 import admin_pb2
-from ghostcore.policy import NodeIdent, Policy, PolicyError, parse_policy, run_tests, tsimport
-from ghostcore.policy import diff as policy_diff
-from ghostcore.policy.protocols import NUMBERS
 from ghostctl import output
 from ghostctl.context import Context
+
+if TYPE_CHECKING:
+    from ghostcore.policy import NodeIdent, Policy
+
+# The policy engine (ghostcore.policy: parser, compiler, import, diff) is imported by the commands that use
+# it, not when ghostctl starts: `ghostctl status` and the other commands do not pay for loading it.
 
 
 def register(
@@ -119,6 +122,8 @@ def _report_check(ctx: Context, r: admin_pb2.CheckPolicyResponse) -> int:
 
 def _live_nodes(ctx: Context) -> list[NodeIdent]:
     """The server's nodes as the policy sees them (their users' OIDC groups are not on the Admin API)."""
+    from ghostcore.policy import NodeIdent  # noqa: PLC0415 - see the module imports
+
     stub, where = ctx.admin()
     nodes = ctx.call(stub.ListNodes, admin_pb2.ListNodesRequest(), where).nodes
     routes = ctx.call(stub.ListRoutes, admin_pb2.ListRoutesRequest(), where).routes
@@ -141,6 +146,8 @@ def _live_nodes(ctx: Context) -> list[NodeIdent]:
 
 
 def run_check(ctx: Context, args: argparse.Namespace) -> int:
+    from ghostcore.policy import PolicyError, parse_policy, run_tests  # noqa: PLC0415 - see the module imports
+
     text = _read(args.file)
     nodes = _live_nodes(ctx) if getattr(args, "server_given", False) else []
     try:
@@ -154,6 +161,8 @@ def run_check(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def run_import(ctx: Context, args: argparse.Namespace) -> int:
+    from ghostcore.policy import PolicyError, parse_policy, tsimport  # noqa: PLC0415 - see the module imports
+
     text = _read(args.file)
     try:
         imported = tsimport.convert(text, "stdin" if args.file == "-" else args.file)
@@ -177,6 +186,9 @@ def run_import(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def run_diff(ctx: Context, args: argparse.Namespace) -> int:
+    from ghostcore.policy import diff as policy_diff  # noqa: PLC0415 - see the module imports
+    from ghostcore.policy import parse_policy  # noqa: PLC0415
+
     new = parse_policy(_read(args.file))  # PolicyError: one line, exit 2
     stub, where = ctx.admin()
     text = ctx.call(stub.GetPolicy, admin_pb2.GetPolicyRequest(), where).text
@@ -213,6 +225,8 @@ def run_diff(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def run_test(ctx: Context, args: argparse.Namespace) -> int:
+    from ghostcore.policy.protocols import NUMBERS  # noqa: PLC0415 - see the module imports
+
     text = _read(args.file) if args.file else ""
     if args.proto not in NUMBERS and not (args.proto.isdigit() and 1 <= int(args.proto) <= 255):
         raise e.InvalidArgument(
