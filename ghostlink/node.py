@@ -11,9 +11,7 @@ the coordination client, the WireGuard backend, the packet filter, forwarding an
 journal what they change on the host before changing it: :mod:`ghostlink.hostjournal`), NAT traversal,
 the key rotator, the node resolver (:mod:`ghostlink.magicdns`; the resolv.conf it may replace is journaled
 too), the daemon over all of them, and the local API over the daemon. It runs until SIGTERM /
-SIGINT and always cleans up, in reverse; a clean stop leaves no journal. Both flows start importing
-what every node needs once WireGuard is up (``PRELOAD``) on a worker thread first, so the import overlaps
-the round trips to the server instead of following them.
+SIGINT and always cleans up, in reverse; a clean stop leaves no journal.
 
 What the user must see (a login URL, the "joined as" line) goes through ``say``; app.py decides how.
 """
@@ -50,7 +48,6 @@ from ghostlink.net import LinkNet
 from ghostlink.nft import NftFirewall
 from ghostlink.nodekey import NodeKey
 from ghostlink.pinger import IcmpPinger
-from ghostlink.preload import preload
 from ghostlink.rotate import KeyRotator, settle_pending
 from ghostlink.state import SavedNode, StateDir
 from ghostlink.traversal import birthday
@@ -64,9 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-# Imported on a worker thread while the control connection is made (:mod:`ghostlink.preload`): pyroute2
-# (netlink, ~0.1-0.2 s of imports) is needed by every node as soon as WireGuard comes up.
-PRELOAD = ("pyroute2",)
 
 
 def up_line(node: NodeInfo, backend: str, ifname: str) -> str:
@@ -214,8 +208,6 @@ async def join(cfg: LinkConfig, auth_key: str, say: Say) -> None:
         raise ConfigError("no server given; pass --server HOST:PORT")
     joined = parse_join_key(auth_key, "--auth") if auth_key else None
     pin = _join_pin(cfg, joined.pin if joined is not None else None)
-    for name in PRELOAD:
-        preload(name)
     # Fail on a missing WireGuard before anything is registered or written.
     await asyncio.to_thread(choose, cfg.wireguard.backend, cfg.wireguard.wireguard_go)
     state = StateDir(cfg.node.state_dir)
@@ -268,8 +260,6 @@ async def join(cfg: LinkConfig, auth_key: str, say: Say) -> None:
 
 async def run(cfg: LinkConfig, say: Say) -> None:
     """Serve from the saved registration (after a reboot: no auth key needed)."""
-    for name in PRELOAD:
-        preload(name)
     state = StateDir(cfg.node.state_dir)
     key, saved = state.load()
     keys = NodeKey(key)

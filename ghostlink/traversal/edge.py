@@ -23,10 +23,7 @@ Relay first: a peer has the proxy's socket as its endpoint from the first map on
 regions), so its first packet never waits for checks; checks upgrade it in the background. Without relay
 regions in the map, peers not (yet) direct keep the map's first endpoint, as a plain routed network would.
 If raw sockets are not permitted (no CAP_NET_RAW), direct paths are off and everything is relayed; the
-daemon says so once. With the shared port open, the STUN codec (aioice's, which
-:mod:`ghostlink.traversal.stun_core` imports at its first message) is imported on a worker thread at once
-(:mod:`ghostlink.preload`): the first checks go out as soon as the first map names a peer, and importing
-it then would hold the event loop while the map is being applied.
+daemon says so once.
 
 The node key is read from the node's :class:`ghostlink.nodekey.NodeKey`; after a rotation :meth:`rekey`
 makes the checks addressed to the new key answered. The relays know us by the key ghostmesh has for us (the
@@ -45,7 +42,6 @@ from ghostcore.addr import HostPort, format_endpoint
 from ghostlink.engine import NetMap, RelayInfo
 from ghostlink.hostjournal import HostJournal
 from ghostlink.nodekey import NodeKey
-from ghostlink.preload import preload
 from ghostlink.traversal.birthday import DEFAULT_TABLE, BirthdayProber
 from ghostlink.traversal.path_core import PathManager, PeerPath, parse_candidate
 from ghostlink.traversal.portmap import PortMapper
@@ -105,7 +101,6 @@ class Traversal:
         except OSError as exc:
             log.warning("direct paths off: no raw socket on WireGuard's port %d (%s)", self._wg_port, exc)
         else:
-            preload("aioice.stun")  # see the module docstring
             self._pm.families = self._port.families
             self._bd = BirthdayProber(
                 wg_port=self._wg_port,

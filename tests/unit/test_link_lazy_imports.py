@@ -1,5 +1,4 @@
-"""ghostlink loads a heavy library only when the node uses what needs it (or, for what it is about to
-need, on a worker thread ahead of time: :mod:`ghostlink.preload`).
+"""ghostlink loads a heavy library only when the node uses what needs it.
 
 Importing the daemon (``ghostlink.app``, all of the wiring in ``ghostlink.node``) and building the parts a
 node without relay regions, MagicDNS settings, metrics or a UPnP gateway uses must leave these out of
@@ -9,26 +8,18 @@ fresh interpreter, since this test process has imported them all already.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from ghostlink.preload import preload
 
 REPO = Path(__file__).resolve().parents[2]
 
 # What only some nodes need, and what needs it (the modules that import it when first used).
 LAZY = {
     "aioquic": "the QUIC relay client (ghostlink.traversal.relaylink): a map with relay regions",
-    "aioice": "STUN and TURN (ghostlink.traversal.stun_core, turnclient): the shared port opened, a TURN "
-    "allocation",
+    "aioice": "STUN and TURN (ghostlink.traversal.stun_core, turnclient): the first check or allocation",
     "dns": "dnspython (ghostlink.dns_core, dns_server): the first DNS query",
     "prometheus_client": "metrics (ghostlink.metrics): metrics.listen set",
     "aiohttp": "the metrics listener, and UPnP's HTTP client",
@@ -91,21 +82,3 @@ def test_the_probe_sees_an_eager_import() -> None:
     """The probe is not blind: what the daemon does import is reported."""
     loaded = _loaded(["grpc", "ghostlink.node", "ghostlink.dns_core"])
     assert {"grpc", "ghostlink.node", "ghostlink.dns_core"} <= set(loaded)
-
-
-async def test_preload_imports_on_a_worker_thread_and_drops_a_failure(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    name = "colorsys"  # small, stdlib, imported by nothing here
-    sys.modules.pop(name, None)
-    preload(name)
-    preload("ghostlink_no_such_module")
-    loop = asyncio.get_running_loop()
-    for _ in range(200):
-        if name in sys.modules:
-            break
-        await asyncio.sleep(0.01)
-    assert name in sys.modules
-    await loop.shutdown_default_executor()  # the failed one is done too
-    gc.collect()  # an unretrieved exception would be logged when its future is collected
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
