@@ -1,6 +1,8 @@
 """The node resolver's core, PURE: the map -> the names this node answers, and for each query either the
 answer or the upstreams to forward it to. dnspython does the wire format (messages, names, rdata); this
-module opens no socket and reads no clock (:mod:`ghostlink.dns_server` is its asyncio edge).
+module opens no socket and reads no clock (:mod:`ghostlink.dns_server` is its asyncio edge). The zone is
+plain data: dnspython is imported by the functions that answer a query, so a node that is never asked
+never loads it.
 
 What is answered (:func:`resolve`), in order:
 
@@ -26,22 +28,20 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
+from typing import TYPE_CHECKING
 
 from ghostcore.addr import AddressError, HostPort, format_endpoint, parse_ip
 from ghostcore.dnsname import DomainError, in_domain, node_label, parse_domain, parse_server
 from ghostlink.engine import NetMap, NodeInfo
 
+if TYPE_CHECKING:
+    import dns.message
+    import dns.name
+    import dns.rcode
+    import dns.rrset
+
 TTL = 10  # seconds; short: renames and removals must not linger in caches
-_TYPES = {"A": dns.rdatatype.A, "AAAA": dns.rdatatype.AAAA, "CNAME": dns.rdatatype.CNAME}
+_TYPES = {"A": 1, "AAAA": 28, "CNAME": 5}  # the record types' numbers (RFC 1035 section 3.2.2, RFC 3596)
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,9 @@ def build_zone(nm: NetMap, fallback: tuple[HostPort, ...] = ()) -> Zone:
 
 
 def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode, *, authoritative: bool) -> dns.message.Message:
+    import dns.flags  # noqa: PLC0415 - lazy, as every use of dnspython here (the module docstring)
+    import dns.message  # noqa: PLC0415
+
     response = dns.message.make_response(query)
     response.set_rcode(rcode)
     response.flags |= dns.flags.RA
@@ -202,6 +205,10 @@ def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode, *, authoritative:
 
 
 def _address_rrset(qname: dns.name.Name, rdtype: int, addrs: tuple[str, ...]) -> dns.rrset.RRset | None:
+    import dns.rdataclass  # noqa: PLC0415
+    import dns.rdatatype  # noqa: PLC0415
+    import dns.rrset  # noqa: PLC0415
+
     version = 4 if rdtype == dns.rdatatype.A else 6
     values = [a for a in addrs if ipaddress.ip_address(a).version == version]
     if not values:
@@ -224,6 +231,11 @@ def _lookup(
 ) -> list[dns.rrset.RRset] | None:
     """The answer section for a name this node knows; None if it does not know the name. ``follow``: a
     CNAME's target is looked up too (once: a target's own CNAME is not followed, so loops end)."""
+    import dns.name  # noqa: PLC0415
+    import dns.rdataclass  # noqa: PLC0415
+    import dns.rdatatype  # noqa: PLC0415
+    import dns.rrset  # noqa: PLC0415
+
     records = zone.records.get(name)
     if records is not None:
         out: list[dns.rrset.RRset] = []
@@ -255,6 +267,10 @@ def _lookup(
 
 def resolve(zone: Zone, query: dns.message.Message) -> Answer | Forward:
     """The answer to ``query``, or where to forward it (see the module docstring for the order)."""
+    import dns.opcode  # noqa: PLC0415
+    import dns.rcode  # noqa: PLC0415
+    import dns.rdataclass  # noqa: PLC0415
+
     if query.opcode() != dns.opcode.QUERY:
         return Answer(_reply(query, dns.rcode.NOTIMP, authoritative=False))
     if len(query.question) != 1:
@@ -282,6 +298,8 @@ def resolve(zone: Zone, query: dns.message.Message) -> Answer | Forward:
 
 def servfail(query: dns.message.Message) -> dns.message.Message:
     """The reply when a forwarded query got no answer (timeouts, too many in flight)."""
+    import dns.rcode  # noqa: PLC0415
+
     return _reply(query, dns.rcode.SERVFAIL, authoritative=False)
 
 

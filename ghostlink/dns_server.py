@@ -14,6 +14,9 @@ section 6.2.5) are truncated to the header and question with TC set, so the aske
 
 The sockets are bound with ``IP_FREEBIND``: the resolver addresses live on the WireGuard interface, which
 a restarted wireguard-go re-creates, and the sockets must not depend on the address being there yet.
+
+dnspython is imported at the first query (:meth:`DnsServer._parse`), not with this module: the resolver
+listens on every node, but most are never asked anything.
 """
 
 from __future__ import annotations
@@ -25,14 +28,13 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from typing import cast
-
-import dns.exception
-import dns.flags
-import dns.message
+from typing import TYPE_CHECKING, cast
 
 from ghostcore.addr import HostPort, format_endpoint
 from ghostlink.dns_core import Answer, Forward, Zone, resolve, servfail
+
+if TYPE_CHECKING:
+    import dns.message
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,14 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # linux/in.h; Python exposes i
 UDP_LIMIT = 512  # RFC 1035 section 4.2.1, without EDNS
 TCP_LIMIT = 65535
 
-_Send = Callable[[dns.message.Message], None]  # delivers a response to whoever asked
+_Send = Callable[["dns.message.Message"], None]  # delivers a response to whoever asked
 
 
 def _truncated(query: dns.message.Message, response: dns.message.Message, limit: int) -> bytes:
+    import dns.exception  # noqa: PLC0415 - loaded by _parse already (the module docstring)
+    import dns.flags  # noqa: PLC0415
+    import dns.message  # noqa: PLC0415
+
     try:
         return response.to_wire(max_size=limit)
     except dns.exception.TooBig:
@@ -153,6 +159,11 @@ class DnsServer:
     # ----- queries
 
     def _parse(self, data: bytes) -> dns.message.Message | None:
+        # lazy: the first query loads dnspython (the module docstring)
+        import dns.exception  # noqa: PLC0415
+        import dns.flags  # noqa: PLC0415
+        import dns.message  # noqa: PLC0415
+
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError, UnicodeError):
@@ -203,6 +214,8 @@ class DnsServer:
     ) -> dns.message.Message | None:
         # lazy: dnspython's query machinery costs ~0.1 s of imports, and only forwarding needs it
         import dns.asyncquery  # noqa: PLC0415
+        import dns.exception  # noqa: PLC0415
+        import dns.message  # noqa: PLC0415
 
         out = dns.message.from_wire(query.to_wire())  # a copy with its own ID
         out.id = secrets.randbits(16)

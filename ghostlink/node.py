@@ -25,15 +25,15 @@ import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ghostcore import aio, lock
 from ghostcore.errors import AuthError, ConfigError, PermissionDenied, Unavailable
 from ghostcore.files import make_private_dir
 from ghostcore.joinkey import format_pin, parse_join_key, parse_pin
 from ghostcore.keys import PublicKey
-from ghostcore.metrics_http import MetricsServer
 from ghostcore.tlschannel import Trust
-from ghostlink import dns_host, metrics
+from ghostlink import dns_host
 from ghostlink.client import CoordClient
 from ghostlink.config import LinkConfig, check_server
 from ghostlink.daemon import Daemon, PathLayer, PathLayerFactory
@@ -54,6 +54,9 @@ from ghostlink.traversal import birthday
 from ghostlink.traversal.edge import Traversal
 from ghostlink.trust import NodeTrust
 from ghostlink.wg.select import choose, make_backend
+
+if TYPE_CHECKING:
+    from ghostcore.metrics_http import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,12 @@ async def _serve(
         try:
             await daemon.start()
             local = await start_local_api(sock, LocalNodeService(daemon))
-            served = await metrics.serve(cfg.metrics.listen, daemon)
+            if cfg.metrics.listen:
+                # imported here: the listener's stack (aiohttp's server, prometheus_client) is loaded only
+                # by a node that serves metrics
+                from ghostlink import metrics  # noqa: PLC0415
+
+                served = await metrics.serve(cfg.metrics.listen, daemon)
             if served is not None:
                 log.info("metrics on http://%s:%d/metrics", served.url_host, served.port)
             run_task = asyncio.create_task(daemon.run())

@@ -14,7 +14,9 @@ miniupnpd among them, refuse; the wildcard is the empty string, UPnP IGD:1 WANIP
 Only a device whose description URL is on the gateway's address is used: another LAN host answering
 SSDP could otherwise make us report its address. A lease the router refuses (725
 OnlyPermanentLeasesSupported, IGD:1 routers) is retried once as permanent (lease 0); a taken port (718
-ConflictInMappingEntry) once with the router choosing (the suggestion + 1..).
+ConflictInMappingEntry) once with the router choosing (the suggestion + 1..). The library (and the aiohttp
+client it brings) is imported when UPnP is first tried, not with this module: a gateway that speaks PCP or
+NAT-PMP, or a node without a default gateway, never loads it.
 
 Nothing here raises into the daemon: failures are logged once per state change (the core's ``status``)
 and the core backs off. Without a default route (or with ``enabled`` off) it does nothing at all.
@@ -30,18 +32,16 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-from async_upnp_client.aiohttp import AiohttpRequester
-from async_upnp_client.client import UpnpService
-from async_upnp_client.client_factory import UpnpFactory
-from async_upnp_client.exceptions import UpnpActionResponseError, UpnpError
-from async_upnp_client.search import async_search
-from async_upnp_client.utils import CaseInsensitiveDict
 
 from ghostcore.addr import HostPort
 from ghostlink.traversal import portmap_wire as wire
 from ghostlink.traversal.portmap_core import PortMapCore, Send, UpnpMap, UpnpUnmap
+
+if TYPE_CHECKING:
+    from async_upnp_client.client import UpnpService
+    from async_upnp_client.utils import CaseInsensitiveDict
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,11 @@ class PortMapper:
 
     async def _upnp_service(self) -> UpnpService | None:
         """The gateway's WANIPConnection/WANPPPConnection service, or None (no IGD answered)."""
+        # lazy, as every import of async_upnp_client here (the module docstring)
+        from async_upnp_client.aiohttp import AiohttpRequester  # noqa: PLC0415
+        from async_upnp_client.client_factory import UpnpFactory  # noqa: PLC0415
+        from async_upnp_client.search import async_search  # noqa: PLC0415
+
         locations: list[str] = []
 
         async def on_response(headers: CaseInsensitiveDict) -> None:
@@ -194,6 +199,8 @@ class PortMapper:
         core = self._core
         if core is None:
             return
+        from async_upnp_client.exceptions import UpnpError  # noqa: PLC0415
+
         external: HostPort | None = None
         lifetime, why = req.lifetime, ""
         try:
@@ -212,6 +219,8 @@ class PortMapper:
         self._wake.set()
 
     async def _upnp_add(self, svc: UpnpService, req: UpnpMap) -> tuple[HostPort | None, int, str]:
+        from async_upnp_client.exceptions import UpnpActionResponseError  # noqa: PLC0415
+
         client_ip = str(self._transport.get_extra_info("sockname")[0]) if self._transport is not None else ""
         got = await svc.action("GetExternalIPAddress").async_call()
         ext_ip = str(got.get("NewExternalIPAddress") or "")

@@ -14,6 +14,10 @@ the core's retry timer.
 
 Speed: local sockets are non-blocking, read with ``loop.add_reader`` in batches; nothing awaits on the data
 path, so one slow peer or relay only drops its own packets (counted in ``counters``).
+
+The relay client and the TURN client are imported when first used (a map with a relay port, a TURN
+allocation), not with this module: with them come aioquic, TLS and aioice, which a node whose map has
+no relay region never needs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ghostcore.addr import HostPort, format_endpoint
 from ghostcore.aio import Backoff
@@ -42,8 +47,10 @@ from ghostlink.traversal.proxy_core import (
     TurnBinding,
     TurnChanged,
 )
-from ghostlink.traversal.relayclient import RelayClient
-from ghostlink.traversal.turnclient import TurnClient
+
+if TYPE_CHECKING:
+    from ghostlink.traversal.relayclient import RelayClient
+    from ghostlink.traversal.turnclient import TurnClient
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,8 @@ class RelayProxy:
         for rid, r in want.items():
             c = self._clients.get(rid)
             if c is None:
+                from ghostlink.traversal.relayclient import RelayClient  # noqa: PLC0415 - lazy (docstring)
+
                 c = RelayClient(
                     name=r.name,
                     host=r.host,
@@ -326,6 +335,8 @@ class RelayProxy:
                 await turn.close()
             if want is not None and self._turn is None:
                 region, username, password = want
+                from ghostlink.traversal.turnclient import TurnClient  # noqa: PLC0415 - lazy (docstring)
+
                 try:
                     new = await TurnClient.allocate(
                         (region.host, region.stun_port),

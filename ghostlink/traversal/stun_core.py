@@ -6,8 +6,9 @@ to the peers' checks (ICE's, RFC 8445 §7.2.2 and §7.3, reduced to what a WireG
 netcheck report: one STUN round to every relay region with the NAT's mapping behaviour read from the answers
 (RFC 4787 §4.1). The asyncio edge that sends and receives is :mod:`ghostlink.traversal.stunport`.
 
-Wire format (aioice's codec, :mod:`aioice.stun`; the magic cookie is checked here, as in
-ghostgate.turn_core, because aioice does not): a check is a Binding request with
+Wire format (aioice's codec, :mod:`aioice.stun`, imported by the first message built or parsed, so a node
+that never sends STUN does not load aioice; the magic cookie is checked here, as in ghostgate.turn_core,
+because aioice does not): a check is a Binding request with
 ``USERNAME = "<receiver's WireGuard public key, base64>:<sender's key>"`` (ICE's ``rfrag:lfrag`` order,
 RFC 8445 §7.2.2) and a FINGERPRINT (RFC 8489 §14.7, to tell it from other traffic on a shared port). Its
 answer is a Binding success response with XOR-MAPPED-ADDRESS = the request's source, sent from WireGuard's
@@ -32,12 +33,15 @@ import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from aioice import stun
+from typing import TYPE_CHECKING
 
 from ghostcore.addr import HostPort, format_endpoint
 
+if TYPE_CHECKING:
+    from aioice import stun
+
 STUN_COOKIE = 0x2112A442  # RFC 8489 §5
+HEADER_LENGTH = 20  # RFC 8489 §5
 MAX_PENDING = 4096  # transactions in flight; beyond it new requests fail at once (bounded memory)
 SOFTWARE = "ghostlink"
 
@@ -67,12 +71,12 @@ def parse_username(username: str, local_key: str) -> str | None:
 def well_formed(data: bytes) -> bool:
     """RFC 8489 §5/§14: the header's length is the body's, a multiple of 4, and the attributes (each padded
     to 4 bytes) tile the body exactly. aioice reads a truncated last attribute without complaint."""
-    if len(data) < stun.HEADER_LENGTH:
+    if len(data) < HEADER_LENGTH:
         return False
     length = struct.unpack_from("!H", data, 2)[0]
-    if length % 4 or len(data) != stun.HEADER_LENGTH + length:
+    if length % 4 or len(data) != HEADER_LENGTH + length:
         return False
-    pos = stun.HEADER_LENGTH
+    pos = HEADER_LENGTH
     while pos < len(data):
         if pos + 4 > len(data):
             return False
@@ -180,6 +184,8 @@ class StunCore:
 
     def request(self, dst: HostPort, now: float, username: str | None = None) -> tuple[bytes, bytes] | None:
         """A Binding request to ``dst`` -> (transaction id, bytes); None when too many are in flight."""
+        from aioice import stun  # noqa: PLC0415 - lazy (the module docstring)
+
         if len(self._pending) >= MAX_PENDING:
             self.counters["pending_full"] += 1
             return None
@@ -199,6 +205,8 @@ class StunCore:
 
     def receive(self, data: bytes, src: HostPort, now: float) -> Event | None:
         """A STUN datagram that arrived on WireGuard's port from ``src``."""
+        from aioice import stun  # noqa: PLC0415 - lazy (the module docstring)
+
         if not is_stun(data) or not well_formed(data):
             self.counters["malformed"] += 1
             return None
@@ -218,6 +226,8 @@ class StunCore:
         return None
 
     def _request(self, msg: stun.Message, src: HostPort) -> Answer | None:
+        from aioice import stun  # noqa: PLC0415 - loaded by receive() already
+
         username = msg.attributes.get("USERNAME")
         from_key = parse_username(username, self.local_key) if isinstance(username, str) else None
         if from_key is None:
@@ -234,6 +244,8 @@ class StunCore:
         return Answer(bytes(resp), src, from_key)
 
     def _response(self, msg: stun.Message, src: HostPort, now: float) -> Completed | None:
+        from aioice import stun  # noqa: PLC0415 - loaded by receive() already
+
         p = self._pending.get(msg.transaction_id)
         if p is None:
             self.counters["unmatched_responses"] += 1  # late (after a timeout), duplicate or forged
