@@ -175,6 +175,9 @@ class LimitsConfig:
     connections_total: int = 16384  # TCP connections accepted (and the open files they need)
     streams_per_connection: int = 32  # HTTP/2 streams (calls) at once on one connection
     pending_requests: int = 16384  # calls received that the server has not taken up yet
+    # full maps being built and written at once: a reconnect storm of N nodes would otherwise hold N
+    # full maps of O(N) bytes each in memory together; the rest wait their turn (queued, not refused)
+    full_maps_in_flight: int = 64
 
     def __post_init__(self) -> None:
         if not 0 < self.status_reports_per_second <= 1000:
@@ -185,7 +188,7 @@ class LimitsConfig:
         for key in (
             "status_report_burst", "audit_rows_per_node_per_minute", "auth_failures_per_minute",
             "calls_per_source", "calls_total", "connections_total", "streams_per_connection",
-            "pending_requests",
+            "pending_requests", "full_maps_in_flight",
         ):  # fmt: skip
             value = getattr(self, key)
             if not 1 <= value <= 1_000_000:

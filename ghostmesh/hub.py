@@ -131,6 +131,8 @@ class Hub:
         self._timer_wake = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
         self.flush_plan = FlushPlan(batch_delay)
+        # full maps built and written at once (limits.full_maps_in_flight): memory for a storm is bounded
+        self.full_maps = asyncio.Semaphore(self.limits.cfg.full_maps_in_flight)
         self._flush_wake = asyncio.Event()  # a stream was marked (or finished writing)
         self._round_over = asyncio.Event()  # the released round has been written
         self._flusher_task: asyncio.Task[None] | None = None

@@ -27,6 +27,7 @@ node-key signing is on it needs a signature (``new_key_signature``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -287,16 +288,26 @@ class CoordinationServicer:
         node = self._node(context, "Sync", raw)
         if self.hub.stopping:
             raise Unavailable("server is shutting down; reconnect shortly")
-        sid, full, wake = self.hub.open_stream(node.id)  # full: the encoded full map
+        # At most limits.full_maps_in_flight full maps (O(N) bytes each) are built and written at once: a
+        # whole fleet reconnecting waits its turn here instead of holding N of them in memory together.
+        await self.hub.full_maps.acquire()
+        try:
+            sid, full, wake = self._open_stream(node)  # full: the encoded full map
+        except BaseException:
+            self.hub.full_maps.release()
+            raise
         log.info("stream opened", extra={"node": node.name})
         stats = self.hub.mapper.stats
         try:
-            stats.full_maps_sent += 1
-            stats.full_map_bytes += len(full)
-            yield full
-            # the encoded full map (O(N) bytes) is sent: holding it for the stream's life would cost
-            # O(N) per stream, O(N²) for the server
-            del full
+            try:
+                stats.full_maps_sent += 1
+                stats.full_map_bytes += len(full)
+                yield full
+                # the encoded full map (O(N) bytes) is sent: holding it for the stream's life would cost
+                # O(N) per stream, O(N²) for the server
+                del full
+            finally:
+                self.hub.full_maps.release()
             while True:
                 await wake.wait()  # the hub's flusher released this stream's round
                 wake.clear()
@@ -320,6 +331,14 @@ class CoordinationServicer:
         finally:
             self.hub.close_stream(sid, node.id)
             log.info("stream closed", extra={"node": node.name})
+
+    def _open_stream(self, node: NodeRec) -> tuple[int, bytes, asyncio.Event]:
+        """The node's stream, once its turn to get a full map came."""
+        if self.hub.stopping:
+            raise Unavailable("server is shutting down; reconnect shortly")
+        if self.hub.mapper.visible(node.id) is None:  # deleted or expired while it waited
+            raise NotFound(f"node {node.name} is not in the map; register again")
+        return self.hub.open_stream(node.id)
 
     @grpc_errors
     async def ReportStatus(self, request: Signed[pb.StatusReport], context: Ctx) -> pb.StatusAck:

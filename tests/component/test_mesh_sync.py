@@ -12,6 +12,7 @@ import pytest
 
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostmesh.config import LimitsConfig
 from tests.component._mesh_fixtures import (
     SERVICE,
     Clock,
@@ -311,3 +312,28 @@ async def test_a_node_back_within_the_presence_grace_is_no_change_to_its_peers(t
         watch.cancel()
         await a.close()
         await b.close()
+
+
+async def test_full_maps_wait_their_turn_and_a_node_deleted_meanwhile_gets_not_found(tmp_path: Path) -> None:
+    cfg = replace(mesh_config(tmp_path), limits=LimitsConfig(full_maps_in_flight=1))
+    async with running(cfg) as srv:
+        key = await auth_key(srv, reusable=True)
+        a, b, c = NodeClient(srv), NodeClient(srv), NodeClient(srv)
+        for client, name in ((a, "a"), (b, "b"), (c, "c")):
+            await client.register(key, name)
+        await srv.hub.full_maps.acquire()  # the one turn is taken: every new stream waits
+        call_a, call_b, call_c = a.sync(), b.sync(), c.sync()
+        await asyncio.sleep(0.5)
+        assert srv.hub.stream_count == 0  # queued, not refused, and no full map built yet
+        async with admin_unix(srv) as admin:
+            await admin.DeleteNode(apb.DeleteNodeRequest(ref="b"), timeout=5)
+        srv.hub.full_maps.release()
+        for call in (call_a, call_c):  # one after the other, each its full map
+            full = await next_update(call)
+            assert full.full
+            assert {p.name for p in full.peers_upserted} <= {"a", "c"}
+        assert await stream_error(call_b) == grpc.StatusCode.NOT_FOUND  # deleted while it waited
+        for call in (call_a, call_c):
+            call.cancel()
+        for client in (a, b, c):
+            await client.close()
