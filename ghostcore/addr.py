@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 
 from ghostcore.errors import InvalidArgument
 
@@ -142,9 +143,29 @@ def host_prefix(ip: IPAddress) -> str:
     return f"{ip}/{ip.max_prefixlen}"
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL or an endpoint writes it: an IPv6 address in brackets (RFC 3986 section 3.2.2)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def format_endpoint(host: str, port: int) -> str:
     """``ip:port``, with an IPv6 address in brackets (RFC 3986 section 3.2.2)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{url_host(host)}:{port}"
+
+
+def grpc_peer(peer: str) -> tuple[str, str]:
+    """A gRPC peer string as (kind, host): ``ipv4:192.0.2.1:5000`` -> ``("ipv4", "192.0.2.1")``,
+    ``ipv6:[2001:db8::1]:5000`` -> ``("ipv6", "2001:db8::1")``, ``unix:/run/x`` -> ``("unix", "/run/x")``;
+    any other kind with the rest as it is. gRPC percent-escapes what it puts there; that is undone."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        rest = rest.rpartition(":")[0].strip("[]")
+    return kind, rest
+
+
+def grpc_peer_of(host: str, port: int) -> str:
+    """The gRPC peer string of a client at ``host``, ``port`` (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    return f"{'ipv6' if ':' in host else 'ipv4'}:{format_endpoint(host, port)}"
 
 
 def _port(text: str, what: str, whole: str, expected: str, *, allow_zero: bool) -> int:

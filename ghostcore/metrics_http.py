@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ghostcore import addr
 from ghostcore.config import parse_hostport
 from ghostcore.errors import Unavailable
 
@@ -46,7 +47,7 @@ class MetricsServer:
     @property
     def url_host(self) -> str:
         """The host as a URL writes it (an IPv6 address in brackets)."""
-        return f"[{self.host}]" if ":" in self.host else self.host
+        return addr.url_host(self.host)
 
     async def close(self) -> None:
         await self._runner.cleanup()

@@ -24,7 +24,7 @@ flag               environment             meaning
 ``--timeout``      ``GHOSTCTL_TIMEOUT``    seconds per call (default 5)
 =================  ======================  =====================================================
 
-Commands: ``status``, ``peers``, ``netcheck`` (node, ``ghostctl.node_cmds``), ``ping`` (node,
+Commands: ``status``, ``peers``, ``netcheck`` (node, ``ghostctl.local_node``), ``ping`` (node,
 ``ghostctl.ping``), ``dns status`` / ``dns query`` (node, ``ghostctl.dns_cmds``), ``keys rotate`` (node,
 ``ghostctl.keys``); ``users``, ``nodes``, ``authkeys``, ``apikeys``, ``audit``, ``acl``, ``route``, ``lock``,
 ``server`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
@@ -47,8 +47,8 @@ from ghostctl import (
     authkeys,
     dns_cmds,
     keys,
+    local_node,
     lock,
-    node_cmds,
     nodes,
     ping,
     routes,
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_globals(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    node_cmds.register(sub, common)
+    local_node.register(sub, common)
     ping.register(sub, common)
     dns_cmds.register(sub, common)
     keys.register(sub, common)

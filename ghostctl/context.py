@@ -26,6 +26,7 @@ from typing import Any, TextIO, TypeVar
 
 import grpc
 
+from ghostcore import addr
 from ghostcore import errors as e
 from ghostcore.joinkey import JoinKey, parse_join_key, parse_pin
 from ghostcore.pb.ghostmesh.v1 import admin_pb2_grpc, local_pb2_grpc
@@ -74,23 +75,17 @@ def parse_server(text: str) -> ServerTarget:
         if not path.startswith("/"):
             raise e.InvalidArgument(f"--server {text!r}: a unix socket needs an absolute path (unix:/path)")
         return ServerTarget(f"unix:{path}", path)
-    if not s or "/" in s or " " in s:
+    if not s or "/" in s:
         raise e.InvalidArgument(f"--server {text!r}: expected unix:/path or host:port")
-    if s.startswith("["):
-        host, _, port = s[1:].partition("]")
-        if not host or (port and not port.startswith(":")):
-            raise e.InvalidArgument(f"--server {text!r}: expected [ipv6]:port")
-        port = port[1:] if port else str(DEFAULT_PORT)
-        host = f"[{host}]"
-    elif s.count(":") == 0:
-        host, port = s, str(DEFAULT_PORT)
-    elif s.count(":") == 1:
-        host, _, port = s.partition(":")
-    else:
-        raise e.InvalidArgument(f"--server {text!r}: write IPv6 addresses as [addr]:port")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if s.endswith("]") or ":" not in s:
+        s = f"{s}:{DEFAULT_PORT}"  # a bare host or [ipv6]: the default port
+    try:
+        host, port = addr.split_hostport(s, "--server")  # the one strict parser: no zone IDs, no spaces
+    except addr.AddressError as exc:
+        raise e.InvalidArgument(f"{exc}; or unix:/path") from None
+    if port == 0:
         raise e.InvalidArgument(f"--server {text!r}: expected host:port with a port in 1-65535")
-    return ServerTarget(f"{host}:{port}", None)
+    return ServerTarget(addr.format_endpoint(host, port), None)
 
 
 def with_pin(secret: str, pin: str) -> str:

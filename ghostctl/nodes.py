@@ -1,4 +1,8 @@
-"""``ghostctl nodes list [--user U] | rename REF NEW | expire REF | delete REF`` (REF: name or id)."""
+"""``ghostctl nodes list [--user U] | rename REF NEW | expire REF | delete REF`` (REF: name or id).
+
+Every node of the mesh, administered on ghostmesh (the Admin service, with an API key or its admin socket);
+what this machine's own ghostlink says of itself and its peers is :mod:`ghostctl.local_node`.
+"""
 
 from __future__ import annotations
 

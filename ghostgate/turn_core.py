@@ -37,6 +37,10 @@ restrictions", RFC 8656 §19; not 401, since the credentials are valid and new o
 like every refusal after authentication and counted (``not_current``). :meth:`TurnCore.revoke` deletes the
 allocations of ids that just left the set (``allocations_revoked``), releasing their relayed sockets; what
 the client sends afterwards finds no allocation (437, or dropped for indications and ChannelData).
+
+Why one module of about 560 lines: allocations, permissions, channels and the forwarding routes derived
+from them are one state that every request and timer reads and writes; the codec, the credentials
+(:mod:`ghostgate.creds`) and the sockets already live apart.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ node resolver (:class:`DnsLayer`, fed each admitted map).
 :meth:`Daemon.report`, :meth:`Daemon.last_report`. ``ping``'s echoes go through an injected
 :class:`Pinger` (ICMP in :mod:`ghostlink.pinger`; the component tests pass a loopback one).
 
-Why one module of about 470 lines: the session loop, the reconcile step, the reports and the background
+Why one module of about 550 lines: the session loop, the reconcile step, the reports and the background
 tasks share the daemon's state (map, admitted map, applied state, connection); what could live apart
 does (admission, trust, status values, rotation, traversal).
 """

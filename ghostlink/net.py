@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from ghostcore.addr import format_endpoint
 from ghostcore.errors import Unavailable
 from ghostlink.engine import Plan
 
@@ -131,7 +132,7 @@ def usable_endpoints(addrs: Iterable[tuple[str, str]], listen_port: int, exclude
             continue
         if any(ip in net for net in OVERLAY_NETS):
             continue
-        ep = f"[{ip}]:{listen_port}" if ip.version == 6 else f"{ip}:{listen_port}"
+        ep = format_endpoint(str(ip), listen_port)
         if ep not in out:
             out.append(ep)
     # IPv4 first: most paths between home networks are v4.

@@ -26,6 +26,11 @@ its pin.
 allow-lists of who may join and refuses plain-http URLs unless ``allow_insecure_http`` (tests).
 ``[console]`` is the web admin console (:mod:`ghostmesh.console`): off unless ``listen`` is set; plain
 HTTP only on a loopback address, anywhere else ``tls = true`` (the TCP port's certificate).
+
+Why one module of about 640 lines: it is the whole schema of one file, ``ghostmesh.toml``, read in one
+place; each table is a small dataclass with its own checks, and what spans tables (OIDC required by
+``server.auth_method``, file names resolved against the config file's directory, the relay secret read at
+load) needs them all in view.
 """
 
 from __future__ import annotations

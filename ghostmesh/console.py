@@ -24,6 +24,10 @@ section 9.2): the console subscribes once to :meth:`ghostmesh.hub.Hub.add_listen
 sets every open stream's event, and each stream sends a fresh picture, at most one per
 :data:`EVENT_COALESCE` seconds, plus a comment every :data:`KEEPALIVE` seconds. At most
 :data:`MAX_EVENT_STREAMS` streams are open at once (others get 503).
+
+Why one module of about 500 lines: it is the console's whole I/O edge (routes, session checks, the SSE
+streams), one handler per page or action; the session logic (:mod:`ghostmesh.console_core`) and the HTML
+(:mod:`ghostmesh.console_pages`) already live apart.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ghostcore import auditchain
+from ghostcore.addr import format_endpoint, grpc_peer_of
 from ghostcore.config import parse_hostport
 from ghostcore.errors import AuthError, GhostError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
@@ -72,7 +77,7 @@ def peer_of(request: web.Request) -> str:
     if not peer:
         return "unknown"
     host, port = str(peer[0]), int(peer[1])
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    return grpc_peer_of(host, port)
 
 
 def status_of(err: GhostError) -> int:
@@ -462,8 +467,7 @@ class ConsoleServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.console.secure else 'http'}://{host}:{self.port}"
+        return f"{'https' if self.console.secure else 'http'}://{format_endpoint(self.host, self.port)}"
 
     async def close(self) -> None:
         self.console.close()

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-import urllib.parse
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from ghostcore.addr import grpc_peer
 from ghostcore.errors import ResourceExhausted
 from ghostmesh.config import LimitsConfig
 
@@ -229,12 +229,12 @@ def source_of(peer: str) -> str | None:
     """The source address a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:…``) is
     limited as: an IPv4 address, or an IPv6 /64 (an IPv4-mapped address counts as IPv4). None for a unix
     socket (local root); the string itself for any other kind."""
-    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    kind, host = grpc_peer(peer)
     if kind == "unix":
         return None
     if kind not in ("ipv4", "ipv6"):
         return peer
-    host = rest.rpartition(":")[0].strip("[]").partition("%")[0]
+    host = host.partition("%")[0]
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

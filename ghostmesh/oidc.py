@@ -49,6 +49,10 @@ Discovery (``<issuer>/.well-known/openid-configuration``, OpenID Connect Discove
 at start; a failure stops the start with a one-line error. Never logged nor put in an error: the client
 secret, codes, tokens, ``state``, nonces, login ids (the login URL is a capability until it is confirmed)
 and cookies.
+
+Why one module of about 460 lines: it is the login's whole I/O edge, the HTTP listener, the provider
+client (discovery, token exchange, JWKS) and the nodes waiting on a login, which share the pending
+logins; the pure rules live in :mod:`ghostmesh.oidc_core`.
 """
 
 from __future__ import annotations

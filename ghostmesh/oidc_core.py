@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from authlib.common.security import generate_token
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from ghostcore.addr import grpc_peer
 from ghostcore.errors import AuthError, ResourceExhausted
 from ghostmesh.config import OidcConfig
 
@@ -82,10 +82,10 @@ def one_line(text: str, limit: int = 100) -> str:
 def peer_address(peer: str) -> str:
     """The address of a gRPC peer (``ipv4:192.0.2.1:5000`` -> ``192.0.2.1``, ``ipv6:[2001:db8::1]:5000``
     -> ``2001:db8::1``), as the confirmation page shows it; other kinds as they are."""
-    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    kind, host = grpc_peer(peer)
     if kind not in ("ipv4", "ipv6"):
         return peer
-    return rest.rpartition(":")[0].strip("[]") or peer
+    return host or peer
 
 
 def new_cookie() -> str:

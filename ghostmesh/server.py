@@ -57,6 +57,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ghostcore import lock, tlscert
+from ghostcore.addr import format_endpoint
 from ghostcore.config import parse_hostport
 from ghostcore.errors import ConfigError, Unavailable
 from ghostcore.files import check_socket_dir, make_private_dir, umask
@@ -161,7 +162,7 @@ def _prepare_admin_socket(path: Path) -> None:
 
 def _add_tls_port(server: grpc.aio.Server, host: str, port: int, text: str, pair: CertPair) -> int:
     """Listen on ``host:port`` with TLS only, presenting ``pair``'s whole chain; the bound port."""
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bind = format_endpoint(host, port)
     credentials = grpc.ssl_server_credentials([(pair.key_pem, pair.cert_pem)])
     try:
         bound = server.add_secure_port(bind, credentials)
@@ -242,10 +243,8 @@ class RunningServer:
     @property
     def target(self) -> str:
         """``host:port`` a client on this machine dials (a wildcard bind is reached over loopback)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.host, self.host)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.port}"
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return format_endpoint(host, self.port)
 
     async def stop(self, grace: float = 1.0) -> None:
         """Close every stream, stop serving, close the database. Idempotent."""

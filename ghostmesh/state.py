@@ -14,7 +14,7 @@ spent key) leaves memory as it was, also when its caller holds a store transacti
 the caller (:meth:`ghostmesh.hub.Hub.transaction`) commits a mutation and its audit row together, or
 neither. The state itself opens no transaction and writes no audit row.
 
-Why one module of about 1000 lines: registration, OIDC users, presence, key rotation, node-key
+Why one module of about 1170 lines: registration, OIDC users, presence, key rotation, node-key
 signatures, routes and timers all read and write the node indexes, the address allocators and the expiry
 heaps, and keeping every write to them in one class is what keeps them consistent; so it stays whole, in
 one section per area, with the pure rules in :mod:`ghostmesh.routes`, :mod:`ghostcore.ipalloc` and

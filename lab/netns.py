@@ -39,6 +39,10 @@ pytest helpers: ``netns_unavailable() -> str | None`` (why netns tests cannot ru
 ``lab_for(request, tmp_path=None, name=None) -> Lab`` which names the artifacts dir
 ``test-artifacts/<sanitized test node id>`` under the repo root and skips the test when not root or a
 tool is missing, unless ``GHOST_REQUIRE_NETNS=1`` (CI), in which case it fails with the reason.
+
+Why one module of about 480 lines: namespaces, segments, links, processes and their cleanup are one
+lab whose teardown must know everything it created; NAT routers, WireGuard pairs, processes, pings and
+waits already live in their own modules.
 """
 
 from __future__ import annotations

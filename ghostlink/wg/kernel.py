@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ghostcore import addr
+from ghostcore.addr import format_endpoint
 from ghostcore.errors import Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
 from ghostlink.engine import Plan
@@ -110,7 +111,7 @@ def _device_from_info(msgs: list[Any]) -> codec.DeviceState:
             addr = ep.get("addr") if ep else None
             endpoint = None
             if addr:
-                endpoint = f"[{addr}]:{ep['port']}" if ":" in addr else f"{addr}:{ep['port']}"
+                endpoint = format_endpoint(addr, ep["port"])
             peers[key] = codec.PeerState(
                 public_key=key,
                 endpoint=endpoint,

@@ -19,6 +19,9 @@ Transactions: a mutation outside :meth:`SqlStore.transaction` opens and commits 
 joins the open one, and an error it raises rolls the whole block back (no caller catches a store error
 inside a block and goes on, so there is no per-mutation savepoint: PostgreSQL would refuse every later
 statement of a transaction that had an error anyway).
+
+Why one module of about 525 lines: it is every statement both engines run, one method per store
+operation; splitting it by table would split the transaction logic that every operation shares.
 """
 
 from __future__ import annotations

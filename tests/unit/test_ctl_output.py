@@ -10,7 +10,7 @@ import pytest
 from ghostcore import errors as e
 from ghostcore.pb.ghostmesh.v1 import local_pb2
 from ghostctl import errors as ce
-from ghostctl import node_cmds, output
+from ghostctl import local_node, output
 from ghostctl.argtypes import duration_arg, tags_arg
 from ghostctl.context import Context, parse_server
 
@@ -76,7 +76,7 @@ def test_peers_rendering_humanises_handshake_and_bytes() -> None:
         ),
         local_pb2.LocalPeer(name="c", addresses=["100.64.0.3"]),
     ]  # fmt: skip
-    lines = node_cmds.render_peers(peers, NOW).splitlines()
+    lines = local_node.render_peers(peers, NOW).splitlines()
     assert lines[0].split() == [
         "NAME", "ADDRESSES", "PATH", "ENDPOINT", "LATENCY", "HANDSHAKE", "RX", "TX", "ONLINE"
     ]  # fmt: skip
@@ -100,10 +100,10 @@ def test_peers_rendering_humanises_handshake_and_bytes() -> None:
 
 
 def test_peers_path_names_the_relay_region() -> None:
-    assert node_cmds.path_text("relay", "fra") == "relay fra"
-    assert node_cmds.path_text("turn", "coturn") == "turn coturn"
-    assert node_cmds.path_text("", "") == "-"
-    doc = node_cmds.peer_doc(local_pb2.LocalPeer(name="b", path="relay", relay="fra", latency_ms=-1.0))
+    assert local_node.path_text("relay", "fra") == "relay fra"
+    assert local_node.path_text("turn", "coturn") == "turn coturn"
+    assert local_node.path_text("", "") == "-"
+    doc = local_node.peer_doc(local_pb2.LocalPeer(name="b", path="relay", relay="fra", latency_ms=-1.0))
     assert (doc["path"], doc["relay"], doc["latency_ms"]) == ("relay", "fra", None)
 
 
@@ -117,20 +117,20 @@ def test_netcheck_rendering_and_doc() -> None:
                                    mapped="203.0.113.5:1024", home=True),
         ],
     )  # fmt: skip
-    text = node_cmds.render_netcheck(r)
+    text = local_node.render_netcheck(r)
     assert "varies by destination" in text
     assert "b (quic)" in text
     rows = [line.split() for line in text.splitlines()[-2:]]
     assert rows[0] == ["1", "a", "203.0.113.10:3478", "-", "-", "-"]
     assert rows[1] == ["2", "b", "203.0.113.11:3478", "0.8", "ms", "203.0.113.5:1024", "*"]
-    doc = node_cmds.netcheck_doc(r)
+    doc = local_node.netcheck_doc(r)
     assert doc["relays"][0]["latency_ms"] is None
     assert doc["relays"][1]["home"] is True
 
 
 def test_status_doc_is_json_serialisable_with_iso_times() -> None:
     st = local_pb2.LocalStatus(name="n1", addresses=["100.64.0.1"], connected=True, last_map_unix=int(NOW))
-    doc = json.loads(output.to_json(node_cmds.status_doc(st)))
+    doc = json.loads(output.to_json(local_node.status_doc(st)))
     assert doc["name"] == "n1"
     assert doc["addresses"] == ["100.64.0.1"]
     assert doc["last_map_unix"] == int(NOW)
@@ -174,7 +174,19 @@ def test_parse_server(text: str, target: str, unix: bool) -> None:
     assert t.is_unix is unix
 
 
-@pytest.mark.parametrize("text", ["unix:relative", "host:0", "host:99999", "2001:db8::1", "http://x/y", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "unix:relative",
+        "host:0",
+        "host:99999",
+        "2001:db8::1",
+        "http://x/y",
+        "",
+        "[fe80::1%eth0]:7777",
+        "a b:1",
+    ],
+)
 def test_parse_server_rejects(text: str) -> None:
     with pytest.raises(e.InvalidArgument, match="--server"):
         parse_server(text)

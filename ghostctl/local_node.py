@@ -1,4 +1,5 @@
-"""Node commands, answered by the local ghostlink over its root-only unix socket (LocalNode service).
+"""This node's commands, answered by the local ghostlink over its root-only unix socket (LocalNode service);
+the mesh's nodes as ghostmesh administers them are :mod:`ghostctl.nodes`.
 
 ``ghostctl status``  this node: name, overlay addresses, server, connected or not, backend, interface,
                      map serial, last error.
