@@ -265,18 +265,25 @@ class Hub:
             if not plan.pending:
                 continue
             await asyncio.sleep(plan.window_at(time.monotonic()))  # a burst piles up into one update
-            self._round_over.clear()
-            for sid in plan.take(time.monotonic()):
-                ev = self._events.get(sid)
-                if ev is None:
-                    plan.forget(sid, time.monotonic())
-                else:
-                    ev.set()
+            try:
+                self._release(plan)
+            except Exception:  # no delta would ever flow again without this loop: log, keep going
+                log.exception("flush round failed")
+                continue
             if plan.in_round:
                 try:
                     await asyncio.wait_for(self._round_over.wait(), plan.max_window)
                 except TimeoutError:
                     plan.expire_round(time.monotonic())
+
+    def _release(self, plan: FlushPlan) -> None:
+        self._round_over.clear()
+        for sid in plan.take(time.monotonic()):
+            ev = self._events.get(sid)
+            if ev is None:
+                plan.forget(sid, time.monotonic())
+            else:
+                ev.set()
 
     # -- timers ----------------------------------------------------------------------------------------
 
