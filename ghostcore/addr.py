@@ -149,7 +149,11 @@ def url_host(host: str) -> str:
 
 
 def format_endpoint(host: str, port: int) -> str:
-    """``ip:port``, with an IPv6 address in brackets (RFC 3986 section 3.2.2)."""
+    """``host:port`` with :func:`url_host`'s host: ``ip:port``, ``[ip6]:port``, a host name as it is.
+
+    The one formatter of endpoints, bind addresses and dial targets: the inverse of
+    :func:`split_hostport`, and for a canonical IP of :func:`parse_endpoint`. It checks nothing.
+    """
     return f"{url_host(host)}:{port}"
 
 

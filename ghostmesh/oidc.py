@@ -72,6 +72,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import JWSRegistry
 
+from ghostcore.addr import grpc_peer_of
 from ghostcore.config import parse_hostport
 from ghostcore.errors import (
     AuthError,
@@ -267,8 +268,7 @@ class OidcService:
         """A refused step: counted for the browser's source (one coalesced audit row per source and
         minute), logged without secrets, answered with a one-line page."""
         remote = request.remote or ""
-        kind_of_ip = "ipv6" if ":" in remote else "ipv4"
-        source = source_of(f"{kind_of_ip}:[{remote}]:0") or remote  # the gRPC peer form limits expect
+        source = source_of(grpc_peer_of(remote, 0)) or remote  # the gRPC peer form limits expect
         self.hub.limits.auth_failed(source or "unknown", kind, self.hub.now())
         self.hub.limits.refusals.oidc_refused += 1
         log.warning("oidc login refused (%s) from %s: %s", kind, remote, message)

@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ghostcore import addr
-from ghostcore.addr import format_endpoint
 from ghostcore.errors import Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
 from ghostlink.engine import Plan
@@ -108,10 +107,8 @@ def _device_from_info(msgs: list[Any]) -> codec.DeviceState:
                 f"{a.get('addr')}" for a in (p.get("WGPEER_A_ALLOWEDIPS") or []) if a.get("addr") is not None
             )
             key = _b64(p.get("WGPEER_A_PUBLIC_KEY"))
-            addr = ep.get("addr") if ep else None
-            endpoint = None
-            if addr:
-                endpoint = format_endpoint(addr, ep["port"])
+            ep_ip = ep.get("addr") if ep else None
+            endpoint = addr.format_endpoint(ep_ip, ep["port"]) if ep_ip else None
             peers[key] = codec.PeerState(
                 public_key=key,
                 endpoint=endpoint,

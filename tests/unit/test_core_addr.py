@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from ghostcore.addr import (
     AddressError,
     format_endpoint,
+    grpc_peer,
+    grpc_peer_of,
     host_prefix,
     is_hostname,
     normalize_ip,
@@ -19,6 +21,7 @@ from ghostcore.addr import (
     parse_ip,
     parse_prefix,
     split_hostport,
+    url_host,
 )
 from ghostcore.errors import InvalidArgument
 
@@ -131,6 +134,47 @@ def test_split_hostport(text: str, ip_only: bool, expected: tuple[str, int]) -> 
 def test_split_hostport_refuses(text: str) -> None:
     with pytest.raises(AddressError):
         split_hostport(text)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "text"),
+    [
+        ("192.0.2.1", 7777, "192.0.2.1:7777"),
+        ("2001:db8::1", 7777, "[2001:db8::1]:7777"),
+        ("[2001:db8::1]", 7777, "[2001:db8::1]:7777"),  # already bracketed: not twice
+        ("mesh.example.com", 443, "mesh.example.com:443"),  # a host name as it is
+    ],
+)
+def test_format_endpoint_brackets_ipv6_only(host: str, port: int, text: str) -> None:
+    assert format_endpoint(host, port) == text
+    assert url_host(host) == text.rpartition(":")[0]
+
+
+@pytest.mark.parametrize("text", ["203.0.113.1:7777", "[2001:db8::1]:1", "mesh.example.com:443"])
+def test_format_endpoint_inverts_split_hostport(text: str) -> None:
+    assert format_endpoint(*split_hostport(text)) == text
+
+
+@pytest.mark.parametrize(
+    ("peer", "parsed"),
+    [
+        ("ipv4:192.0.2.1:5000", ("ipv4", "192.0.2.1")),
+        ("ipv6:[2001:db8::1]:5000", ("ipv6", "2001:db8::1")),
+        ("ipv6:%5B2001:db8::1%5D:5000", ("ipv6", "2001:db8::1")),  # percent-escaped by older gRPC
+        ("ipv6:[fe80::1%eth0]:1", ("ipv6", "fe80::1%eth0")),  # kept: the caller decides
+        ("unix:/run/ghostmesh/admin.sock", ("unix", "/run/ghostmesh/admin.sock")),
+        ("vsock:3:1", ("vsock", "3:1")),
+    ],
+)
+def test_grpc_peer(peer: str, parsed: tuple[str, str]) -> None:
+    assert grpc_peer(peer) == parsed
+
+
+@pytest.mark.parametrize(("host", "port"), [("192.0.2.1", 5000), ("2001:db8::1", 443)])
+def test_grpc_peer_of_round_trips(host: str, port: int) -> None:
+    peer = grpc_peer_of(host, port)
+    assert peer == ("ipv6:[2001:db8::1]:443" if ":" in host else "ipv4:192.0.2.1:5000")
+    assert grpc_peer(peer) == ("ipv6" if ":" in host else "ipv4", host)
 
 
 def test_hostnames() -> None:
