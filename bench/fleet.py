@@ -34,6 +34,10 @@ Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.fleet --nodes 100,500,1000 [--c
 --conn-per-node] [--concurrency 64] [--changes 5] [--phase-timeout 120] [--batch-delay S]``.
 ``--batch-delay`` sets the server's ``[mapper] batch_delay``: how often each stream may flush, and so how
 much of the server's loop delta flushing takes from accepting Registers and new streams during a wave.
+
+Why one module of about 475 lines: the simulated fleet (:class:`_Fleet`, half of it) and the four phases
+it drives share one set of streams and counters, and the reference, the server's start and the report
+are a few dozen lines each; the process handling, proofs and /proc readers are :mod:`bench.fanout`'s.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ DNS settings (:mod:`ghostmesh.dnsmap`): the same for every node and fixed while 
 come from the config file), so they ride in every full map and never in a delta; a restart with other
 settings reaches nodes in the full map of their new stream.
 
-Why one module of about 470 lines: sessions, their pending deltas and the cached encodings they share
+Why one module of about 490 lines: sessions, their pending deltas and the cached encodings they share
 are one state with one owner; the policy compiler and the relay minter already live apart.
 """
 

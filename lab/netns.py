@@ -40,9 +40,10 @@ pytest helpers: ``netns_unavailable() -> str | None`` (why netns tests cannot ru
 ``test-artifacts/<sanitized test node id>`` under the repo root and skips the test when not root or a
 tool is missing, unless ``GHOST_REQUIRE_NETNS=1`` (CI), in which case it fails with the reason.
 
-Why one module of about 480 lines: namespaces, segments, links, processes and their cleanup are one
-lab whose teardown must know everything it created; NAT routers, WireGuard pairs, processes, pings and
-waits already live in their own modules.
+Why one module of about 480 lines: :class:`Lab` records every namespace, link, process and file it
+makes, and its teardown and :meth:`Lab.leftovers` must see all of them, so what creates them lives with
+what removes them; the API listed above takes a tenth of the module. NAT routers (:mod:`lab.nat`),
+WireGuard pairs (:mod:`lab.wg`), process handles (:mod:`lab.procs`), pings and waits live apart.
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ joins the open one, and an error it raises rolls the whole block back (no caller
 inside a block and goes on, so there is no per-mutation savepoint: PostgreSQL would refuse every later
 statement of a transaction that had an error anyway).
 
-Why one module of about 525 lines: it is every statement both engines run, one method per store
-operation; splitting it by table would split the transaction logic that every operation shares.
+Why one module of about 525 lines: it is one class, :class:`SqlStore`, with one short method per
+store operation over the same few helpers (``_one``, ``_all``, ``_conflict``, :meth:`SqlStore.transaction`)
+and the backend's abstract connection methods; operations cross tables (a node insert consumes an auth
+key), so a split by table would be mixins sharing all of that, not modules standing alone.
 """
 
 from __future__ import annotations
