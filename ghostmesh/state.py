@@ -191,6 +191,41 @@ class StateConfig:
         )
 
 
+class _Deadlines:
+    """Node ids each with one deadline, soonest first: the deadline in force per id, and a heap whose stale
+    entries (an id cancelled or rescheduled since) are dropped as they surface, so nothing scans all ids."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, float] = {}
+        self._heap: list[tuple[float, int]] = []
+
+    def __contains__(self, node_id: int) -> bool:
+        return node_id in self._due
+
+    def set(self, node_id: int, due: float) -> None:
+        self._due[node_id] = due
+        heapq.heappush(self._heap, (due, node_id))
+
+    def cancel(self, node_id: int) -> bool:
+        """Drop ``node_id``'s deadline; True if it had one."""
+        return self._due.pop(node_id, None) is not None
+
+    def next(self) -> float | None:
+        while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> list[tuple[float, int]]:
+        """The (deadline, id) pairs due at ``now``, soonest first, each taken out."""
+        out: list[tuple[float, int]] = []
+        while self._heap and self._heap[0][0] <= now:
+            due, node_id = heapq.heappop(self._heap)
+            if self._due.get(node_id) == due:
+                del self._due[node_id]
+                out.append((due, node_id))
+        return out
+
+
 class State:
     """In-memory registry backed by a Store. Not thread-safe: one event loop drives it."""
 
@@ -203,10 +238,8 @@ class State:
         self._by_pending: dict[str, int] = {}  # key rotation: pending node key -> node id
         self._streams: dict[int, int] = {}  # node id -> open Sync streams
         self._expiry_heap: list[tuple[float, int]] = []
-        self._ephemeral_due: dict[int, float] = {}
-        self._ephemeral_heap: list[tuple[float, int]] = []
-        self._leaving: dict[int, float] = {}  # node id -> when it goes offline (its last stream ended)
-        self._leaving_heap: list[tuple[float, int]] = []
+        self._ephemeral = _Deadlines()  # ephemeral nodes offline: when they are deleted
+        self._leaving = _Deadlines()  # nodes whose last stream ended: when they go offline
         # the nodes' resolver addresses are never a node's (ghostlink.magicdns listens on them)
         resolvers = (ipaddress.ip_address(RESOLVER_V4), ipaddress.ip_address(RESOLVER_V6))
         self._v4 = Allocator(parse_prefix(cfg.ipv4_prefix, "network.ipv4_prefix"), reserved=resolvers)
@@ -251,8 +284,8 @@ class State:
         self._by_key.pop(node.node_key, None)
         self._by_name.pop(node.name, None)
         self._streams.pop(node.id, None)
-        self._ephemeral_due.pop(node.id, None)
-        self._leaving.pop(node.id, None)
+        self._ephemeral.cancel(node.id)
+        self._leaving.cancel(node.id)
 
     def snapshot(self) -> list[NodeAdded]:
         """Every node as the record that adds it (presence and its user's OIDC groups included): what the
@@ -721,11 +754,11 @@ class State:
         node = self._nodes.get(node_id)
         if node is None:
             return []
-        if self._leaving.pop(node_id, None) is not None:
+        if self._leaving.cancel(node_id):
             return []  # back within the presence grace: it never looked offline, nothing changed
         count = self._streams.get(node_id, 0) + 1
         self._streams[node_id] = count
-        self._ephemeral_due.pop(node_id, None)  # reconnected within the grace: keep it
+        self._ephemeral.cancel(node_id)  # reconnected within the grace: keep it
         if count > 1:
             return []
         others = self._reelect_around(node_id)  # a router coming back may take over its prefixes
@@ -751,9 +784,7 @@ class State:
             self._streams[node_id] = count
             return []
         if self.cfg.presence_grace > 0 and not self.routes.prefixes_of(node_id):
-            due = now + self.cfg.presence_grace  # the stream count stays 1 until then
-            self._leaving[node_id] = due
-            heapq.heappush(self._leaving_heap, (due, node_id))
+            self._leaving.set(node_id, now + self.cfg.presence_grace)  # the stream count stays 1 until then
             return []
         return self._go_offline(node_id, now)
 
@@ -770,9 +801,7 @@ class State:
         return [self._changed(seen), *others]  # offline now
 
     def _schedule_ephemeral(self, node_id: int, now: float) -> None:
-        due = now + self.cfg.ephemeral_grace
-        self._ephemeral_due[node_id] = due
-        heapq.heappush(self._ephemeral_heap, (due, node_id))
+        self._ephemeral.set(node_id, now + self.cfg.ephemeral_grace)
 
     def report_status(
         self,
@@ -1141,31 +1170,28 @@ class State:
             if node is not None and node.expires == due:
                 break
             heapq.heappop(self._expiry_heap)  # stale: node deleted, renewed or expired by hand
-        for heap, dues in ((self._ephemeral_heap, self._ephemeral_due), (self._leaving_heap, self._leaving)):
-            while heap and dues.get(heap[0][1]) != heap[0][0]:
-                heapq.heappop(heap)  # stale: back online, deleted, or rescheduled
-        candidates = [h[0][0] for h in (self._expiry_heap, self._ephemeral_heap, self._leaving_heap) if h]
+        dues = (
+            self._expiry_heap[0][0] if self._expiry_heap else None,
+            self._ephemeral.next(),
+            self._leaving.next(),
+        )
+        candidates = [d for d in dues if d is not None]
         return min(candidates) if candidates else None
 
     def tick(self, now: float) -> list[Change]:
         """Expire nodes whose key expiry passed, take offline the nodes whose presence grace ran out,
         and delete ephemeral nodes whose grace ran out."""
         changes: list[Change] = []
-        while self._leaving_heap and self._leaving_heap[0][0] <= now:
-            due, node_id = heapq.heappop(self._leaving_heap)
-            if self._leaving.get(node_id) == due and node_id in self._nodes:
-                del self._leaving[node_id]
+        for due, node_id in self._leaving.pop_due(now):
+            if node_id in self._nodes:
                 changes.extend(self._go_offline(node_id, due - self.cfg.presence_grace))  # when it left
         while self._expiry_heap and self._expiry_heap[0][0] <= now:
             due, node_id = heapq.heappop(self._expiry_heap)
             node = self._nodes.get(node_id)
             if node is not None and node.expires == due:
                 changes.append(NodeRemoved(node_id, "expired"))
-        while self._ephemeral_heap and self._ephemeral_heap[0][0] <= now:
-            due, node_id = heapq.heappop(self._ephemeral_heap)
-            if self._ephemeral_due.get(node_id) != due or self.is_online(node_id):
-                continue
+        for _, node_id in self._ephemeral.pop_due(now):
             node = self._nodes.get(node_id)
-            if node is not None:
+            if node is not None and not self.is_online(node_id):
                 changes.extend(self._delete(node))
         return changes
