@@ -112,7 +112,6 @@ class Hub:
     ) -> None:
         self.state = state
         self.mapper = mapper
-        self.batch_delay = batch_delay
         self.clock = clock
         self.stopping = False
         self.audit = audit  # None only for hubs built without a store (unit tests)

@@ -286,8 +286,6 @@ class CoordinationServicer:
 
     async def _sync(self, context: Ctx, raw: bytes) -> AsyncGenerator[bytes, None]:
         node = self._node(context, "Sync", raw)
-        if self.hub.stopping:
-            raise Unavailable("server is shutting down; reconnect shortly")
         # At most limits.full_maps_in_flight full maps (O(N) bytes each) are built and written at once: a
         # whole fleet reconnecting waits its turn here instead of holding N of them in memory together.
         await self.hub.full_maps.acquire()
