@@ -102,6 +102,17 @@ class _Change:
     arrivals: dict[int, float] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def observe(self, index: int, upd: Any, now: float) -> None:
+        """Stream ``index`` received ``upd`` at ``now``: time it if it carries this change."""
+        if index == self.index or index in self.arrivals:
+            return
+        for peer in upd.peers_upserted:
+            if peer.id == self.node_id and tuple(peer.endpoints) == self.endpoints:
+                self.arrivals[index] = now - self.sent
+                if len(self.arrivals) == self.expected:
+                    self.done.set()
+                return
+
 
 @dataclass
 class _SimState:
@@ -276,15 +287,8 @@ class _Simulator:
                     st.full_short += len(upd.peers_upserted) != n - 1
                     if len(st.full_at) == n:
                         st.all_full.set()
-                change = st.current
-                if change is None or node.index == change.index or node.index in change.arrivals:
-                    continue
-                for peer in upd.peers_upserted:
-                    if peer.id == change.node_id and tuple(peer.endpoints) == change.endpoints:
-                        change.arrivals[node.index] = now - change.sent
-                        if len(change.arrivals) == change.expected:
-                            change.done.set()
-                        break
+                if st.current is not None:
+                    st.current.observe(node.index, upd, now)
             st.errors.append(f"sim{node.index}: the server ended the map stream")
         except grpc.aio.AioRpcError as exc:
             st.errors.append(f"sim{node.index}: Sync {exc.code().name}: {exc.details()}")

@@ -181,15 +181,8 @@ class _Fleet:
             if len(wave.complete) == self.n:
                 wave.converged_at = now
                 wave.converged.set()
-        change = self.change
-        if change is None or node.index == change.index or node.index in change.arrivals:
-            return
-        for peer in upd.peers_upserted:
-            if peer.id == change.node_id and tuple(peer.endpoints) == change.endpoints:
-                change.arrivals[node.index] = now - change.sent
-                if len(change.arrivals) == change.expected:
-                    change.done.set()
-                break
+        if self.change is not None:
+            self.change.observe(node.index, upd, now)
 
     async def _read(self, node: _SimNode) -> None:
         body = self.proto.pb.SyncRequest().SerializeToString()
