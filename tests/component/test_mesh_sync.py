@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostmesh.config import LimitsConfig
+from ghostmesh.server import RunningServer
 from tests.component._mesh_fixtures import (
     SERVICE,
     Clock,
@@ -248,17 +250,24 @@ async def test_signal_rpc_is_gone(tmp_path: Path) -> None:
         await a.close()
 
 
+async def _a_online_watched_by_b(srv: RunningServer) -> tuple[NodeClient, NodeClient, pb.Node, Any, Any]:
+    """Nodes a and b registered; b's stream open and a's stream open, b having heard a come online.
+    Returns a, b, a's record, b's stream and a's stream."""
+    key = await auth_key(srv, reusable=True)
+    a, b = NodeClient(srv), NodeClient(srv)
+    na = await a.register(key, "a")
+    await b.register(key, "b")
+    watch = b.sync()
+    await next_update(watch)
+    first = a.sync()
+    await next_update(first)
+    assert [p.online for p in (await next_update(watch)).peers_upserted if p.id == na.id] == [True]
+    return a, b, na, watch, first
+
+
 async def test_a_newer_stream_of_a_node_ends_the_older_one(tmp_path: Path) -> None:
     async with running(mesh_config(tmp_path)) as srv:
-        key = await auth_key(srv, reusable=True)
-        a, b = NodeClient(srv), NodeClient(srv)
-        na = await a.register(key, "a")
-        await b.register(key, "b")
-        watch = b.sync()
-        await next_update(watch)
-        first = a.sync()
-        await next_update(first)
-        assert [p.online for p in (await next_update(watch)).peers_upserted if p.id == na.id] == [True]
+        a, b, na, watch, first = await _a_online_watched_by_b(srv)
         second = a.sync()
         full = await next_update(second)
         assert (full.serial, full.self.id) == (1, na.id)
@@ -277,15 +286,7 @@ async def test_a_newer_stream_of_a_node_ends_the_older_one(tmp_path: Path) -> No
 async def test_a_node_back_within_the_presence_grace_is_no_change_to_its_peers(tmp_path: Path) -> None:
     clock = Clock()
     async with running(mesh_config(tmp_path, presence_grace=30.0), clock) as srv:
-        key = await auth_key(srv, reusable=True)
-        a, b = NodeClient(srv), NodeClient(srv)
-        na = await a.register(key, "a")
-        await b.register(key, "b")
-        watch = b.sync()
-        await next_update(watch)
-        first = a.sync()
-        await next_update(first)
-        assert [p.online for p in (await next_update(watch)).peers_upserted if p.id == na.id] == [True]
+        a, b, na, watch, first = await _a_online_watched_by_b(srv)
         stats = srv.hub.mapper.stats
 
         async def streams(n: int) -> None:
