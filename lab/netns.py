@@ -227,6 +227,7 @@ class Lab:
             cp = run(["ip", "netns", "del", ns], check=False, timeout=15)
             if cp.returncode != 0 and Path("/var/run/netns", ns).exists():
                 problems.append(f"ip netns del {ns}: {cp.stderr.strip()}")
+        problems += [f"pid {p.pid} not reaped" for p in self.procs if not p.reap(timeout=10.0)]
         for ifname in self.wg_ifnames:
             sock = WG_RUN_DIR / f"{ifname}.sock"
             try:

@@ -1,9 +1,9 @@
 """Processes: bounded command runs, processes spawned inside a namespace, and their logs.
 
 ``Proc``: ``proc.pid``, ``proc.log_path``, ``proc.stop(grace=5.0) -> int | None``, ``proc.kill()``,
-``proc.alive()``, ``proc.log_text()``. Processes are signalled by PID, never by name. Logs of spawned
-processes go to the lab's ``artifacts_dir`` as ``<host>-<log_name>.log`` and are kept; a log containing
-``TRACEBACK_MARK`` is what ``Lab.assert_no_tracebacks`` reports.
+``proc.alive()``, ``proc.reap(timeout) -> bool``, ``proc.log_text()``. Processes are signalled by PID, never
+by name. Logs of spawned processes go to the lab's ``artifacts_dir`` as ``<host>-<log_name>.log`` and are
+kept; a log containing ``TRACEBACK_MARK`` is what ``Lab.assert_no_tracebacks`` reports.
 """
 
 from __future__ import annotations
@@ -101,6 +101,15 @@ class Proc:
         self.signal(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored; bound anyway
             self.popen.wait(timeout=wait)
+
+    def reap(self, timeout: float) -> bool:
+        """Collect the exit status (bounded); True once it has one. A process that died while its kill
+        waited on the kernel (a TUN device torn down under the RTNL lock of a busy namespace cleanup) is
+        a zombie until reaped, and an unreaped ``Popen`` warns when garbage-collected, in whichever test
+        happens to run then."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=timeout)
+        return self.popen.returncode is not None
 
     def log_text(self) -> str:
         try:

@@ -123,6 +123,22 @@ def test_killed_wireguard_go_leaves_no_socket(request: pytest.FixtureRequest) ->
     assert not sock.exists()
 
 
+def test_a_process_its_stop_left_behind_is_killed_with_its_namespace_and_reaped(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kill that waits on the kernel longer than stop() waits leaves a zombie nobody reaps; its Popen then
+    # warns when garbage-collected, failing whichever later test runs at that moment.
+    monkeypatch.setattr(Proc, "stop", lambda self, grace=5.0: None)
+    lab = lab_for(request)
+    with lab:
+        a, _ = _two_segments(lab)
+        proc = a.spawn(["sleep", "60"], "sleeper")
+        assert proc.alive()
+    assert lab.leftovers() == []
+    assert proc.popen.returncode == -9
+    assert not os.path.exists(f"/proc/{proc.pid}")
+
+
 def test_failing_block_keeps_logs_and_cleans_up(request: pytest.FixtureRequest) -> None:
     lab = lab_for(request)
     procs: list[Proc] = []
