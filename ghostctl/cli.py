@@ -26,8 +26,8 @@ flag               environment             meaning
 
 Commands: ``status``, ``peers``, ``netcheck`` (node, ``ghostctl.local_node``), ``ping`` (node,
 ``ghostctl.ping``), ``dns status`` / ``dns query`` (node, ``ghostctl.dns_cmds``), ``keys rotate`` (node,
-``ghostctl.keys``); ``users``, ``nodes``, ``authkeys``, ``apikeys``, ``audit``, ``acl``, ``route``, ``lock``,
-``server`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
+``ghostctl.keys``); ``users``, ``nodes``, ``devices``, ``authkeys``, ``apikeys``, ``audit``, ``acl``,
+``route``, ``lock``, ``server`` (server, one module each). Exit codes are listed in ``ghostctl.errors``. Set
 ``GHOSTCTL_DEBUG=1`` to get a traceback for an unexpected internal error.
 """
 
@@ -45,6 +45,7 @@ from ghostctl import (
     apikeys,
     audit,
     authkeys,
+    devices,
     dns_cmds,
     keys,
     local_node,
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.register(sub, common)
     users.register(sub, common)
     nodes.register(sub, common)
+    devices.register(sub, common)
     authkeys.register(sub, common)
     apikeys.register(sub, common)
     audit.register(sub, common)

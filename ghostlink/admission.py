@@ -21,6 +21,12 @@ still applies):
     never overlapping this node's own addresses. If the admitted routes of one family together cover
     more than a sixteenth of it (sixteen /8s: far beyond private ranges plus some public blocks, and
     what a set built to replace a default route looks like), all of them are refused.
+* **Devices** (stock WireGuard peers behind a gateway node, ``NodeInfo.via``): a gateway's
+  ``device_prefixes`` are admitted in its allowed IPs like addresses of its own (each the host prefix of
+  one unicast address, not ours, not another peer's), with no ``--accept-routes`` needed: a device is a
+  member of the mesh, not a network behind it. A device's record is admitted only if its gateway's
+  admitted record carries each of its addresses; on the gateway itself, only if this node's own record
+  lists them. Nobody but the gateway installs it as a WireGuard peer (:func:`ghostlink.engine.desired_state`).
 * **A filter rule** with a non-canonical prefix, a port out of range or a protocol that is not the
   canonical text of :mod:`ghostcore.policy.protocols` (``tcp``, ``ipv6-icmp``, ``gre``, ``99``...) is dropped
   whole (the filter fails closed: fewer packets are accepted, never more).
@@ -96,7 +102,7 @@ def _peer_record(p: NodeInfo) -> str | None:
             addr.parse_endpoint(e)
         if p.turn_relay:
             addr.parse_endpoint(p.turn_relay, "TURN address")
-        for r in (*p.allowed_ips, *p.primary_routes):
+        for r in (*p.allowed_ips, *p.primary_routes, *p.device_prefixes):
             addr.parse_prefix(r, "allowed IP")
     except InvalidArgument as exc:
         return str(exc)
@@ -116,7 +122,10 @@ class _Admitter:
         self.refused: list[Refusal] = []
         me = nm.self_node
         self.own_key = me.node_key if me is not None else ""
+        self.own_id = me.id if me is not None else 0
+        self.own_devices = set(me.device_prefixes) if me is not None else set()
         self.own_ips = {ipaddress.ip_address(a) for a in me.addresses} if me is not None else set()
+        self.carried: dict[str, int] = {}  # a device's host prefix -> the admitted gateway carrying it
         self.keys: set[str] = set()
         self.claimed: set[addr.IPAddress] = set()
         self.exit_peer = chosen_exit(nm, policy.exit_node)
@@ -135,6 +144,8 @@ class _Admitter:
             return None
         if self.verifier is not None and not self._signed(p, self.verifier):
             return None
+        if p.is_device and not self._device_carried(p):
+            return None
         self.keys.add(p.node_key)
         own: set[str] = set()
         dropped: set[str] = set()  # the host prefixes of refused addresses: refused once, as addresses
@@ -152,6 +163,14 @@ class _Admitter:
                 continue
             if prefix in own:
                 allowed.append(prefix)
+            elif p.is_device:
+                self.refuse(p, f"allowed IP {prefix}", "a device carries its own addresses only")
+            elif prefix in p.device_prefixes:
+                if why := self._device_prefix_problem(prefix):
+                    self.refuse(p, f"allowed IP {prefix}", why)
+                else:
+                    self.carried[prefix] = p.id
+                    allowed.append(prefix)
             elif prefix in EXIT_PREFIXES:
                 if p is self.exit_peer:
                     allowed.append(prefix)
@@ -161,7 +180,35 @@ class _Admitter:
                 self.refuse(p, f"allowed IP {prefix}", why)
             else:
                 routes.append(prefix)
+        if p.is_device and p.via != self.own_id:
+            allowed = []  # reached through its gateway's allowed IPs, never a peer of this node's
         return replace(p, allowed_ips=tuple(allowed)), routes
+
+    def _device_prefix_problem(self, prefix: str) -> str | None:
+        net = addr.parse_prefix(prefix)
+        ip = net.network_address
+        if net.prefixlen != net.max_prefixlen or not _address_ok(ip):
+            return "a device's prefix must be one unicast address"
+        if ip in self.own_ips or ip in self.claimed:
+            return "the address is this node's or another peer's"
+        self.claimed.add(ip)
+        return None
+
+    def _device_carried(self, p: NodeInfo) -> bool:
+        """Whether device ``p``'s addresses are all carried by its gateway: this node's own record when
+        this node is the gateway, else the admitted record of the peer ``p.via``."""
+        hosts = {addr.host_prefix(addr.parse_ip(a)) for a in p.addresses}
+        if p.via == self.own_id:
+            if hosts and hosts <= self.own_devices:
+                return True
+            self.refuse(p, "device", "this node's own record does not list it as a device behind it")
+            return False
+        if hosts and all(self.carried.get(h) == p.via for h in hosts):
+            # claimed by the gateway's record for exactly this device: its own addresses again below
+            self.claimed.difference_update(addr.parse_ip(a) for a in p.addresses)
+            return True
+        self.refuse(p, "device", "its gateway's admitted record does not carry its addresses")
+        return False
 
     def still_trusted(self, earlier: NodeInfo) -> bool:
         """Whether a record admitted before is still vouched for under the current lock (a key removed
@@ -293,7 +340,8 @@ def admit(
     a = _Admitter(nm, policy, verifier, seqs)
     peers: dict[int, NodeInfo] = {}
     routes: dict[int, list[str]] = {}
-    for p in sorted(nm.peers.values(), key=lambda n: n.id):  # first by id wins a clash, the same every time
+    # first by id wins a clash, the same every time; devices after the nodes, whose gateways carry them
+    for p in sorted(nm.peers.values(), key=lambda n: (n.is_device, n.id)):
         got = a.peer(p)
         if got is not None:
             peers[p.id], routes[p.id] = got

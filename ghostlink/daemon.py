@@ -439,10 +439,11 @@ class Daemon:
         async with self._lock:
             nm = self._admitted
             me = nm.self_node
-            router = me is not None and is_router(me.primary_routes, me.exit_node)
+            devices = me.device_prefixes if me is not None else ()
+            router = me is not None and is_router(me.primary_routes, me.exit_node, devices)
             if self._firewall is not None and nm.filter is not None:
                 # before the peers: a new peer must never meet a filter older than the map naming it
-                await self._firewall.apply(nm.filter, masquerade=router)  # unchanged: no nft call
+                await self._firewall.apply(nm.filter, masquerade=router, devices=devices)  # unchanged: no nft
             if self._forwarding is not None:
                 await self._forwarding.apply(router)
             paths = self._paths.endpoints() if self._paths is not None else None

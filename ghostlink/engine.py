@@ -46,6 +46,12 @@ class NodeInfo:
     home_region: int = 0  # relay region the node is connected to (0: none)
     turn_relay: str = ""  # its TURN relayed address, "" none
     key_signature: bytes = field(default=b"", repr=False)  # node-key signing: ghostcore.lock chain
+    via: int = 0  # a device (a stock WireGuard peer running no ghostlink): its gateway's id; 0: a node
+    device_prefixes: tuple[str, ...] = ()  # a gateway: its devices' /32 and /128 (also in allowed_ips)
+
+    @property
+    def is_device(self) -> bool:
+        return self.via != 0
 
     @classmethod
     def from_pb(cls, n: coordination_pb2.Node) -> NodeInfo:
@@ -65,6 +71,8 @@ class NodeInfo:
             home_region=n.home_region,
             turn_relay=n.turn_relay,
             key_signature=n.key_signature,
+            via=n.via,
+            device_prefixes=tuple(n.device_prefixes),
         )
 
 
@@ -347,6 +355,10 @@ def desired_state(
     An exit node's 0.0.0.0/0 and ::/0 are kept only on the peer chosen with ``exit_node`` (see
     :func:`chosen_exit`) and never become routes here: ghostlink.exitroute installs the default routes
     in a table of their own, so they cannot capture the traffic to ghostmesh and to the peers.
+
+    A device (``NodeInfo.via``) is a WireGuard peer only of its gateway, with no endpoint (it dials in:
+    WireGuard learns where it is from its handshake); to every other node it is a name and addresses
+    reached through the gateway, whose allowed IPs carry them.
     """
     if nm.self_node is None:
         return DesiredState()
@@ -362,7 +374,11 @@ def desired_state(
             continue
         if key == nm.self_node.node_key:
             continue  # never peer with ourselves, whatever the server says
+        if p.is_device and p.via != nm.self_node.id:
+            continue
         endpoint = (endpoints or {}).get(key) or (p.endpoints[0] if p.endpoints else None)
+        if p.is_device:
+            endpoint = None
         routed = prefixes - EXIT_PREFIXES
         allowed = tuple(sorted(prefixes if p is exit_peer else routed))
         peers[key] = PeerSpec(public_key=key, allowed_ips=allowed, endpoint=endpoint, keepalive=nm.keepalive)

@@ -1,4 +1,5 @@
-"""IP forwarding on a router node (subnet router or exit node): on while it routes, restored after.
+"""IP forwarding on a router node (subnet router, exit node or device gateway): on while it routes, restored
+after.
 
 A node that ghostmesh made the primary router for some prefix (``Node.primary_routes``) or an approved
 exit node (``Node.exit_node``) must forward packets between the WireGuard interface and its other
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 SYSCTLS = (Path("/proc/sys/net/ipv4/ip_forward"), Path("/proc/sys/net/ipv6/conf/all/forwarding"))
 
 
-def is_router(primary_routes: tuple[str, ...], exit_node: bool) -> bool:
-    return bool(primary_routes) or exit_node
+def is_router(
+    primary_routes: tuple[str, ...], exit_node: bool, device_prefixes: tuple[str, ...] = ()
+) -> bool:
+    """A subnet router, an exit node, or the gateway of devices (it forwards between them and the mesh)."""
+    return bool(primary_routes) or exit_node or bool(device_prefixes)
 
 
 def restore(saved: Mapping[str, str]) -> None:

@@ -18,6 +18,13 @@ route back to the overlay. A mark is needed because ``iifname`` is not known in 
 passes no input device there); ``ROUTED_MARK`` is one bit, OR-ed in so other marks survive. The filter
 rules decide first: a packet the node's filter does not accept is dropped before it is ever marked.
 
+On a device gateway (``devices``: the host prefixes of the stock WireGuard peers behind this node) the
+forward chain also accepts what its devices send back into the mesh (``oifname "<wg if>" ip saddr
+{ <devices> } accept``): WireGuard's cryptokey routing has already checked that such a packet came from
+that device's key, and the node receiving it enforces its own filter on it, as it would for any node's
+packet. What goes elsewhere (a subnet behind this node, the internet through it) and what the mesh sends
+to a device is judged by this node's filter rules, where the policy compiler puts the devices' rules.
+
 The policy compiler on ghostmesh is the judge of who may reach what; this module only renders its
 ``FilterRule``s, protocol by protocol as written (:mod:`ghostcore.policy.protocols`): TCP, UDP and SCTP
 on the rule's ports, ICMP (IPv4) and ICMPv6 (IPv6) whatever the ports (they have none), any other
@@ -127,10 +134,13 @@ def rule_lines(rules: Sequence[FilterSpec]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def render(ifname: str, rules: Sequence[FilterSpec], masquerade: bool = False) -> str:
+def render(
+    ifname: str, rules: Sequence[FilterSpec], masquerade: bool = False, devices: Sequence[str] = ()
+) -> str:
     """The ``nft -f`` script replacing the interface's table with one enforcing ``rules``.
 
     ``masquerade``: this node routes for the mesh; NAT what it forwards from the WireGuard interface.
+    ``devices``: host prefixes of the devices behind this node, whose packets into the mesh it forwards.
     """
     name = table_name(ifname)
     body = [
@@ -144,7 +154,15 @@ def render(ifname: str, rules: Sequence[FilterSpec], masquerade: bool = False) -
         head = [f"iifname != {_quote(ifname)} accept"]
         if hook == "forward" and masquerade:
             head.append(f"meta mark set meta mark or {ROUTED_MARK}")
-        lines = "\n".join(f"\t\t{line}" for line in head + body)
+        tail = body
+        if hook == "forward" and devices:
+            own = [
+                f"oifname {_quote(ifname)} {_match(fam + ' saddr', _collapse(devices, version))}accept"
+                for version, fam in ((4, "ip"), (6, "ip6"))
+                if _collapse(devices, version)
+            ]
+            tail = body[:2] + own + body[2:]  # after the conntrack lines, before the filter's
+        lines = "\n".join(f"\t\t{line}" for line in head + tail)
         chains.append(
             f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n{lines}\n\t}}"
         )
@@ -204,20 +222,24 @@ class NftFirewall:
         self.nft = nft
         self.applied: tuple[FilterSpec, ...] | None = None
         self.masquerade = False
+        self.devices: tuple[str, ...] = ()
         self._journal = journal  # None: nothing journaled (tests that run the firewall alone)
 
     async def _run(self, script: str) -> None:
         await run_script(self.nft, script, f"the filter of {self.ifname}")
 
-    async def apply(self, rules: tuple[FilterSpec, ...], masquerade: bool = False) -> None:
+    async def apply(
+        self, rules: tuple[FilterSpec, ...], masquerade: bool = False, devices: tuple[str, ...] = ()
+    ) -> None:
         """Replace the table with one enforcing ``rules``; a no-op when they are what is applied."""
-        if rules == self.applied and masquerade == self.masquerade:
+        if rules == self.applied and masquerade == self.masquerade and devices == self.devices:
             return
         if self.applied is None and self._journal is not None:  # the table is about to be created
             await asyncio.to_thread(self._journal.record_nft_table, table_name(self.ifname))
-        await self._run(render(self.ifname, rules, masquerade))
+        await self._run(render(self.ifname, rules, masquerade, devices))
         self.applied = rules
         self.masquerade = masquerade
+        self.devices = devices
         log.info("packet filter on %s: %d rules%s", self.ifname, len(rules), ", masquerading" * masquerade)
 
     async def close(self) -> None:

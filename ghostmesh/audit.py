@@ -61,6 +61,7 @@ ROUTE_DELETE = "route.delete"
 ROUTE_ADVERTISE = "route.advertise"  # a node started advertising (actor node:<name>)
 ROUTE_WITHDRAW = "route.withdraw"  # a node stopped advertising
 LOCK_UPDATE = "lock.update"  # a signed update appended to the node-key signing log (target "lock")
+DEVICE_ADD = "device.add"  # a device behind a gateway node (removed as any node: node.delete)
 NODE_SIGN = "node.sign"  # a signature stored for a node's key (or its pending key)
 AUTH_FAILED = "auth.failed"  # one source's failed authentications in one window (actor system)
 AUDIT_COALESCED = "audit.coalesced"  # a node's route rows beyond the limit in one window, by action

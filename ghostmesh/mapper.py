@@ -97,7 +97,8 @@ def peer_entry(msg: pb.Node) -> bytes:
 def node_to_pb(rec: NodeRec, online: bool) -> pb.Node:
     # Routes (ghostmesh.routes): the prefixes this node is primary for, and for an exit node 0.0.0.0/0 +
     # ::/0, ride in allowed_ips; ghostlink installs an exit node's /0s only on the peer it chose as exit.
-    routed = [*rec.primary_routes, *(("0.0.0.0/0", "::/0") if rec.exit_node else ())]
+    # A gateway's devices: their host prefixes too (only the gateway routes to them).
+    routed = [*rec.primary_routes, *rec.device_prefixes, *(("0.0.0.0/0", "::/0") if rec.exit_node else ())]
     return pb.Node(
         id=rec.id,
         name=rec.name,
@@ -116,6 +117,8 @@ def node_to_pb(rec: NodeRec, online: bool) -> pb.Node:
         home_region=rec.home_region,
         turn_relay=rec.turn_relay,
         key_signature=rec.key_signature,
+        via=rec.via,
+        device_prefixes=list(rec.device_prefixes),
     )
 
 
@@ -124,7 +127,9 @@ def ident_of(rec: NodeRec, groups: frozenset[str] = frozenset()) -> NodeIdent:
     addrs = (ipaddress.ip_address(rec.ipv4), ipaddress.ip_address(rec.ipv6))
     # every approved advertiser of a route is a router for the policy (a standby too), not only the primary
     routes = tuple(ipaddress.ip_network(p) for p in rec.approved_routes or rec.primary_routes)
-    return NodeIdent(rec.id, rec.user, frozenset(rec.tags), addrs, rec.name, routes, rec.exit_node, groups)
+    return NodeIdent(
+        rec.id, rec.user, frozenset(rec.tags), addrs, rec.name, routes, rec.exit_node, groups, rec.via
+    )
 
 
 def filter_to_pb(rules: Filter) -> pb.PacketFilter:

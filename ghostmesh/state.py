@@ -31,6 +31,13 @@ out) is done by :meth:`State.tick`;
 :meth:`State.next_deadline` tells the caller when to call it next. Both use heaps, so neither scans all
 nodes.
 
+Devices (:meth:`State.add_device`): a stock WireGuard peer (a phone, a router) that runs no ghostlink is
+a node record with ``via`` naming its gateway node. It has an owner or tags, addresses and a name like any
+node, never expires and never connects: its key can neither register, sync, report nor rotate. Its
+gateway's record carries the devices' host prefixes (``device_prefixes``, derived here like routes), so
+adding or removing a device is a change of the gateway too. A gateway with devices can be neither deleted
+nor rotated to a new key (the devices' configurations name it): its devices go first.
+
 Node-key signing (:mod:`ghostcore.lock`): the state owns the lock log, verified at load (a stored log
 that no longer verifies raises ``LockError`` and the server does not start), and checks every update and
 every node-key signature against it before storing anything. It holds no signing key.
@@ -160,6 +167,15 @@ def _check_oidc_identity(issuer: str, subject: str) -> None:
         raise InvalidArgument(f"invalid OIDC issuer {issuer[:70]!r}: expected the provider's https:// URL")
 
 
+def refuse_device(node: NodeRec | None) -> None:
+    """A device's key registers, syncs, reports and rotates nothing: it runs no ghostlink."""
+    if node is not None and node.via:
+        raise PermissionDenied(
+            f"this key is device {node.name}'s, which reaches the mesh through its gateway and runs no "
+            "ghostlink; join with a key of this node's own"
+        )
+
+
 def _check_registration_input(node_key: str, hostname: str) -> None:
     PublicKey.from_base64(node_key)  # InvalidArgument for anything that is not a WireGuard key
     if len(hostname) > 255:
@@ -236,6 +252,7 @@ class State:
         self._by_key: dict[str, int] = {}
         self._by_name: dict[str, int] = {}
         self._by_pending: dict[str, int] = {}  # key rotation: pending node key -> node id
+        self._devices: dict[int, set[int]] = {}  # gateway id -> the ids of its devices
         self._streams: dict[int, int] = {}  # node id -> open Sync streams
         self._expiry_heap: list[tuple[float, int]] = []
         self._ephemeral = _Deadlines()  # ephemeral nodes offline: when they are deleted
@@ -267,6 +284,7 @@ class State:
             if node.ephemeral:
                 # Nobody is connected right after a start: ephemeral nodes get a fresh grace to come back.
                 self._schedule_ephemeral(node.id, now)
+        self._refresh(list(self._devices))  # the gateways' device prefixes, now that every device is known
 
     # -- lookups ---------------------------------------------------------------------------------------
 
@@ -278,8 +296,15 @@ class State:
         self._nodes[node.id] = node
         self._by_key[node.node_key] = node.id
         self._by_name[node.name] = node.id
+        if node.via:
+            self._devices.setdefault(node.via, set()).add(node.id)
 
     def _unindex(self, node: NodeRec) -> None:
+        if node.via:
+            devices = self._devices.get(node.via, set())
+            devices.discard(node.id)
+            if not devices:
+                self._devices.pop(node.via, None)
         self._nodes.pop(node.id, None)
         self._by_key.pop(node.node_key, None)
         self._by_name.pop(node.name, None)
@@ -549,6 +574,7 @@ class State:
         _check_registration_input(node_key, hostname)
         signature = self._checked_signature(key_signature, node_key) if key_signature else b""
         known = self.node_by_key(node_key)
+        refuse_device(known)
         if known is not None and not known.expired(now):
             if not signature or signature == known.key_signature:
                 return known, []
@@ -595,8 +621,10 @@ class State:
         auth_key_id: str | None = None,
         consume_auth_key: str | None = None,
         key_signature: bytes = b"",
+        via: int = 0,
     ) -> NodeRec:
-        """A new node: addresses, a unique name, stored (addresses handed back if storing fails)."""
+        """A new node: addresses, a unique name, stored (addresses handed back if storing fails). A device
+        (``via``: its gateway) never expires: it cannot register again."""
         ipv4 = self._v4.allocate()
         try:
             ipv6 = self._v6.allocate()
@@ -613,12 +641,13 @@ class State:
             ephemeral=ephemeral,
             tags=tags,
             created=now,
-            expires=self._expires_from(now),
+            expires=0.0 if via else self._expires_from(now),
             last_seen=now,
             endpoints=(),
             hostname=hostname,
             auth_key_id=auth_key_id,
             key_signature=key_signature,
+            via=via,
         )
         try:
             node = self.store.insert_node(draft, consume_auth_key=consume_auth_key)
@@ -690,6 +719,7 @@ class State:
         issuer = canonical_issuer(issuer)
         user = self.resolve_oidc_user(user, issuer, subject)
         known = self.node_by_key(node_key)
+        refuse_device(known)
         if known is not None and known.user != user:
             raise PermissionDenied(f"login refused: this node is registered to user {known.user!r}")
         new_groups = frozenset(groups)
@@ -733,19 +763,66 @@ class State:
         expired = replace(node, expires=now)
         self.store.update_node(expired)
         self._index(expired)
-        return expired, [NodeRemoved(node.id, "expired")]
+        return expired, [NodeRemoved(node.id, "expired"), *self._refresh((node.via,) if node.via else ())]
 
     def delete_node(self, ref: str) -> list[Change]:
         node = self.resolve(ref)
         return self._delete(node)
 
     def _delete(self, node: NodeRec) -> list[Change]:
+        self._refuse_gateway(node, "deleting it")
         self.store.delete_node(node.id)  # its route rows go with it (ON DELETE CASCADE)
         self._unindex(node)
         self._v4.release(ipaddress.ip_address(node.ipv4))
         self._v6.release(ipaddress.ip_address(node.ipv6))
         changed = self.routes.forget_node(node.id, self.is_online)
+        if node.via:
+            changed.add(node.via)  # its gateway no longer carries its addresses
         return [NodeRemoved(node.id, "deleted"), *self._refresh(changed)]
+
+    # -- devices ---------------------------------------------------------------------------------------
+
+    def devices_of(self, node_id: int) -> list[NodeRec]:
+        return [self._nodes[d] for d in sorted(self._devices.get(node_id, ()))]
+
+    def _refuse_gateway(self, node: NodeRec, what: str) -> None:
+        devices = self.devices_of(node.id)
+        if devices:
+            names = ", ".join(d.name for d in devices[:5]) + (", …" if len(devices) > 5 else "")
+            raise PermissionDenied(
+                f"node {node.name} is the gateway of device(s) {names}, whose configurations name its key; "
+                f"{what} would cut them off: remove them first (ghostctl devices remove NAME)"
+            )
+
+    def add_device(
+        self, name: str, node_key: str, via: str, *, user: str, tags: Sequence[str], now: float
+    ) -> tuple[NodeRec, list[Change]]:
+        """A device named ``name`` holding ``node_key`` behind the gateway node ``via`` (name or id), owned
+        by ``user`` (or ``default``) and carrying ``tags``. Nothing is written when this raises."""
+        validate_name(name)
+        if name in self._by_name:
+            raise Conflict(f"name {name!r} is taken by a node or device; pick another")
+        PublicKey.from_base64(node_key)
+        if node_key in self._by_key or node_key in self._by_pending:
+            raise Conflict("this WireGuard key is registered already; generate a new one for the device")
+        gateway = self.resolve(via)
+        if gateway.via:
+            raise InvalidArgument(f"{gateway.name} is a device: a gateway must be a node running ghostlink")
+        if gateway.ephemeral or gateway.expired(now):
+            what = "ephemeral" if gateway.ephemeral else "expired"
+            raise InvalidArgument(f"node {gateway.name} is {what}: a gateway must be a lasting node")
+        if gateway.pending_key:
+            raise Conflict(
+                f"node {gateway.name} is rotating its key; add the device once the rotation is done"
+            )
+        for tag in tags:
+            if not _TAG_RE.match(tag):
+                raise InvalidArgument(f"invalid tag {tag[:70]!r}: use letters, digits, ':', '.', '_' or '-'")
+        if user and not USER_RE.match(user):
+            raise InvalidArgument(f"invalid user name {user[:70]!r}")
+        owner = self._ensure_user(user, now)
+        device = self._create(node_key, name, owner, now, tags=tuple(tags), via=gateway.id)
+        return device, [self._added(device), *self._refresh((gateway.id,))]
 
     # -- presence --------------------------------------------------------------------------------------
 
@@ -864,6 +941,7 @@ class State:
             raise NotFound(f"node {node_id} not found")
         if node.expired(now):
             raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
+        self._refuse_gateway(node, "rotating its key")
         PublicKey.from_base64(new_key)
         if new_key == node.node_key:
             raise InvalidArgument("key rotation: the new node key equals the current one; generate a new key")
@@ -1004,10 +1082,20 @@ class State:
         primary = self.routes.primary_routes(node.id)
         exit_node = self.routes.is_exit_node(node.id)
         approved = self.routes.approved_routes(node.id)
+        # a device's expiry is 0 (never) until an admin expires it
+        devices = tuple(
+            p for d in self.devices_of(node.id) if not d.expires for p in (f"{d.ipv4}/32", f"{d.ipv6}/128")
+        )
         same = node.primary_routes == primary and node.approved_routes == approved
-        if same and node.exit_node == exit_node:
+        if same and node.exit_node == exit_node and node.device_prefixes == devices:
             return node
-        return replace(node, primary_routes=primary, exit_node=exit_node, approved_routes=approved)
+        return replace(
+            node,
+            primary_routes=primary,
+            exit_node=exit_node,
+            approved_routes=approved,
+            device_prefixes=devices,
+        )
 
     def _refresh(self, node_ids: Iterable[int], skip: int = 0) -> list[Change]:
         changes: list[Change] = []

@@ -29,6 +29,16 @@ A dst prefix overlapping one of them selects the router and puts the overlap int
 ghostlink enforces it on the forward path; a ``*`` dst covers the routes too. A grant's ``via`` limits
 that to the routers it names. Exit nodes: ``autogroup:internet`` (or ``*``) as a dst selects every
 approved exit node and puts ``0.0.0.0/0`` and ``::/0`` into its filter.
+
+Devices (``NodeIdent.via``: a stock WireGuard peer that runs no ghostlink, reached through its gateway
+node): a device is a node to the policy (its user, tags, addresses, name), so rules select it and its
+addresses appear in other nodes' filters as a source. Its gateway routes its addresses as a router routes
+a subnet: a dst selecting the device selects the gateway too and puts the device's host prefixes into the
+gateway's filter, which ghostlink enforces on the forward path (the device has no filter of its own).
+Whoever sees a device must see its gateway (the WireGuard peer carrying the device's addresses), and a
+gateway sees whoever its devices see: ``peers`` closes over that, which keeps visibility symmetric, and
+every pair a device's change can alter involves the device or its gateway, so recomputing those two
+keeps updates O(change).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ class NodeIdent:
     routes: tuple[IPNet, ...] = ()  # approved subnet routes it serves (primary or standby)
     exit_node: bool = False  # an approved exit node (autogroup:internet)
     groups: frozenset[str] = frozenset()  # its user's OIDC groups ("oidc:<g>" group members)
+    via: int = 0  # a device: the id of its gateway node; 0 for a node
 
     @property
     def principal(self) -> Principal:
@@ -76,6 +87,7 @@ class NodeIdent:
             and self.routes == other.routes
             and self.exit_node == other.exit_node
             and self.groups == other.groups
+            and self.via == other.via
         )
 
 
@@ -158,8 +170,10 @@ class Compiler:
         self._pfx: dict[int, tuple[str, ...]] = {}  # node -> its /32 and /128 as text (made once)
         self._peers: dict[int, set[int]] = {}
         self._filters: dict[int, Filter] = {}
+        self._devices: dict[int, set[int]] = {}  # gateway id -> the ids of the devices behind it
         self.recomputed = 0  # per-node (peers or filter) recomputations, for O(change) tests
-        for n in nodes:
+        # devices first: a gateway's rule membership depends on its devices (_device_prefixes)
+        for n in sorted(nodes, key=lambda n: n.via == 0):
             self._insert(n)
         if policy is not None:
             for nid in self.nodes:
@@ -193,6 +207,8 @@ class Compiler:
     def _insert(self, n: NodeIdent) -> None:
         self.nodes[n.id] = n
         self._pfx[n.id] = tuple(_host_prefix(a) for a in n.addrs)
+        if n.via:
+            self._devices.setdefault(n.via, set()).add(n.id)
         for r in n.routes:
             self._routes[r] = self._routes.get(r, 0) + 1
         if n.routes:
@@ -211,12 +227,18 @@ class Compiler:
                 if rule.src_selects(p):
                     self._src[i].add(n.id)
             for j, e in enumerate(rule.dst):
-                if _dst_selects(rule, e.sel, n, p):
+                if _dst_selects(rule, e.sel, n, p) or self._device_prefixes(rule, e.sel, n.id, p):
                     self._dst[i][j].add(n.id)
 
     def _erase(self, n: NodeIdent) -> None:
         del self.nodes[n.id]
         del self._pfx[n.id]
+        if n.via:
+            devices = self._devices.get(n.via)
+            if devices is not None:
+                devices.discard(n.id)
+                if not devices:
+                    del self._devices[n.via]
         for r in n.routes:
             left = self._routes[r] - 1
             if left:
@@ -241,7 +263,8 @@ class Compiler:
 
     def _filter_dependents(self, n: NodeIdent) -> set[int]:
         """Nodes whose filter lists ``n``'s addresses as a source: the dst nodes of the rules whose
-        source selects ``n`` by identity, and for ``autogroup:self`` the untagged nodes of its user."""
+        source selects ``n`` by identity, and for ``autogroup:self`` the untagged nodes of its user (and
+        the gateways of those that are devices)."""
         out: set[int] = set()
         for i, rule in enumerate(self._rules):
             if n.id not in self._src[i]:
@@ -249,7 +272,10 @@ class Compiler:
             for j, e in enumerate(rule.dst):
                 if e.sel.kind == "self":
                     if not n.tags:
-                        out |= self._by_user.get(n.user, set())
+                        mates = self._by_user.get(n.user, set())
+                        out |= mates
+                        if self._devices:  # a gateway holds the rules of its devices
+                            out |= {g for m in mates if (g := self.nodes[m].via)}
                 elif n.id in self._ident[i]:
                     out |= self._dst[i][j]
         return out
@@ -264,9 +290,46 @@ class Compiler:
             self._src_cache.pop(i, None)
         return out
 
+    def _device_prefixes(self, rule: Rule, sel: Selector, gw: int, p: Principal) -> list[str]:
+        """The host prefixes of gateway ``gw``'s devices that dst selector ``sel`` covers (``p``: the
+        gateway's principal, for a grant's ``via``). For ``autogroup:self``, every untagged device's: the
+        sources are paired by user in :meth:`_compute_filter`."""
+        devices = self._devices.get(gw)
+        if not devices or sel.kind == "internet" or not rule.via_ok(p):
+            return []
+        out: list[str] = []
+        net = sel.net if sel.kind == "prefix" else None
+        for d in sorted(devices):
+            dev = self.nodes[d]
+            if sel.kind == "self":
+                if not dev.tags:
+                    out += self._pfx[d]
+                continue
+            if not sel.matches(dev.principal):
+                continue
+            out += [
+                pfx
+                for a, pfx in zip(dev.addrs, self._pfx[d], strict=True)
+                if net is None or (a.version == net.version and a in net)
+            ]
+        return out
+
     # -- per-node computation ----------------------------------------------------------------------------
 
     def _compute_peers(self, nid: int) -> set[int]:
+        out = self._direct_peers(nid)
+        if self._devices:
+            devices = self._devices.get(nid, set())
+            for d in devices:  # a gateway sees its devices (it installs them) and whoever they see
+                out |= self._direct_peers(d)
+            out |= devices
+            out.add(nid)  # a device sees its gateway, added with the others' just below
+            nodes = self.nodes
+            out |= {g for x in out if (g := nodes[x].via) and g in nodes}  # a device's viewers: its gateway
+            out.discard(nid)
+        return out
+
+    def _direct_peers(self, nid: int) -> set[int]:
         self.recomputed += 1
         n = self.nodes[nid]
         own_user = set() if n.tags else self._by_user.get(n.user, set())
@@ -324,25 +387,42 @@ class Compiler:
                     continue
                 kind = e.sel.kind
                 if kind == "self":
-                    mates = self._src[i] & self._by_user.get(n.user, set())
-                    src = tuple(sorted(p for m in mates for p in self._pfx[m]))
-                else:
-                    src = self._src_prefixes(i)
+                    out += self._self_rules(i, e.ports, n)
+                    continue
+                src = self._src_prefixes(i)
                 if not src:
                     continue
                 net = e.sel.net if kind == "prefix" else None
                 own: list[str] = []
-                if kind != "internet" and (kind not in ("all", "prefix") or e.sel.matches(p)):
+                if e.sel.matches(p):  # not when selected only for its routes or devices
                     own = [
                         p
                         for a, p in zip(n.addrs, self._pfx[nid], strict=True)
                         if net is None or (a.version == net.version and a in net)
                     ]
                 own += _routed(rule, e.sel, n, p)
+                own += self._device_prefixes(rule, e.sel, nid, p)
                 dst = tuple((p, lo, hi) for p in own for lo, hi in e.ports)
                 if dst:
                     out.append(FRule(src, dst, tuple(rule.protos)))
         return tuple(out)
+
+    def _self_rules(self, i: int, ports: tuple[tuple[int, int], ...], n: NodeIdent) -> list[FRule]:
+        """An ``autogroup:self`` dst of rule ``i`` in ``n``'s filter: its user's sources to its own
+        addresses (untagged), and each untagged device's user's sources to that device's addresses."""
+        owners: list[tuple[str, tuple[str, ...]]] = [] if n.tags else [(n.user, self._pfx[n.id])]
+        for d in sorted(self._devices.get(n.id, ())):
+            dev = self.nodes[d]
+            if not dev.tags:
+                owners.append((dev.user, self._pfx[d]))
+        out = []
+        for user, own in owners:
+            mates = self._src[i] & self._by_user.get(user, set())
+            src = tuple(sorted(p for m in mates for p in self._pfx[m]))
+            dst = tuple((p, lo, hi) for p in own for lo, hi in ports)
+            if src and dst:
+                out.append(FRule(src, dst, tuple(self._rules[i].protos)))
+        return out
 
     # -- changes ---------------------------------------------------------------------------------------
 
@@ -358,31 +438,44 @@ class Compiler:
             self._insert(n)
             return Delta()
         dirty: set[int] = {n.id}
-        old_peers: set[int] = set()
         if old is not None:
             dirty |= self._filter_dependents(old)
-            old_peers = self._peers.get(n.id, set())
             self._erase(old)
         self._insert(n)
         dirty |= self._filter_dependents(n)
         if set(n.routes) != set(old.routes if old is not None else ()):
             dirty |= self._star_dependents()
-        new_peers = self._compute_peers(n.id)
-        self._peers[n.id] = new_peers
+        gateways = self._reinsert_gateways({n.via, old.via if old is not None else 0})
         delta = Delta()
-        gained, lost = new_peers - old_peers, old_peers - new_peers
-        if gained:
-            delta.added[n.id] = set(gained)
-        if lost:
-            delta.removed[n.id] = set(lost)
-        for a in gained:
-            self._peers[a].add(n.id)
-            delta.added.setdefault(a, set()).add(n.id)
-        for a in lost:
-            self._peers[a].discard(n.id)
-            delta.removed.setdefault(a, set()).add(n.id)
-        self._refilter(dirty, delta)
+        self._repeer([n.id, *gateways], delta)
+        self._refilter(dirty | gateways, delta)
         return delta
+
+    def _reinsert_gateways(self, ids: Iterable[int]) -> set[int]:
+        """Re-derive the rule membership of these gateways (a device of theirs came, went or changed);
+        the ones that exist."""
+        out = {g for g in ids if g and g in self.nodes}
+        for g in out:
+            ident = self.nodes[g]
+            self._erase(ident)
+            self._insert(ident)
+        return out
+
+    def _repeer(self, ids: Iterable[int], delta: Delta) -> None:
+        """Recompute the peers of ``ids`` and mirror each gained or lost pair on the other side.
+        Correct when every pair that changed has one of ``ids`` in it."""
+        for a in ids:
+            old = self._peers.get(a, set())
+            new = self._compute_peers(a)
+            self._peers[a] = new
+            for b in new - old:
+                self._peers.setdefault(b, set()).add(a)
+                delta.added.setdefault(a, set()).add(b)
+                delta.added.setdefault(b, set()).add(a)
+            for b in old - new:
+                self._peers.get(b, set()).discard(a)
+                delta.removed.setdefault(a, set()).add(b)
+                delta.removed.setdefault(b, set()).add(a)
 
     def remove(self, node_id: int) -> Delta:
         old = self.nodes.get(node_id)
@@ -400,8 +493,10 @@ class Compiler:
             self._peers[a].discard(node_id)
             delta.removed.setdefault(a, set()).add(node_id)
         self._filters.pop(node_id, None)
+        gateways = self._reinsert_gateways((old.via,))
+        self._repeer(gateways, delta)
         dirty.discard(node_id)
-        self._refilter(dirty, delta)
+        self._refilter(dirty | gateways, delta)
         return delta
 
     def _refilter(self, dirty: Iterable[int], delta: Delta) -> None:

@@ -147,7 +147,7 @@ class Traversal:
         keep: set[str] = set()
         changed = False
         for p in nm.peers.values():
-            if p.node_key == me:
+            if p.node_key == me or p.is_device:  # a device runs no ghostlink: nothing to probe or relay
                 continue
             keep.add(p.node_key)
             changed |= self._pm.set_peer(p.node_key, p.endpoints, now)

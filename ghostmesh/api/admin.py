@@ -179,6 +179,36 @@ class AdminServicer(
             tx.record(caller.actor, audit.NODE_DELETE, node.name, {"id": node.id}, caller.remote)
         return apb.DeleteNodeResponse()
 
+    @grpc_errors
+    async def AddDevice(self, request: apb.AddDeviceRequest, context: Ctx) -> pb.Node:
+        return self.add_device(self._caller(context), request)
+
+    def add_device(self, caller: Caller, request: apb.AddDeviceRequest) -> pb.Node:
+        """A device behind a gateway node (see :meth:`ghostmesh.state.State.add_device`); its tags need
+        the same ownership an auth key's do."""
+        self.policy.authorize_tags(request.user or DEFAULT_USER, request.tags, caller.root)
+        with self.hub.transaction() as tx:
+            device, changes = self.state.add_device(
+                request.name,
+                request.node_key,
+                request.via,
+                user=request.user,
+                tags=list(request.tags),
+                now=self.hub.now(),
+            )
+            tx.dispatch(changes)
+            gateway = self.state.node(device.via)
+            detail = {
+                "id": device.id,
+                "node_key": device.node_key,
+                "via": gateway.name if gateway is not None else device.via,
+                "user": device.user,
+                "tags": list(device.tags),
+                "addresses": [device.ipv4, device.ipv6],
+            }
+            tx.record(caller.actor, audit.DEVICE_ADD, device.name, detail, caller.remote)
+        return self._node_pb(device)
+
     # -- auth keys -------------------------------------------------------------------------------------
 
     @grpc_errors

@@ -49,6 +49,7 @@ from ghostmesh.hub import Hub
 from ghostmesh.limits import source_of
 from ghostmesh.mapper import node_to_pb
 from ghostmesh.policy_source import PolicySource
+from ghostmesh.state import refuse_device
 from ghostmesh.store.base import NodeRec
 
 if TYPE_CHECKING:  # the OIDC stack (aiohttp, httpx, authlib) loads only when OIDC is configured
@@ -201,6 +202,7 @@ class CoordinationServicer:
         node = self._bound(key)
         if node is None:
             raise NotFound(f"node key {key[:8]}… is not registered; join with an auth key first")
+        refuse_device(node)
         if node.expired(self.hub.now()):
             raise AuthError(f"node {node.name}'s key has expired; register again with an auth key")
         return node

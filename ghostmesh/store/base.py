@@ -69,6 +69,10 @@ class NodeRec:
     # pending_key; b"": none. Public data, checked against the lock log before they are stored.
     key_signature: bytes = b""
     pending_signature: bytes = b""
+    # A device (a stock WireGuard peer that runs no ghostlink: a phone, a router): the id of the node that
+    # is its gateway into the mesh; 0 for a node. A device never syncs; its gateway installs it as a peer
+    # and carries its addresses for everyone else.
+    via: int = 0
     # Derived by ghostmesh.state from the routes table (never written by the store): the approved subnet
     # routes this node is the primary router for, and whether it is an approved, online exit node.
     primary_routes: tuple[str, ...] = ()
@@ -76,6 +80,9 @@ class NodeRec:
     # The approved subnet routes it serves, primary or standby (the policy makes every approved
     # advertiser a router for the prefix: seen by the rule's sources, the prefix in its filter).
     approved_routes: tuple[str, ...] = ()
+    # Derived by ghostmesh.state from the devices whose gateway this node is: their /32 and /128, which
+    # ride in the node's allowed IPs like routes.
+    device_prefixes: tuple[str, ...] = ()
     # Reported by the node (ReportStatus), kept in memory only (never written by the store): the relay
     # region it is connected to (0: none) and its TURN relayed address ("ip:port", "" none). They describe
     # the node's live relay connections, which a server restart outlives only until the node reconnects,

@@ -141,6 +141,10 @@ MIGRATIONS: tuple[str, ...] = (
         update_bytes BYTEA NOT NULL
     );
     """,
+    # 2: devices (a static WireGuard peer behind a gateway node): the gateway's id, 0 for a node.
+    """
+    ALTER TABLE nodes ADD COLUMN via BIGINT NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

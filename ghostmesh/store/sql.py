@@ -44,7 +44,7 @@ from ghostmesh.store.base import ApiKeyRec, AuthKeyRec, CommitFailed, NodeRec, R
 NODE_COLUMNS = (
     "name", '"user"', "node_key", "ipv4", "ipv6", "ephemeral", "tags", "created", "expires", "last_seen",
     "endpoints", "hostname", "auth_key_id", "pending_key", "pending_since", "key_signature",
-    "pending_signature",
+    "pending_signature", "via",
 )  # fmt: skip
 # The columns a uniqueness error can name, for a Conflict that says which one.
 UNIQUE_NODE_COLUMNS = ("name", "node_key", "ipv4", "ipv6")
@@ -83,6 +83,7 @@ def _node(row: Sequence[Any]) -> NodeRec:
         pending_since=float(row[15]),
         key_signature=bytes(row[16]),
         pending_signature=bytes(row[17]),
+        via=int(row[18]),
     )
 
 
@@ -91,7 +92,7 @@ def _node_row(rec: NodeRec) -> tuple[object, ...]:
         rec.name, rec.user, rec.node_key, rec.ipv4, rec.ipv6, rec.ephemeral,
         json.dumps(list(rec.tags)), rec.created, rec.expires, rec.last_seen,
         json.dumps(list(rec.endpoints)), rec.hostname, rec.auth_key_id, rec.pending_key,
-        rec.pending_since, rec.key_signature, rec.pending_signature,
+        rec.pending_since, rec.key_signature, rec.pending_signature, rec.via,
     )  # fmt: skip
 
 

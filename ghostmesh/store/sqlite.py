@@ -137,6 +137,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX users_oidc_identity ON users(oidc_issuer, oidc_subject)
         WHERE oidc_subject IS NOT NULL;
     """,
+    # 6: devices (a static WireGuard peer behind a gateway node): the gateway's id, 0 for a node.
+    """
+    ALTER TABLE nodes ADD COLUMN via INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

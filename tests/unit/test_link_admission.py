@@ -388,3 +388,74 @@ def test_whatever_the_map_holds_uapi_and_nft_get_only_canonical_values_from_it(
     assert _SAFE_NFT.fullmatch(script)
     for token in re.findall(r"[0-9a-f.:]+/\d+", script):
         assert token in {s for r in rules for s in (*r.src, *(d[0] for d in r.dst))} or token.endswith("/0")
+
+
+# -- devices ---------------------------------------------------------------------------------------------
+
+
+def _gateway_and_device(gw: int = 2, dev: int = 9) -> tuple[NodeInfo, NodeInfo]:
+    d4, d6 = f"100.64.0.{dev}/32", f"fd7a:115c:a1e0::{dev:x}/128"
+    g = _peer(gw)
+    gateway = replace(g, allowed_ips=(*g.allowed_ips, d4, d6), device_prefixes=(d4, d6))
+    device = replace(_peer(dev, endpoints=()), via=gw)
+    return gateway, device
+
+
+def test_a_device_is_reached_through_its_gateway_and_never_peered_with() -> None:
+    gateway, device = _gateway_and_device()
+    out, refused = _admit(_map(gateway, device))
+    assert refused == []
+    assert set(out.peers[2].allowed_ips) == set(gateway.allowed_ips)  # no --accept-routes needed
+    assert out.peers[9].allowed_ips == ()
+    desired = engine.desired_state(out)
+    assert set(desired.peers) == {gateway.node_key}
+    assert "100.64.0.9/32" in desired.peers[gateway.node_key].allowed_ips
+
+
+def test_the_gateway_peers_with_its_device_without_an_endpoint() -> None:
+    _, device = _gateway_and_device(gw=1)
+    nm = _map(device)
+    me = replace(nm.self_node, device_prefixes=("100.64.0.9/32", "fd7a:115c:a1e0::9/128"))  # type: ignore[type-var]
+    out, refused = _admit(replace(nm, self_node=me))
+    assert refused == []
+    spec = engine.desired_state(out).peers[device.node_key]
+    assert spec.endpoint is None
+    assert set(spec.allowed_ips) == {"100.64.0.9/32", "fd7a:115c:a1e0::9/128"}
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "why"),
+    [
+        (("0.0.0.0/1",), "a device's prefix must be one unicast address"),
+        (("10.0.0.0/8",), "a device's prefix must be one unicast address"),
+        (("100.64.0.1/32",), "the address is this node's or another peer's"),
+        (("100.64.0.3/32",), "the address is this node's or another peer's"),
+    ],
+)
+def test_a_gateway_cannot_carry_more_than_single_free_addresses(prefixes: tuple[str, ...], why: str) -> None:
+    g = _peer(5)
+    gateway = replace(g, allowed_ips=(*g.allowed_ips, *prefixes), device_prefixes=prefixes)
+    out, refused = _admit(_map(gateway, _peer(3)))
+    assert refused == [f"p5: allowed IP {prefixes[0]}: {why}"]
+    assert out.peers[5].allowed_ips == g.allowed_ips
+
+
+def test_a_device_its_gateway_does_not_carry_is_refused() -> None:
+    gateway, device = _gateway_and_device()
+    stray = replace(device, via=3)  # names a gateway that does not carry it
+    out, refused = _admit(_map(gateway, _peer(3), stray))
+    assert refused == ["p9: device: its gateway's admitted record does not carry its addresses"]
+    assert 9 not in out.peers
+    # on the gateway itself: only the devices its own record lists
+    nm = _map(replace(device, via=1))
+    _, refused = _admit(nm)
+    assert refused == ["p9: device: this node's own record does not list it as a device behind it"]
+
+
+def test_a_device_record_with_more_than_its_addresses_keeps_only_them() -> None:
+    _gateway, device = _gateway_and_device(gw=1)
+    nm = _map(replace(device, allowed_ips=(*device.allowed_ips, "10.9.0.0/16")))
+    me = replace(nm.self_node, device_prefixes=("100.64.0.9/32", "fd7a:115c:a1e0::9/128"))  # type: ignore[type-var]
+    out, refused = _admit(replace(nm, self_node=me), Policy(accept_routes=True))
+    assert refused == ["p9: allowed IP 10.9.0.0/16: a device carries its own addresses only"]
+    assert "10.9.0.0/16" not in out.peers[9].allowed_ips

@@ -37,6 +37,24 @@ def test_masquerade_marks_forwarded_mesh_traffic_and_nats_it_out() -> None:
     assert f'meta mark and {ROUTED_MARK} == {ROUTED_MARK} oifname != "gw0" masquerade' in script
 
 
+def test_a_device_gateway_forwards_its_devices_packets_into_the_mesh_only() -> None:
+    devices = ("100.64.0.9/32", "fd7a:115c:a1e0::9/128", "100.64.0.8/32")
+    script = render("gw0", RULES, masquerade=True, devices=devices)
+    forward = [
+        ln.strip() for ln in script.split("chain forward")[1].split("chain postrouting")[0].splitlines()
+    ]
+    v4 = 'oifname "gw0" ip saddr 100.64.0.8/31 accept'  # collapsed
+    v6 = 'oifname "gw0" ip6 saddr fd7a:115c:a1e0::9/128 accept'
+    # after conntrack (an invalid packet is still dropped), before the filter's own rules and the drop
+    assert forward.index(v4) == forward.index("ct state invalid drop") + 1
+    assert forward.index(v6) == forward.index(v4) + 1
+    assert forward.index(v6) < forward.index("drop")
+    assert "saddr 100.64.0.8/31" not in script.split("chain input")[1].split("chain forward")[0]
+    assert 'oifname "gw0" ip' not in render("gw0", RULES, masquerade=True)
+    assert is_router((), False, devices)
+    assert not is_router((), False, ())
+
+
 def test_forwarding_is_turned_on_and_restored(tmp_path: Path) -> None:
     v4, v6 = tmp_path / "ip_forward", tmp_path / "forwarding"
     v4.write_text("0\n")

@@ -320,6 +320,46 @@ class DeleteNodeResponse(_message.Message):
 Global___DeleteNodeResponse: _TypeAlias = DeleteNodeResponse  # noqa: Y015
 
 @_typing.final
+class AddDeviceRequest(_message.Message):
+    """A device: a stock WireGuard peer (a phone, a router) that runs no ghostlink and reaches the mesh through
+    the gateway node `via`. Its private key is made and kept by the admin; ghostmesh learns the public key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_KEY_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """its DNS label, unique among nodes and devices"""
+    node_key: _builtins.str
+    """its WireGuard public key, base64"""
+    via: _builtins.str
+    """the gateway node, by name or id"""
+    user: _builtins.str
+    """the owner (exclusive with tags); empty with no tags: "default" """
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node_key: _builtins.str = ...,
+        via: _builtins.str = ...,
+        user: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node_key", b"node_key", "tags", b"tags", "user", b"user", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddDeviceRequest: _TypeAlias = AddDeviceRequest  # noqa: Y015
+
+@_typing.final
 class AuthKey(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

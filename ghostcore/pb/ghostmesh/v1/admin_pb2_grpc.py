@@ -80,6 +80,11 @@ class AdminStub:
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteNodeRequest.SerializeToString,
                 response_deserializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteNodeResponse.FromString,
                 _registered_method=True)
+        self.AddDevice = channel.unary_unary(
+                '/ghostmesh.v1.Admin/AddDevice',
+                request_serializer=ghostmesh_dot_v1_dot_admin__pb2.AddDeviceRequest.SerializeToString,
+                response_deserializer=ghostmesh_dot_v1_dot_coordination__pb2.Node.FromString,
+                _registered_method=True)
         self.CreateAuthKey = channel.unary_unary(
                 '/ghostmesh.v1.Admin/CreateAuthKey',
                 request_serializer=ghostmesh_dot_v1_dot_admin__pb2.CreateAuthKeyRequest.SerializeToString,
@@ -238,6 +243,13 @@ class AdminServicer:
 
     def DeleteNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddDevice(self, request, context):
+        """a device behind a gateway node (Node.via)
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -420,6 +432,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteNode,
                     request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteNodeRequest.FromString,
                     response_serializer=ghostmesh_dot_v1_dot_admin__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'AddDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDevice,
+                    request_deserializer=ghostmesh_dot_v1_dot_admin__pb2.AddDeviceRequest.FromString,
+                    response_serializer=ghostmesh_dot_v1_dot_coordination__pb2.Node.SerializeToString,
             ),
             'CreateAuthKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAuthKey,
@@ -765,6 +782,33 @@ class Admin:
             '/ghostmesh.v1.Admin/DeleteNode',
             ghostmesh_dot_v1_dot_admin__pb2.DeleteNodeRequest.SerializeToString,
             ghostmesh_dot_v1_dot_admin__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostmesh.v1.Admin/AddDevice',
+            ghostmesh_dot_v1_dot_admin__pb2.AddDeviceRequest.SerializeToString,
+            ghostmesh_dot_v1_dot_coordination__pb2.Node.FromString,
             options,
             channel_credentials,
             insecure,

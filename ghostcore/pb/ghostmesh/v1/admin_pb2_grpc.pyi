@@ -49,6 +49,8 @@ class AdminStub:
     RenameNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RenameNodeRequest, _coordination_pb2.Node]
     ExpireNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExpireNodeRequest, _coordination_pb2.Node]
     DeleteNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteNodeRequest, _admin_pb2.DeleteNodeResponse]
+    AddDevice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddDeviceRequest, _coordination_pb2.Node]
+    """a device behind a gateway node (Node.via)"""
     CreateAuthKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateAuthKeyRequest, _admin_pb2.CreateAuthKeyResponse]
     ListAuthKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuthKeysRequest, _admin_pb2.ListAuthKeysResponse]
     ExpireAuthKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExpireAuthKeyRequest, _admin_pb2.AuthKey]
@@ -100,6 +102,8 @@ class AdminAsyncStub(AdminStub):
     RenameNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RenameNodeRequest, _coordination_pb2.Node]  # type: ignore[assignment]
     ExpireNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExpireNodeRequest, _coordination_pb2.Node]  # type: ignore[assignment]
     DeleteNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteNodeRequest, _admin_pb2.DeleteNodeResponse]  # type: ignore[assignment]
+    AddDevice: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddDeviceRequest, _coordination_pb2.Node]  # type: ignore[assignment]
+    """a device behind a gateway node (Node.via)"""
     CreateAuthKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateAuthKeyRequest, _admin_pb2.CreateAuthKeyResponse]  # type: ignore[assignment]
     ListAuthKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuthKeysRequest, _admin_pb2.ListAuthKeysResponse]  # type: ignore[assignment]
     ExpireAuthKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExpireAuthKeyRequest, _admin_pb2.AuthKey]  # type: ignore[assignment]
@@ -202,6 +206,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DeleteNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteNodeResponse, _abc.Awaitable[_admin_pb2.DeleteNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AddDevice(
+        self,
+        request: _admin_pb2.AddDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordination_pb2.Node, _abc.Awaitable[_coordination_pb2.Node]]:
+        """a device behind a gateway node (Node.via)"""
 
     @_abc_1.abstractmethod
     def CreateAuthKey(

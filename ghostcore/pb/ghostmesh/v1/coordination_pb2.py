@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fghostmesh/v1/coordination.proto\x12\x0cghostmesh.v1\"\x16\n\x14GetServerInfoRequest\"1\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nserver_key\x18\x02 \x01(\t\"L\n\x0fRegisterRequest\x12\x10\n\x08\x61uth_key\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\rkey_signature\x18\x03 \x01(\x0c\"F\n\x10RegisterResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12\x10\n\x08\x61uth_url\x18\x02 \x01(\t\"\x15\n\x13WaitForLoginRequest\"\r\n\x0bSyncRequest\"\xc5\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x13\n\x0b\x61llowed_ips\x18\x06 \x03(\t\x12\x11\n\tendpoints\x18\x07 \x03(\t\x12\x0e\n\x06online\x18\x08 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\t \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\n \x01(\x03\x12\x11\n\tephemeral\x18\x0b \x01(\x08\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12\x16\n\x0eprimary_routes\x18\r \x03(\t\x12\x11\n\texit_node\x18\x0e \x01(\x08\x12\x13\n\x0bhome_region\x18\x0f \x01(\r\x12\x12\n\nturn_relay\x18\x10 \x01(\t\x12\x15\n\rkey_signature\x18\x11 \x01(\x0c\"\x1a\n\x07LockLog\x12\x0f\n\x07updates\x18\x01 \x03(\x0c\"\x8c\x01\n\x0bRelayRegion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x11\n\tstun_port\x18\x04 \x01(\r\x12\x11\n\tquic_port\x18\x05 \x01(\r\x12\x10\n\x08tcp_port\x18\x06 \x01(\r\x12\x0c\n\x04turn\x18\x07 \x01(\x08\x12\x0f\n\x07tls_pin\x18\x08 \x01(\x0c\"\xbb\x01\n\x08RelayMap\x12*\n\x07regions\x18\x01 \x03(\x0b\x32\x19.ghostmesh.v1.RelayRegion\x12\x15\n\rturn_username\x18\x02 \x01(\t\x12\x15\n\rturn_password\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x04 \x01(\x03\x12\x13\n\x0brelay_token\x18\x05 \x01(\x0c\x12\x10\n\x08\x66\x61llback\x18\x06 \x03(\t\x12\x18\n\x10relay_static_key\x18\x07 \x01(\x0c\"Q\n\nFilterRule\x12\x0b\n\x03src\x18\x01 \x03(\t\x12#\n\x03\x64st\x18\x02 \x03(\x0b\x32\x16.ghostmesh.v1.DstRange\x12\x11\n\tprotocols\x18\x03 \x03(\t\"A\n\x08\x44stRange\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\nfirst_port\x18\x02 \x01(\r\x12\x11\n\tlast_port\x18\x03 \x01(\r\"7\n\x0cPacketFilter\x12\'\n\x05rules\x18\x01 \x03(\x0b\x32\x18.ghostmesh.v1.FilterRule\"\xda\x02\n\tMapUpdate\x12\x0e\n\x06serial\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12 \n\x04self\x18\x03 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12*\n\x0epeers_upserted\x18\x04 \x03(\x0b\x32\x12.ghostmesh.v1.Node\x12\x15\n\rpeers_removed\x18\x05 \x03(\x04\x12\x19\n\x11keepalive_seconds\x18\x07 \x01(\x05\x12*\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x1a.ghostmesh.v1.PacketFilter\x12)\n\trelay_map\x18\t \x01(\x0b\x32\x16.ghostmesh.v1.RelayMap\x12#\n\x04lock\x18\n \x01(\x0b\x32\x15.ghostmesh.v1.LockLog\x12$\n\x03\x64ns\x18\x0b \x01(\x0b\x32\x17.ghostmesh.v1.DnsConfigJ\x04\x08\x06\x10\x07R\x07signals\"\xb7\x01\n\tDnsConfig\x12\x11\n\tmagic_dns\x18\x01 \x01(\x08\x12\x13\n\x0b\x62\x61se_domain\x18\x02 \x01(\t\x12\x13\n\x0bnameservers\x18\x03 \x03(\t\x12%\n\x05split\x18\x04 \x03(\x0b\x32\x16.ghostmesh.v1.SplitDns\x12\x16\n\x0esearch_domains\x18\x05 \x03(\t\x12.\n\rextra_records\x18\x06 \x03(\x0b\x32\x17.ghostmesh.v1.DnsRecord\"+\n\x08SplitDns\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\"6\n\tDnsRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"\x82\x01\n\x0cStatusReport\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x19\n\x11\x61\x64vertised_routes\x18\x02 \x03(\t\x12\x1b\n\x13\x61\x64vertise_exit_node\x18\x03 \x01(\x08\x12\x13\n\x0bhome_region\x18\x04 \x01(\r\x12\x12\n\nturn_relay\x18\x05 \x01(\t\"\x0b\n\tStatusAck\"m\n\x10RotateKeyRequest\x12\x14\n\x0cnew_node_key\x18\x01 \x01(\t\x12\x11\n\tnew_ts_ms\x18\x02 \x01(\x03\x12\x15\n\rnew_key_proof\x18\x03 \x01(\x0c\x12\x19\n\x11new_key_signature\x18\x04 \x01(\x0c\"5\n\x11RotateKeyResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node2\xcc\x03\n\x0c\x43oordination\x12M\n\rGetServerInfo\x12\".ghostmesh.v1.GetServerInfoRequest\x1a\x18.ghostmesh.v1.ServerInfo\x12I\n\x08Register\x12\x1d.ghostmesh.v1.RegisterRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12Q\n\x0cWaitForLogin\x12!.ghostmesh.v1.WaitForLoginRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12<\n\x04Sync\x12\x19.ghostmesh.v1.SyncRequest\x1a\x17.ghostmesh.v1.MapUpdate0\x01\x12\x43\n\x0cReportStatus\x12\x1a.ghostmesh.v1.StatusReport\x1a\x17.ghostmesh.v1.StatusAck\x12L\n\tRotateKey\x12\x1e.ghostmesh.v1.RotateKeyRequest\x1a\x1f.ghostmesh.v1.RotateKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fghostmesh/v1/coordination.proto\x12\x0cghostmesh.v1\"\x16\n\x14GetServerInfoRequest\"1\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nserver_key\x18\x02 \x01(\t\"L\n\x0fRegisterRequest\x12\x10\n\x08\x61uth_key\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\rkey_signature\x18\x03 \x01(\x0c\"F\n\x10RegisterResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12\x10\n\x08\x61uth_url\x18\x02 \x01(\t\"\x15\n\x13WaitForLoginRequest\"\r\n\x0bSyncRequest\"\xeb\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08node_key\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x13\n\x0b\x61llowed_ips\x18\x06 \x03(\t\x12\x11\n\tendpoints\x18\x07 \x03(\t\x12\x0e\n\x06online\x18\x08 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\t \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\n \x01(\x03\x12\x11\n\tephemeral\x18\x0b \x01(\x08\x12\x0c\n\x04tags\x18\x0c \x03(\t\x12\x16\n\x0eprimary_routes\x18\r \x03(\t\x12\x11\n\texit_node\x18\x0e \x01(\x08\x12\x13\n\x0bhome_region\x18\x0f \x01(\r\x12\x12\n\nturn_relay\x18\x10 \x01(\t\x12\x15\n\rkey_signature\x18\x11 \x01(\x0c\x12\x0b\n\x03via\x18\x12 \x01(\x04\x12\x17\n\x0f\x64\x65vice_prefixes\x18\x13 \x03(\t\"\x1a\n\x07LockLog\x12\x0f\n\x07updates\x18\x01 \x03(\x0c\"\x8c\x01\n\x0bRelayRegion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x11\n\tstun_port\x18\x04 \x01(\r\x12\x11\n\tquic_port\x18\x05 \x01(\r\x12\x10\n\x08tcp_port\x18\x06 \x01(\r\x12\x0c\n\x04turn\x18\x07 \x01(\x08\x12\x0f\n\x07tls_pin\x18\x08 \x01(\x0c\"\xbb\x01\n\x08RelayMap\x12*\n\x07regions\x18\x01 \x03(\x0b\x32\x19.ghostmesh.v1.RelayRegion\x12\x15\n\rturn_username\x18\x02 \x01(\t\x12\x15\n\rturn_password\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x04 \x01(\x03\x12\x13\n\x0brelay_token\x18\x05 \x01(\x0c\x12\x10\n\x08\x66\x61llback\x18\x06 \x03(\t\x12\x18\n\x10relay_static_key\x18\x07 \x01(\x0c\"Q\n\nFilterRule\x12\x0b\n\x03src\x18\x01 \x03(\t\x12#\n\x03\x64st\x18\x02 \x03(\x0b\x32\x16.ghostmesh.v1.DstRange\x12\x11\n\tprotocols\x18\x03 \x03(\t\"A\n\x08\x44stRange\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\nfirst_port\x18\x02 \x01(\r\x12\x11\n\tlast_port\x18\x03 \x01(\r\"7\n\x0cPacketFilter\x12\'\n\x05rules\x18\x01 \x03(\x0b\x32\x18.ghostmesh.v1.FilterRule\"\xda\x02\n\tMapUpdate\x12\x0e\n\x06serial\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12 \n\x04self\x18\x03 \x01(\x0b\x32\x12.ghostmesh.v1.Node\x12*\n\x0epeers_upserted\x18\x04 \x03(\x0b\x32\x12.ghostmesh.v1.Node\x12\x15\n\rpeers_removed\x18\x05 \x03(\x04\x12\x19\n\x11keepalive_seconds\x18\x07 \x01(\x05\x12*\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x1a.ghostmesh.v1.PacketFilter\x12)\n\trelay_map\x18\t \x01(\x0b\x32\x16.ghostmesh.v1.RelayMap\x12#\n\x04lock\x18\n \x01(\x0b\x32\x15.ghostmesh.v1.LockLog\x12$\n\x03\x64ns\x18\x0b \x01(\x0b\x32\x17.ghostmesh.v1.DnsConfigJ\x04\x08\x06\x10\x07R\x07signals\"\xb7\x01\n\tDnsConfig\x12\x11\n\tmagic_dns\x18\x01 \x01(\x08\x12\x13\n\x0b\x62\x61se_domain\x18\x02 \x01(\t\x12\x13\n\x0bnameservers\x18\x03 \x03(\t\x12%\n\x05split\x18\x04 \x03(\x0b\x32\x16.ghostmesh.v1.SplitDns\x12\x16\n\x0esearch_domains\x18\x05 \x03(\t\x12.\n\rextra_records\x18\x06 \x03(\x0b\x32\x17.ghostmesh.v1.DnsRecord\"+\n\x08SplitDns\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\"6\n\tDnsRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"\x82\x01\n\x0cStatusReport\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x19\n\x11\x61\x64vertised_routes\x18\x02 \x03(\t\x12\x1b\n\x13\x61\x64vertise_exit_node\x18\x03 \x01(\x08\x12\x13\n\x0bhome_region\x18\x04 \x01(\r\x12\x12\n\nturn_relay\x18\x05 \x01(\t\"\x0b\n\tStatusAck\"m\n\x10RotateKeyRequest\x12\x14\n\x0cnew_node_key\x18\x01 \x01(\t\x12\x11\n\tnew_ts_ms\x18\x02 \x01(\x03\x12\x15\n\rnew_key_proof\x18\x03 \x01(\x0c\x12\x19\n\x11new_key_signature\x18\x04 \x01(\x0c\"5\n\x11RotateKeyResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ghostmesh.v1.Node2\xcc\x03\n\x0c\x43oordination\x12M\n\rGetServerInfo\x12\".ghostmesh.v1.GetServerInfoRequest\x1a\x18.ghostmesh.v1.ServerInfo\x12I\n\x08Register\x12\x1d.ghostmesh.v1.RegisterRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12Q\n\x0cWaitForLogin\x12!.ghostmesh.v1.WaitForLoginRequest\x1a\x1e.ghostmesh.v1.RegisterResponse\x12<\n\x04Sync\x12\x19.ghostmesh.v1.SyncRequest\x1a\x17.ghostmesh.v1.MapUpdate0\x01\x12\x43\n\x0cReportStatus\x12\x1a.ghostmesh.v1.StatusReport\x1a\x17.ghostmesh.v1.StatusAck\x12L\n\tRotateKey\x12\x1e.ghostmesh.v1.RotateKeyRequest\x1a\x1f.ghostmesh.v1.RotateKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCREQUEST']._serialized_start=297
   _globals['_SYNCREQUEST']._serialized_end=310
   _globals['_NODE']._serialized_start=313
-  _globals['_NODE']._serialized_end=638
-  _globals['_LOCKLOG']._serialized_start=640
-  _globals['_LOCKLOG']._serialized_end=666
-  _globals['_RELAYREGION']._serialized_start=669
-  _globals['_RELAYREGION']._serialized_end=809
-  _globals['_RELAYMAP']._serialized_start=812
-  _globals['_RELAYMAP']._serialized_end=999
-  _globals['_FILTERRULE']._serialized_start=1001
-  _globals['_FILTERRULE']._serialized_end=1082
-  _globals['_DSTRANGE']._serialized_start=1084
-  _globals['_DSTRANGE']._serialized_end=1149
-  _globals['_PACKETFILTER']._serialized_start=1151
-  _globals['_PACKETFILTER']._serialized_end=1206
-  _globals['_MAPUPDATE']._serialized_start=1209
-  _globals['_MAPUPDATE']._serialized_end=1555
-  _globals['_DNSCONFIG']._serialized_start=1558
-  _globals['_DNSCONFIG']._serialized_end=1741
-  _globals['_SPLITDNS']._serialized_start=1743
-  _globals['_SPLITDNS']._serialized_end=1786
-  _globals['_DNSRECORD']._serialized_start=1788
-  _globals['_DNSRECORD']._serialized_end=1842
-  _globals['_STATUSREPORT']._serialized_start=1845
-  _globals['_STATUSREPORT']._serialized_end=1975
-  _globals['_STATUSACK']._serialized_start=1977
-  _globals['_STATUSACK']._serialized_end=1988
-  _globals['_ROTATEKEYREQUEST']._serialized_start=1990
-  _globals['_ROTATEKEYREQUEST']._serialized_end=2099
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=2101
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=2154
-  _globals['_COORDINATION']._serialized_start=2157
-  _globals['_COORDINATION']._serialized_end=2617
+  _globals['_NODE']._serialized_end=676
+  _globals['_LOCKLOG']._serialized_start=678
+  _globals['_LOCKLOG']._serialized_end=704
+  _globals['_RELAYREGION']._serialized_start=707
+  _globals['_RELAYREGION']._serialized_end=847
+  _globals['_RELAYMAP']._serialized_start=850
+  _globals['_RELAYMAP']._serialized_end=1037
+  _globals['_FILTERRULE']._serialized_start=1039
+  _globals['_FILTERRULE']._serialized_end=1120
+  _globals['_DSTRANGE']._serialized_start=1122
+  _globals['_DSTRANGE']._serialized_end=1187
+  _globals['_PACKETFILTER']._serialized_start=1189
+  _globals['_PACKETFILTER']._serialized_end=1244
+  _globals['_MAPUPDATE']._serialized_start=1247
+  _globals['_MAPUPDATE']._serialized_end=1593
+  _globals['_DNSCONFIG']._serialized_start=1596
+  _globals['_DNSCONFIG']._serialized_end=1779
+  _globals['_SPLITDNS']._serialized_start=1781
+  _globals['_SPLITDNS']._serialized_end=1824
+  _globals['_DNSRECORD']._serialized_start=1826
+  _globals['_DNSRECORD']._serialized_end=1880
+  _globals['_STATUSREPORT']._serialized_start=1883
+  _globals['_STATUSREPORT']._serialized_end=2013
+  _globals['_STATUSACK']._serialized_start=2015
+  _globals['_STATUSACK']._serialized_end=2026
+  _globals['_ROTATEKEYREQUEST']._serialized_start=2028
+  _globals['_ROTATEKEYREQUEST']._serialized_end=2137
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=2139
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=2192
+  _globals['_COORDINATION']._serialized_start=2195
+  _globals['_COORDINATION']._serialized_end=2655
 # @@protoc_insertion_point(module_scope)

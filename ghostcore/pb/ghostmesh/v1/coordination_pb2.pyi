@@ -185,6 +185,8 @@ class Node(_message.Message):
     HOME_REGION_FIELD_NUMBER: _builtins.int
     TURN_RELAY_FIELD_NUMBER: _builtins.int
     KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    DEVICE_PREFIXES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     user: _builtins.str
@@ -209,6 +211,10 @@ class Node(_message.Message):
     """
     key_signature: _builtins.bytes
     """node-key signing: the chain vouching for node_key"""
+    via: _builtins.int
+    """(ghostcore.lock); empty: unsigned
+    a device (a stock WireGuard peer running no ghostlink): the id
+    """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """overlay addresses, e.g. "100.64.0.1", "fd7a:115c:a1e0::1" """
@@ -226,6 +232,14 @@ class Node(_message.Message):
     @_builtins.property
     def primary_routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """approved subnet routes this node is the primary router for"""
+
+    @_builtins.property
+    def device_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """of its gateway node, which alone installs it as a WireGuard
+        peer; everyone else reaches its addresses through the gateway.
+        0: a node
+        a gateway: the /32 and /128 of its devices (also in allowed_ips)
+        """
 
     def __init__(
         self,
@@ -247,10 +261,12 @@ class Node(_message.Message):
         home_region: _builtins.int = ...,
         turn_relay: _builtins.str = ...,
         key_signature: _builtins.bytes = ...,
+        via: _builtins.int = ...,
+        device_prefixes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "home_region", b"home_region", "id", b"id", "key_signature", b"key_signature", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "turn_relay", b"turn_relay", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "allowed_ips", b"allowed_ips", "device_prefixes", b"device_prefixes", "endpoints", b"endpoints", "ephemeral", b"ephemeral", "exit_node", b"exit_node", "expires_unix", b"expires_unix", "home_region", b"home_region", "id", b"id", "key_signature", b"key_signature", "last_seen_unix", b"last_seen_unix", "name", b"name", "node_key", b"node_key", "online", b"online", "primary_routes", b"primary_routes", "tags", b"tags", "turn_relay", b"turn_relay", "user", b"user", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
