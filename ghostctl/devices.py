@@ -7,7 +7,8 @@ prints a wg-quick configuration (written with the ``wgconfig`` package) holding 
 shown this once and stored nowhere else: ghostmesh never sees it. The device's peer is its gateway: the
 gateway's WireGuard key, an endpoint of the gateway (``--endpoint``, else one it reported), and the
 overlay ranges as allowed IPs (``--allowed-ips`` to change them), with a keepalive so that the gateway can
-reach a device behind NAT.
+reach a device behind NAT. With node-key signing on, ``--lock-key-file`` signs the device's key (its
+gateway refuses an unsigned one, as every node does); without it, ``add`` refuses before creating anything.
 
 The policy applies to a device as to any node (its user or tags, its address, its name); its gateway
 enforces the device's rules on the forward path. ``remove`` deletes it: the gateway drops its peer at
@@ -23,11 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ghostcore import addr
+from ghostcore import addr, lock
 from ghostcore import errors as e
 from ghostcore.files import create_private
 from ghostcore.keys import PrivateKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2, coordination_pb2
+from ghostctl import lock as lock_cmds
 from ghostctl import output
 from ghostctl.argtypes import tags_arg
 from ghostctl.context import Context
@@ -65,6 +67,12 @@ def register(
     )
     p.add_argument(
         "--qr", metavar="FILE.png|-", help="also the config as a QR code: a PNG file, or - for text"
+    )
+    p.add_argument(
+        "--lock-key-file",
+        type=Path,
+        metavar="F",
+        help="node-key signing on: sign the device's key with this trusted key (else its gateway refuses it)",
     )
     p.set_defaults(func=run_add)
     p = cmds.add_parser("list", parents=[common], help="list devices")
@@ -170,6 +178,12 @@ def run_add(ctx: Context, args: argparse.Namespace) -> int:
     if gateway.via:
         raise e.InvalidArgument(f"{gateway.name} is a device: a gateway must be a node running ghostlink")
     endpoint = _pick_endpoint(gateway, args.endpoint)
+    signer = lock_cmds.signing_key(ctx, args.lock_key_file)[0] if args.lock_key_file is not None else None
+    if signer is None and lock_cmds.lock_enabled(ctx):
+        raise e.InvalidArgument(
+            "node-key signing is on and its gateway would refuse an unsigned device: pass --lock-key-file F "
+            "(a trusted signing key)"
+        )
     key = PrivateKey.generate()
     req = admin_pb2.AddDeviceRequest(
         name=args.name,
@@ -179,6 +193,10 @@ def run_add(ctx: Context, args: argparse.Namespace) -> int:
         tags=args.tags,
     )
     device = ctx.call(stub.AddDevice, req, where)
+    if signer is not None:
+        # A device never rotates its key: the rotation key it would sign a successor with is thrown away.
+        discarded = lock.SigningKey.generate().public()
+        lock_cmds.sign_node(ctx, signer, key.public_key().raw, discarded)
     config = wg_quick_config(key.base64(), device, gateway, endpoint, allowed)
     if args.config is not None:
         try:

@@ -188,21 +188,41 @@ def run_disable(ctx: Context, args: argparse.Namespace) -> int:
     return _change(ctx, args, lock.DISABLE)
 
 
-def run_sign(ctx: Context, args: argparse.Namespace) -> int:
-    key = read_key(Path(args.key_file))
+def lock_enabled(ctx: Context) -> bool:
+    """Whether node-key signing is on at the server (its log verified here)."""
+    return _fetch(ctx)[1].enabled
+
+
+def signing_key(ctx: Context, key_file: Path) -> tuple[lock.SigningKey, lock.LockState]:
+    """The key in ``key_file``, once checked to be a trusted key of the server's lock (its verified
+    state returned with it)."""
+    key = read_key(key_file)
     _, state, _ = _fetch(ctx)
     if not state.enabled:
         raise InvalidArgument("the lock is off; turn it on with `lock init` first")
     if key.public() not in state.trusted:
         raise InvalidArgument(f"{lock.format_key(key.public())} is not a trusted key of this lock")
+    return key, state
+
+
+def sign_node(ctx: Context, key: lock.SigningKey, node_key: bytes, rotation_key: bytes) -> str:
+    """Sign ``node_key`` (with the rotation key it may sign its next key with) and store the signature at
+    ghostmesh; the node's name."""
+    signature = lock.sign_direct(key, node_key, rotation_key)
+    stub, where = ctx.admin()
+    wg_key = PublicKey(node_key).base64()
+    node = ctx.call(stub.SignNode, admin_pb2.SignNodeRequest(node_key=wg_key, signature=signature), where)
+    return node.name
+
+
+def run_sign(ctx: Context, args: argparse.Namespace) -> int:
+    key, state = signing_key(ctx, Path(args.key_file))
     if args.what.startswith(lock.REQUEST_PREFIX):
         node_key, rotation_key = lock.parse_request(args.what)
-        signature = lock.sign_direct(key, node_key, rotation_key)
-        stub, where = ctx.admin()
+        name = sign_node(ctx, key, node_key, rotation_key)
         wg_key = PublicKey(node_key).base64()
-        node = ctx.call(stub.SignNode, admin_pb2.SignNodeRequest(node_key=wg_key, signature=signature), where)
-        doc = {"node": node.name, "node_key": wg_key, "signed_by": lock.format_key(key.public())}
-        ctx.emit(doc, lambda: f"signed node {node.name} ({wg_key[:8]}…): its peers accept it now")
+        doc = {"node": name, "node_key": wg_key, "signed_by": lock.format_key(key.public())}
+        ctx.emit(doc, lambda: f"signed node {name} ({wg_key[:8]}…): its peers accept it now")
         return 0
     joined = parse_join_key(args.what, "auth key")
     if joined.credential is not None:

@@ -3,14 +3,20 @@ else's, what a device's key may not do, what a gateway may not do while it has d
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 from pathlib import Path
 
 import grpc
 import pytest
+import wgconfig  # type: ignore[import-untyped]
 
 from ghostcore.keys import PrivateKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostctl.cli import main
+from ghostmesh.server import RunningServer
 from tests.component._mesh_fixtures import NodeClient, admin_unix, auth_key, mesh_config, next_update, running
 
 
@@ -20,7 +26,9 @@ async def _code(awaitable: object) -> grpc.StatusCode:
     return info.value.code()
 
 
-async def test_a_device_rides_in_its_gateways_allowed_ips_and_is_a_peer_of_its_gateway_only(tmp_path: Path) -> None:
+async def test_a_device_rides_in_its_gateways_allowed_ips_and_is_a_peer_of_its_gateway_only(
+    tmp_path: Path,
+) -> None:
     async with running(mesh_config(tmp_path, batch_delay=0.02)) as srv:
         key = await auth_key(srv, reusable=True)
         gw, other = NodeClient(srv), NodeClient(srv)
@@ -62,7 +70,9 @@ async def test_a_device_rides_in_its_gateways_allowed_ips_and_is_a_peer_of_its_g
             # the device's key registers, syncs and reports nothing, even with a valid auth key
             impostor = NodeClient(srv, key=phone)
             assert await _code(impostor.register(key, "phone2")) == grpc.StatusCode.PERMISSION_DENIED
-            assert await _code(impostor.report(endpoints=["192.0.2.9:1"])) == grpc.StatusCode.PERMISSION_DENIED
+            assert (
+                await _code(impostor.report(endpoints=["192.0.2.9:1"])) == grpc.StatusCode.PERMISSION_DENIED
+            )
             assert await _code(next_update(impostor.sync())) == grpc.StatusCode.PERMISSION_DENIED
             await impostor.close()
             # removing the device: the gateway's record no longer carries it
@@ -118,4 +128,80 @@ async def test_bad_device_requests_change_nothing_and_a_device_survives_a_restar
         assert peer.name == "phone"
         assert list(peer.tags) == ["tag:phone"]
         call.cancel()
+        await gw.close()
+
+
+async def _ctl(srv: RunningServer, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = await asyncio.to_thread(main, ["--server", f"unix:{srv.admin_socket}", "-o", "json", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+async def test_ghostctl_devices_add_prints_a_wg_quick_config_once_and_signs_under_the_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("GHOSTCTL_OUTPUT", "GHOSTCTL_SERVER", "GHOSTCTL_API_KEY", "GHOSTCTL_PIN"):
+        monkeypatch.delenv(var, raising=False)
+    async with running(mesh_config(tmp_path)) as srv:
+        gw = NodeClient(srv)
+        g = await gw.register(await auth_key(srv), "gw")
+        # the gateway has reported no endpoint: refused before anything is created
+        code, _, err = await _ctl(srv, capsys, "devices", "add", "phone", "--via", "gw")
+        assert code != 0
+        assert "pass --endpoint" in err
+        await gw.report(endpoints=["10.0.0.5:41641", "192.0.2.7:41641", "8.8.8.8:41641"])
+        code, out, _ = await _ctl(srv, capsys, "devices", "add", "phone", "--via", "gw", "--user", "alice")
+        assert code == 0
+        doc = json.loads(out)
+        cfg = wgconfig.WGConfig()
+        cfg.read_from_fileobj(io.StringIO(doc["config"]))
+        cfg.parse_lines()
+        private = PrivateKey.from_base64(cfg.get_interface()["PrivateKey"])
+        assert private.public_key().base64() == doc["node_key"]
+        assert cfg.get_interface()["Address"] == [f"{doc['addresses'][0]}/32", f"{doc['addresses'][1]}/128"]
+        peer = cfg.get_peers(keys_only=False)[g.node_key]
+        assert peer["Endpoint"] == "8.8.8.8:41641"  # the one global endpoint the gateway reported
+        assert peer["AllowedIPs"] == ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
+        assert peer["PersistentKeepalive"] == 25
+        # the private key is nowhere on the server's side
+        assert private.base64() not in (tmp_path / "state" / "ghostmesh.db").read_bytes().decode("latin-1")
+        code, out, _ = await _ctl(srv, capsys, "devices", "list")
+        assert [(d["name"], d["via"], d["user"]) for d in json.loads(out)] == [("phone", "gw", "alice")]
+        # --config and --qr: 0600 files, and a name already taken is refused before anything is created
+        conf, png = tmp_path / "tablet.conf", tmp_path / "tablet.png"
+        code, out, _ = await _ctl(
+            srv, capsys, "devices", "add", "tablet", "--via", "gw", "--endpoint", "gw.example.net:41641",
+            "--allowed-ips", "100.64.0.0/10", "--config", str(conf), "--qr", str(png),
+        )  # fmt: skip
+        assert code == 0
+        assert json.loads(out)["config"] == str(conf)
+        assert conf.stat().st_mode & 0o777 == 0o600
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_mode & 0o777 == 0o600
+        assert "Endpoint = gw.example.net:41641" in conf.read_text()
+        code, _, err = await _ctl(srv, capsys, "devices", "add", "tv", "--via", "gw", "--config", str(conf))
+        assert code != 0
+        assert "exists already" in err
+        code, _, err = await _ctl(srv, capsys, "devices", "remove", "gw")
+        assert code != 0
+        assert "is a node, not a device" in err
+        code, _, _ = await _ctl(srv, capsys, "devices", "remove", "tablet")
+        assert code == 0
+        # the lock on: refused without a signing key, signed with one
+        key_file = tmp_path / "lock.key"
+        code, _, _ = await _ctl(srv, capsys, "lock", "init", "--key-file", str(key_file))
+        assert code == 0
+        code, _, err = await _ctl(srv, capsys, "devices", "add", "tv", "--via", "gw")
+        assert code != 0
+        assert "--lock-key-file" in err
+        code, out, _ = await _ctl(
+            srv, capsys, "devices", "add", "tv", "--via", "gw", "--lock-key-file", str(key_file)
+        )
+        assert code == 0
+        code, out, _ = await _ctl(srv, capsys, "lock", "status")
+        assert "tv" not in json.loads(out)["unsigned_nodes"]
+        assert "phone" in json.loads(out)["unsigned_nodes"]
+        names = [d["name"] for d in json.loads((await _ctl(srv, capsys, "devices", "list"))[1])]
+        assert names == ["phone", "tv"]
         await gw.close()
