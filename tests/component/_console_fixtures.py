@@ -77,10 +77,12 @@ class OidcSetup:
 
 
 def oidc_setup(log: Path) -> Iterator[OidcSetup]:
-    """The provider, knowing the console's callback and the nodes' (what a module's fixture yields)."""
+    """The provider, knowing the console's callback and the nodes' (what a module's fixture yields). It
+    is reached as ``localhost`` and the console as ``127.0.0.1``: another site, as a real provider is, so
+    a browser applies its cross-site cookie rules on the way back."""
     console_port, node_port = free_port(), free_port()
     uris = f"http://127.0.0.1:{console_port}{CALLBACK_PATH},http://127.0.0.1:{node_port}/oidc/callback"
-    with provider(log, uris) as p:
+    with provider(log, uris, host="localhost") as p:
         yield OidcSetup(p, console_port, node_port)
 
 
