@@ -31,8 +31,9 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from ghostcore.errors import AuthError, ResourceExhausted
 from ghostmesh.oidc_core import cookie_hash, request_secrets
@@ -41,6 +42,23 @@ from ghostmesh.store.base import NodeRec
 TOKEN_BYTES = 32
 MAX_PICTURE_NODES = 200  # points in the mesh picture at most (the first by id); the nodes page lists all
 MAX_PICTURE_EDGES = 2000  # edges at most (they grow with the square of the online nodes)
+
+
+class _Expiring(Protocol):
+    @property
+    def expires(self) -> float: ...
+
+
+E = TypeVar("E", bound=_Expiring)
+
+
+def _live(table: MutableMapping[str, E], key: str, now: float) -> E | None:
+    """``table[key]`` unless missing or ended by ``now`` (an ended entry is removed)."""
+    entry = table.get(key)
+    if entry is not None and entry.expires <= now:
+        del table[key]
+        return None
+    return entry
 
 
 @dataclass
@@ -88,13 +106,7 @@ class Sessions:
 
     def get(self, sid: str, now: float) -> Session | None:
         """The live session with id ``sid`` (None: unknown or ended; an ended one is removed)."""
-        session = self._by_id.get(sid)
-        if session is None:
-            return None
-        if session.expires <= now:
-            del self._by_id[sid]
-            return None
-        return session
+        return _live(self._by_id, sid, now)
 
     def end(self, sid: str) -> None:
         self._by_id.pop(sid, None)
@@ -155,11 +167,8 @@ class OidcLogins:
         """The login with this ``state``, removed (a state is good for one redirect back). None for an
         unknown, used or expired state; AuthError, and the login kept for its own browser, when the
         redirect came to a browser without the cookie that started it."""
-        login = self._by_state.get(state)
+        login = _live(self._by_state, state, now)
         if login is None:
-            return None
-        if login.expires <= now:
-            del self._by_state[state]
             return None
         if not cookie or not hmac.compare_digest(login.browser, cookie_hash(cookie)):
             raise AuthError(

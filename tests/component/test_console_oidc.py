@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -141,7 +142,10 @@ async def test_an_account_not_admitted_gets_a_refusal_and_no_session(tmp_path: P
         assert failures(srv) == 1
 
 
-async def test_a_replayed_or_forged_state_is_refused(tmp_path: Path, idp: OidcSetup, clock: Clock) -> None:
+async def test_a_replayed_or_forged_state_is_refused(
+    tmp_path: Path, idp: OidcSetup, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     cfg = oidc_console_config(tmp_path, idp, ["alice@example.com"])
     async with running(cfg, clock) as srv, browser() as b:
         base = idp.console_url
@@ -161,6 +165,15 @@ async def test_a_replayed_or_forged_state_is_refused(tmp_path: Path, idp: OidcSe
         assert error_of(forged) == MSG_BAD_STATE
         assert (await session_page(b, base)).headers["location"] == "/login"
         assert failures(srv) == 2
+
+        query = dict(httpx.URL(callback).params)
+        # the server's own records (the test's browser, httpx, logs its URLs): neither code nor state
+        logged = "".join(
+            repr(r.__dict__) for r in caplog.records if r.name.startswith(("ghostmesh", "aiohttp"))
+        )
+        assert "console oidc login" in logged
+        assert query["code"] not in logged
+        assert query["state"] not in logged
 
         clock.now += 61  # the window closes: one summary row per source, the kinds named
         srv.hub.run_due()
