@@ -167,7 +167,10 @@ def test_oidc_admins_load(tmp_path: Path) -> None:
         (f'{CONSOLE}oidc_admins = ["a@b.c", "group:"]\n{OIDC}', r"console\.oidc_admins\[1\]: expected"),
         (f'{CONSOLE}oidc_admins = ["user:alice"]\n{OIDC}', r"console\.oidc_admins\[0\]: expected"),
         (f'{CONSOLE}oidc_admins = [" a@b.c"]\n{OIDC}', r"console\.oidc_admins\[0\]: expected"),
-        (f'{CONSOLE}oidc_admins = ["a@b@c"]\n{OIDC}', r"console\.oidc_admins\[0\]: expected"),
+        (f'{CONSOLE}oidc_admins = ["a@b@c.d"]\n{OIDC}', r"console\.oidc_admins\[0\]: expected"),
+        (f'{CONSOLE}oidc_admins = ["a@localhost"]\n{OIDC}', r"console\.oidc_admins\[0\]: expected"),
+        (f"{CONSOLE}oidc_admins = ['[\"a@b.c\"]']\n{OIDC}", r"console\.oidc_admins\[0\]: expected"),
+        (f'{CONSOLE}oidc_admins = ["sub: x"]\n{OIDC}', r"console\.oidc_admins\[0\]: expected"),
         (
             f'[console]\nlisten = "127.0.0.1:8080"\noidc_admins = ["a@b.c"]\n{OIDC}',
             r"console\.public_url: required when console\.oidc_admins is set",
