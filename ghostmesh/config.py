@@ -25,7 +25,9 @@ its pin.
 ``oidc.max_pending`` / ``max_pending_per_source`` cap the logins in progress; ``[oidc]`` also holds the
 allow-lists of who may join and refuses plain-http URLs unless ``allow_insecure_http`` (tests).
 ``[console]`` is the web admin console (:mod:`ghostmesh.console`): off unless ``listen`` is set; plain
-HTTP only on a loopback address, anywhere else ``tls = true`` (the TCP port's certificate).
+HTTP only on a loopback address, anywhere else ``tls = true`` (the TCP port's certificate). Its OIDC login
+for admins (``oidc_admins``, ``public_url``) uses the ``[oidc]`` provider settings whatever
+``server.auth_method`` is, so those are required with it.
 
 Why one module of about 640 lines: it is the whole schema of one file, ``ghostmesh.toml``, read in one
 place; each table is a small dataclass with its own checks, and what spans tables (OIDC required by
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,6 +221,10 @@ class AuditConfig:
             raise ConfigError(f"audit.retention: 0 (keep everything) or at least 1h, got {self.retention:g}s")
 
 
+# An email as an admin entry: one "@", no spaces, quotes, brackets or ":" (which marks group: / sub:), and a
+# dotted domain. Loose on purpose (addresses are compared, not delivered), strict enough to catch a pasted
+# TOML or JSON fragment.
+_ADMIN_EMAIL = re.compile(r"[^@\s:\"'<>()\[\],;]+@[a-zA-Z0-9-]+(\.[a-zA-Z0-9-]+)+")
 MIN_CONSOLE_SESSION = 60.0
 MAX_CONSOLE_SESSIONS = 10_000
 
@@ -229,14 +237,25 @@ class ConsoleConfig:
     HTTP is allowed on a loopback address only: the login form carries an API key and the session cookie
     is then sent without ``Secure``. ``session_lifetime`` bounds a session from its login (it also ends
     with the API key it was made with); ``max_sessions`` bounds the session table (the oldest goes).
+    ``oidc_admins`` turns on the OIDC login for admins (:mod:`ghostmesh.console_oidc`): each entry admits
+    a verified email, a ``group:`` of the ``oidc.groups_claim`` or a ``sub:`` (the provider's stable
+    account id); ``public_url`` is then required (the redirect URI's origin).
     """
 
     listen: str = ""  # e.g. "127.0.0.1:8080"
     tls: bool = False
     session_lifetime: float = duration(8 * 3600.0)
     max_sessions: int = 64
+    # OIDC login for admins (ghostmesh.console_oidc), off while empty: who may administer after logging in
+    # at the [oidc] provider, each entry a verified email, "group:<groups_claim value>" or "sub:<subject>".
+    # An empty list admits no one (it never means "everyone").
+    oidc_admins: list[str] = field(default_factory=list)
+    # How a browser reaches the console (the provider's redirect URI is <public_url>/login/oidc/callback);
+    # required with oidc_admins.
+    public_url: str = ""
 
     def __post_init__(self) -> None:
+        self._check_oidc()
         if self.listen:
             host, _ = parse_hostport(self.listen, "console.listen", ip_only=True)
             if not self.tls and not ipaddress.ip_address(host).is_loopback:
@@ -248,6 +267,31 @@ class ConsoleConfig:
             raise ConfigError(f"console.session_lifetime: at least 1m, got {self.session_lifetime:g}s")
         if not 1 <= self.max_sessions <= MAX_CONSOLE_SESSIONS:
             raise ConfigError(f"console.max_sessions: 1..{MAX_CONSOLE_SESSIONS}, got {self.max_sessions}")
+
+    def _check_oidc(self) -> None:
+        for i, entry in enumerate(self.oidc_admins):
+            kind, sep, value = entry.partition(":")
+            named = bool(sep) and kind in ("group", "sub") and bool(value) and value == value.strip()
+            if not (named or _ADMIN_EMAIL.fullmatch(entry)):
+                raise ConfigError(
+                    f"console.oidc_admins[{i}]: expected a verified email (alice@example.com), "
+                    f"group:NAME or sub:SUBJECT, got {entry!r}"
+                )
+        if self.public_url:
+            parts = urllib.parse.urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+                    or parts.query or parts.fragment:  # fmt: skip
+                raise ConfigError(
+                    "console.public_url: expected the console's origin, such as "
+                    f"https://console.mesh.example.com (no path), got {self.public_url!r}"
+                )
+        if self.oidc_admins and not self.public_url:
+            raise ConfigError(
+                "console.public_url: required when console.oidc_admins is set (the provider sends the "
+                "browser back to <public_url>/login/oidc/callback)"
+            )
+        if self.oidc_admins and not self.listen:
+            raise ConfigError("console.oidc_admins: set, but console.listen is empty (the console is off)")
 
 
 @dataclass(frozen=True)
@@ -609,6 +653,16 @@ class MeshConfig:
             for key in ("issuer", "client_id", "public_url"):
                 if not getattr(self.oidc, key):
                     raise ConfigError(f'oidc.{key}: required when server.auth_method = "oidc"')
+        if self.console.oidc_admins:  # the admins log in at the [oidc] provider, whatever auth_method
+            for key in ("issuer", "client_id"):
+                if not getattr(self.oidc, key):
+                    raise ConfigError(f"oidc.{key}: required when console.oidc_admins is set")
+            if self.console.public_url.startswith("http://") and not self.oidc.allow_insecure_http:
+                raise ConfigError(
+                    "console.public_url: must be https:// (on http the login can be read and changed on "
+                    f"the way), got {self.console.public_url!r}; set oidc.allow_insecure_http = true only "
+                    "for tests"
+                )
 
     @property
     def db_path(self) -> Path:

@@ -4,17 +4,21 @@ What an admin can do here is what the Admin gRPC service does, through the same 
 :class:`ghostmesh.api.admin.AdminServicer` (rename, expire and delete nodes, create and revoke auth keys,
 approve routes, check and apply the policy), so each change is made and audited exactly as over gRPC: in
 one hub transaction with its audit row, the actor being the API key the admin logged in with
-(``apikey:<id>``) and the remote ``console:<peer>`` (``ipv4:127.0.0.1:54321``, gRPC's form).
+(``apikey:<id>``) or the OIDC account (``oidc:<email>``) and the remote ``console:<peer>``
+(``ipv4:127.0.0.1:54321``, gRPC's form).
 
 Login: the admin pastes an API key; it is checked as a gRPC call's ``authorization`` metadata is
 (:meth:`ghostmesh.api.admin_base.AdminBase.api_key_actor`). A failed login is one failed authentication of
 its source (an IPv4 address or IPv6 /64), counted in the same :class:`ghostmesh.limits.Limits` windows as
 gRPC's (summarised in the audit log as ``auth.failed``); a source over ``limits.auth_failures_per_minute``
-gets 429 until its window closes. The session (:mod:`ghostmesh.console_core`) is a cookie holding a random
-id: ``HttpOnly``, ``SameSite=Strict``, ``Path=/``, and over TLS ``Secure`` with the ``__Host-`` prefix.
-Over plain HTTP (loopback only, see :class:`ghostmesh.config.ConsoleConfig`) the cookie has no ``Secure``
-flag, since a browser would not send it back over http; it never leaves the machine. A session ends at
-logout, after ``console.session_lifetime``, or as soon as its API key is revoked or expires.
+gets 429 until its window closes. With ``console.oidc_admins`` the admin may instead log in at the
+``[oidc]`` provider (:mod:`ghostmesh.console_oidc`); that session's actor is ``oidc:<email>`` (or
+``oidc:sub:<sub>``) and everything else about it is the same. The session (:mod:`ghostmesh.console_core`)
+is a cookie holding a random id: ``HttpOnly``, ``SameSite=Strict``, ``Path=/``, and over TLS ``Secure``
+with the ``__Host-`` prefix. Over plain HTTP (loopback only, see :class:`ghostmesh.config.ConsoleConfig`)
+the cookie has no ``Secure`` flag, since a browser would not send it back over http; it never leaves the
+machine. A session ends at logout, after ``console.session_lifetime``, or (an API-key login) as soon as
+its API key is revoked or expires.
 
 Every POST carries the session's CSRF token (form field ``csrf``); a POST without the right one is 403
 and changes nothing. Pages: :mod:`ghostmesh.console_pages` (escaping, CSP and the other headers).
@@ -25,9 +29,10 @@ sets every open stream's event, and each stream sends a fresh picture, at most o
 :data:`EVENT_COALESCE` seconds, plus a comment every :data:`KEEPALIVE` seconds. At most
 :data:`MAX_EVENT_STREAMS` streams are open at once (others get 503).
 
-Why one module of about 500 lines: it is the console's whole I/O edge (routes, session checks, the SSE
-streams), one handler per page or action; the session logic (:mod:`ghostmesh.console_core`) and the HTML
-(:mod:`ghostmesh.console_pages`) already live apart.
+Why one module of about 550 lines: it is the console's whole I/O edge but for the OIDC login (routes,
+session checks, the SSE streams), one handler per page or action; the session logic
+(:mod:`ghostmesh.console_core`), the HTML (:mod:`ghostmesh.console_pages`) and the OIDC login's two routes
+(:mod:`ghostmesh.console_oidc`) already live apart.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -51,9 +57,13 @@ from ghostmesh import console_pages as pages
 from ghostmesh.api.admin import AdminServicer
 from ghostmesh.api.admin_base import Caller
 from ghostmesh.changes import Change
-from ghostmesh.config import ConsoleConfig
+from ghostmesh.config import ConsoleConfig, OidcConfig
 from ghostmesh.console_core import Session, Sessions, mesh_picture
+from ghostmesh.console_oidc import ConsoleOidc
 from ghostmesh.limits import source_of
+
+if TYPE_CHECKING:  # the provider client (httpx, authlib) is loaded by the server when OIDC is on
+    from ghostmesh.oidc_client import OidcProvider
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +105,14 @@ def status_of(err: GhostError) -> int:
 class Console:
     """The console's handlers and state: its sessions and its open event streams."""
 
-    def __init__(self, cfg: ConsoleConfig, admin: AdminServicer, *, secure: bool) -> None:
+    def __init__(
+        self,
+        cfg: ConsoleConfig,
+        admin: AdminServicer,
+        *,
+        secure: bool,
+        oidc: tuple[OidcConfig, OidcProvider] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.admin = admin
         self.hub = admin.hub
@@ -103,6 +120,12 @@ class Console:
         self.secure = secure
         self.cookie = f"__Host-{COOKIE}" if secure else COOKIE
         self.sessions = Sessions(cfg.session_lifetime, cfg.max_sessions)
+        self.oidc: ConsoleOidc | None = None
+        if oidc is not None:  # console.oidc_admins: admins may also log in at the provider
+            self.oidc = ConsoleOidc(
+                cfg, *oidc, self.hub.limits, self.hub.now,
+                secure=secure, open_session=self.open_session, source=self._source,
+            )  # fmt: skip
         self._streams: set[asyncio.Event] = set()
         self.closing = False
         self.hub.add_listener(self._changed)
@@ -122,7 +145,7 @@ class Console:
     def _session(self, request: web.Request) -> Session | None:
         sid = request.cookies.get(self.cookie, "")
         session = self.sessions.get(sid, self.hub.now()) if sid else None
-        if session is not None and not self.admin.api_key_in_force(session.key_id):
+        if session is not None and session.key_id and not self.admin.api_key_in_force(session.key_id):
             self.sessions.end(session.id)  # the key was revoked or expired: so is the session
             return None
         return session
@@ -152,7 +175,7 @@ class Console:
         async def handler(request: web.Request) -> Resp:
             session = self._session(request)
             if session is None:
-                return self._html(pages.login_page("Log in first."), 401)
+                return self._login_html("Log in first.", 401)
             form = await request.post()
             token = form.get("csrf")
             if not isinstance(token, str) or not session.csrf_ok(token):
@@ -175,29 +198,24 @@ class Console:
 
     # -- login -----------------------------------------------------------------------------------------
 
-    async def login_form(self, request: web.Request) -> Resp:
-        if self._session(request) is not None:
-            return self._redirect("/nodes")
-        return self._html(pages.login_page())
+    def _login_html(self, error: str = "", status: int = 200) -> web.Response:
+        if self.oidc is None:
+            return self._html(pages.login_page(error), status)
+        return self._html(
+            pages.login_page(error, oidc_url=self.oidc.start_url, oidc_name=self.oidc.provider_name), status
+        )
 
-    async def login(self, request: web.Request) -> Resp:
-        now = self.hub.now()
-        source = source_of(peer_of(request)) or "unknown"
-        limits = self.hub.limits
-        reopens = limits.auth_over(source, now)
-        form = await request.post()
-        token = form.get("api_key")
-        try:
-            actor = self.admin.api_key_actor(token if isinstance(token, str) else "")
-        except AuthError as err:
-            limits.auth_failed(source, LOGIN_METHOD, now, refused=reopens is not None)
-            if reopens is not None:
-                wait = max(1, round(reopens - now))
-                text = f"Too many failed logins from {source}; retry in {wait} s."
-                return self._html(pages.login_page(text), 429)
-            return self._html(pages.login_page(f"Login failed: {err}"), 401)
-        session = self.sessions.create(actor, actor.removeprefix("apikey:"), now)
-        resp = self._redirect("/nodes")
+    @staticmethod
+    def _source(request: web.Request) -> str:
+        """What the limits count a request's failures against (an IPv4 address or an IPv6 /64)."""
+        return source_of(peer_of(request)) or "unknown"
+
+    def open_session(self, request: web.Request, actor: str, key_id: str = "") -> web.Response:
+        """A new session for ``actor`` (``key_id``: the API key it ends with; "" for an OIDC login), its
+        cookie set on the answer: 303 to the nodes page after an API-key login; after an OIDC login a page
+        that goes there (:func:`ghostmesh.console_pages.logged_in_page`)."""
+        session = self.sessions.create(actor, key_id, self.hub.now())
+        resp = self._redirect("/nodes") if key_id else self._html(pages.logged_in_page(actor))
         resp.set_cookie(
             self.cookie,
             session.id,
@@ -209,6 +227,29 @@ class Console:
         )
         log.info("console login", extra={"actor": actor, "remote": peer_of(request)})
         return resp
+
+    async def login_form(self, request: web.Request) -> Resp:
+        if self._session(request) is not None:
+            return self._redirect("/nodes")
+        return self._login_html()
+
+    async def login(self, request: web.Request) -> Resp:
+        now = self.hub.now()
+        source = self._source(request)
+        limits = self.hub.limits
+        reopens = limits.auth_over(source, now)
+        form = await request.post()
+        token = form.get("api_key")
+        try:
+            actor = self.admin.api_key_actor(token if isinstance(token, str) else "")
+        except AuthError as err:
+            limits.auth_failed(source, LOGIN_METHOD, now, refused=reopens is not None)
+            if reopens is not None:
+                wait = max(1, round(reopens - now))
+                text = f"Too many failed logins from {source}; retry in {wait} s."
+                return self._login_html(text, 429)
+            return self._login_html(f"Login failed: {err}", 401)
+        return self.open_session(request, actor, actor.removeprefix("apikey:"))
 
     async def logout(self, request: web.Request, session: Session, _caller: Caller) -> Resp:
         self.sessions.end(session.id)
@@ -427,6 +468,8 @@ class Console:
         r.add_get("/", self.root)
         r.add_get("/login", self.login_form)
         r.add_post("/login", self.login)
+        if self.oidc is not None:
+            self.oidc.add_routes(r)
         r.add_post("/logout", self.action(self.logout))
         r.add_get("/static/console.js", self.script)
         r.add_get("/static/console.css", self.style)
@@ -483,12 +526,16 @@ def tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 
 
 async def start_console(
-    cfg: ConsoleConfig, admin: AdminServicer, tls: tuple[Path, Path] | None
+    cfg: ConsoleConfig,
+    admin: AdminServicer,
+    tls: tuple[Path, Path] | None,
+    oidc: tuple[OidcConfig, OidcProvider] | None = None,
 ) -> ConsoleServer:
-    """Serve the console on ``cfg.listen`` (HTTPS with ``tls`` = (chain, key) files when ``cfg.tls``);
+    """Serve the console on ``cfg.listen`` (HTTPS with ``tls`` = (chain, key) files when ``cfg.tls``;
+    with ``oidc``, the ``[oidc]`` settings and the discovered provider, the OIDC login for admins too);
     Unavailable if it cannot bind."""
     host, port = parse_hostport(cfg.listen, "console.listen", ip_only=True)
-    console = Console(cfg, admin, secure=cfg.tls)
+    console = Console(cfg, admin, secure=cfg.tls, oidc=oidc)
     runner = web.AppRunner(console.app(), access_log=None, handle_signals=False)
     await runner.setup()
     ctx = tls_context(*tls) if cfg.tls and tls is not None else None

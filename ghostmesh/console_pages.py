@@ -51,6 +51,8 @@ textarea{width:100%;font-family:monospace}.ok{color:#070}.mono{font-family:monos
 svg{border:1px solid #ccc;background:#fcfcfc}.node.on{fill:#2a7}.node.off{fill:#bbb}
 .edge{stroke-width:2}.edge-direct{stroke:#2a7}.edge-relay{stroke:#e90}.edge-turn{stroke:#c33}
 .edge-unknown{stroke:#999;stroke-dasharray:4 3}.label{font-size:11px}.legend span{margin-right:1em}
+a.button{display:inline-block;padding:.3em 1em;border:1px solid #557;border-radius:3px;background:#eef;
+text-decoration:none}
 .k-direct{color:#2a7}.k-relay{color:#e90}.k-turn{color:#c33}.k-unknown{color:#999}
 """
 
@@ -158,8 +160,11 @@ def _button(action: str, token: str, label: str, fields: dict[str, str]) -> str:
     )
 
 
-def document(title: str, body: str, *, active: str = "", csrf: str = "", flash: str = "") -> str:
-    """A whole page: the navigation (when logged in: ``csrf`` set), a one-time message, ``body``."""
+def document(
+    title: str, body: str, *, active: str = "", csrf: str = "", flash: str = "", head: str = ""
+) -> str:
+    """A whole page: the navigation (when logged in: ``csrf`` set), a one-time message, ``body``;
+    ``head``: more of the head (made by this module, never from outside)."""
     nav = ""
     if csrf:
         links = " ".join(
@@ -176,7 +181,7 @@ def document(title: str, body: str, *, active: str = "", csrf: str = "", flash: 
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<title>{escape(title)} - ghostmesh</title><link rel="stylesheet" href="/static/console.css">'
-        '<script src="/static/console.js" defer></script></head>\n'
+        f'<script src="/static/console.js" defer></script>{head}</head>\n'
         f"<body>{nav}<main>\n<h1>{escape(title)}</h1>\n{note}{body}\n</main></body></html>\n"
     )
 
@@ -186,15 +191,36 @@ def refused_page(message: str, csrf: str = "") -> str:
     return document("Refused", f'<p class="error" id="error">{escape(message)}</p>', csrf=csrf)
 
 
-def login_page(error: str = "") -> str:
+def login_page(error: str = "", *, oidc_url: str = "", oidc_name: str = "") -> str:
+    """The login form (an API key) and, with ``oidc_url`` (OIDC admins configured), the link that starts
+    an OIDC login at the provider named ``oidc_name``. A link, not a form: it is a plain navigation to
+    the console, which answers with the redirect to the provider (a form's redirect would need the
+    provider in ``form-action``)."""
     err = f'<p class="error" id="error">{escape(error)}</p>' if error else ""
+    oidc = ""
+    if oidc_url:
+        oidc = (
+            f'<p><a class="button" id="oidc-login" href="{escape(oidc_url)}">Log in with '
+            f"{escape(oidc_name)}</a> (admins named in <code>console.oidc_admins</code>)</p><p>or</p>"
+        )
     body = (
-        f"{err}<p>Log in with an admin API key (<code>ghostctl apikeys create</code>).</p>"
+        f"{err}{oidc}<p>Log in with an admin API key (<code>ghostctl apikeys create</code>).</p>"
         '<form method="post" action="/login"><label>API key <input type="password" name="api_key" '
         'id="api_key" autocomplete="off" size="60" required></label> '
         '<button type="submit" id="login">Log in</button></form>'
     )
     return document("Log in", body)
+
+
+def logged_in_page(actor: str) -> str:
+    """The answer to a good OIDC login: on to the nodes page. Not a redirect: the provider's redirect
+    chain made this request cross-site, and a browser does not send the ``SameSite=Strict`` session
+    cookie along such a chain; a refresh from this page of the console's own is same-site."""
+    body = (
+        f'<p id="logged-in">Logged in as <span class="mono">{escape(actor)}</span>.</p>'
+        '<p><a id="continue" href="/nodes">Continue to the console</a></p>'
+    )
+    return document("Logged in", body, head='<meta http-equiv="refresh" content="0;url=/nodes">')
 
 
 def nodes_page(nodes: Sequence[NodeRec], online: set[int], now: float, csrf: str, flash: str = "") -> str:

@@ -1,4 +1,4 @@
-"""OIDC login for nodes (``server.auth_method = "oidc"``): the login listener, the provider, waiting nodes.
+"""OIDC login for nodes (``server.auth_method = "oidc"``): the login listener and the waiting nodes.
 
 The flow (OpenID Connect Core 1.0, section 3.1 "Authentication using the Authorization Code Flow"):
 
@@ -22,13 +22,11 @@ The flow (OpenID Connect Core 1.0, section 3.1 "Authentication using the Authori
    authorization endpoint (``response_type=code``, ``scope``, ``state``, ``nonce``, ``code_challenge`` S256).
 5. The provider redirects to ``/oidc/callback?code&state``. An unknown or expired ``state`` is answered 400
    and changes nothing; a callback in a browser other than the one that confirmed is refused (the login
-   stays for its own browser). Otherwise the login is consumed (single use; its cookie is deleted), the
-   code is exchanged at the token endpoint with the PKCE verifier (plain httpx: authlib 1.9's httpx
-   integration raises a DeprecationWarning at import, which our warnings-as-errors runs reject), and the ID
-   token is validated (section 3.1.3.7): signature against the provider's JWKS, ``iss``, ``aud`` = client
-   id, ``exp``/``iat`` and ``nonce`` = the pending login's nonce (joserfc + authlib's ``CodeIDToken``).
-   A token signed with a key the JWKS in hand lacks makes ghostmesh fetch the JWKS again, at most once per
-   ``oidc.jwks_refresh_interval`` (section 10.1.1, :class:`ghostmesh.oidc_core.JwksCache`).
+   stays for its own browser). Otherwise the login is consumed (single use; its cookie is deleted), and
+   the provider client (:class:`ghostmesh.oidc_client.OidcProvider`, shared with the console's admin
+   login) exchanges the code with the PKCE verifier and validates the ID token (section 3.1.3.7:
+   signature against the provider's cached JWKS, ``iss``, ``aud``, ``exp``/``iat``, ``nonce`` = the
+   pending login's nonce).
 6. Who may join: the allow-lists (``oidc.allowed_domains``, ``allowed_groups``, ``allowed_users``,
    :func:`ghostmesh.oidc_core.refusal`). Then which user: the one bound to the account's (``iss``,
    ``sub``) if any, whatever name the claims carry now; else the ``oidc.username_claim`` (falling back to
@@ -45,38 +43,28 @@ failed authentication counted for the browser's source: the limits fold them int
 audit row per source and minute (:mod:`ghostmesh.limits`), by kind (``oidc:not_allowed`` …), and
 ``Refusals.oidc_refused`` counts them.
 
-Discovery (``<issuer>/.well-known/openid-configuration``, OpenID Connect Discovery 1.0 section 4) runs once
-at start; a failure stops the start with a one-line error. Never logged nor put in an error: the client
-secret, codes, tokens, ``state``, nonces, login ids (the login URL is a capability until it is confirmed)
-and cookies.
+Discovery runs once at start (:meth:`ghostmesh.oidc_client.OidcProvider.discover`, before this
+listener starts); a failure stops the start with a one-line error. Never logged nor put in an error: the
+client secret, codes, tokens, ``state``, nonces, login ids (the login URL is a capability until it is
+confirmed) and cookies.
 
-Why one module of about 460 lines: it is the login's whole I/O edge, the HTTP listener, the provider
-client (discovery, token exchange, JWKS) and the nodes waiting on a login, which share the pending
-logins; the pure rules live in :mod:`ghostmesh.oidc_core`.
+Why one module of about 330 lines: it is the node login's whole I/O edge, the HTTP listener and the nodes
+waiting on a login, which share the pending logins; the pure rules live in :mod:`ghostmesh.oidc_core`,
+the requests to the provider in :mod:`ghostmesh.oidc_client`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
-import httpx
 from aiohttp import web
-from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from authlib.oidc.core import CodeIDToken
-from joserfc import jws, jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
-from joserfc.jws import JWSRegistry
 
 from ghostcore.addr import grpc_peer_of
 from ghostcore.config import parse_hostport
 from ghostcore.errors import (
     AuthError,
-    ConfigError,
     GhostError,
     PermissionDenied,
     ResourceExhausted,
@@ -86,19 +74,18 @@ from ghostmesh import audit, oidc_pages
 from ghostmesh.config import OidcConfig
 from ghostmesh.hub import Hub
 from ghostmesh.limits import source_of
+from ghostmesh.oidc_client import OidcProvider
 from ghostmesh.oidc_core import (
     KIND_BAD_STATE,
     KIND_BROWSER,
     KIND_INVALID,
     KIND_NOT_ALLOWED,
     KIND_USER,
-    JwksCache,
     PendingLogin,
     PendingLogins,
     csrf_token,
     groups_from_claims,
     new_cookie,
-    one_line,
     refusal,
     username_from_claims,
 )
@@ -116,8 +103,6 @@ log = logging.getLogger(__name__)
 
 LOGIN_PATH = "/oidc/login/"
 CALLBACK_PATH = "/oidc/callback"
-HTTP_TIMEOUT = 10.0  # seconds, for each request to the provider
-LEEWAY = 60  # seconds of clock skew accepted on exp / iat
 MAX_FORM_BYTES = 4096  # the confirmation form is one token
 MSG_BAD_STATE = "login failed: unknown or expired state; run ghostlink join again"
 MSG_LOGGED_IN = "logged in; you can close this window"
@@ -132,8 +117,9 @@ class LoginRefused(PermissionDenied):
 class OidcService:
     """Discovery, the pending logins, the login listener (aiohttp) and ``WaitForLogin``."""
 
-    def __init__(self, cfg: OidcConfig, hub: Hub, clock: Callable[[], float]) -> None:
+    def __init__(self, cfg: OidcConfig, hub: Hub, provider: OidcProvider, clock: Callable[[], float]) -> None:
         self.cfg = cfg
+        self.provider = provider
         self.hub = hub
         self.clock = clock
         self.pending = PendingLogins(cfg.login_timeout, cfg.max_pending, cfg.max_pending_per_source)
@@ -141,42 +127,15 @@ class OidcService:
         self.redirect_uri = self.public_url + CALLBACK_PATH
         self.secure = self.public_url.startswith("https://")
         self.mesh_name = oidc_pages.origin(self.public_url).partition("://")[2]
-        self.metadata: dict[str, Any] = {}
-        self.jwks = JwksCache(cfg.jwks_refresh_interval)
-        self._jwks_lock = asyncio.Lock()  # one JWKS fetch at a time; the others use its result
-        self._secret = cfg.secret()
         self._waiters: dict[str, asyncio.Future[NodeRec]] = {}  # login id -> its WaitForLogin
         self._runner: web.AppRunner | None = None
         self._headers = oidc_pages.headers()
         self.port = 0
 
     async def start(self) -> None:
-        """Discover the provider and listen on ``oidc.http_bind``; Unavailable (one line) otherwise."""
-        issuer = self.cfg.issuer.rstrip("/")
-        url = issuer + "/.well-known/openid-configuration"
-        try:
-            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
-                resp = await http.get(url)
-                resp.raise_for_status()
-                meta = resp.json()
-                jwks = (await http.get(meta["jwks_uri"])).raise_for_status().json()
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise Unavailable(
-                f"oidc.issuer: discovery at {url} failed ({type(exc).__name__}: {exc})"
-            ) from None
-        named = meta.get("issuer") if isinstance(meta, dict) else None
-        if not isinstance(named, str) or named.rstrip("/") != issuer:
-            raise ConfigError(f"oidc.issuer: {url} names issuer {named!r}, not {issuer!r}")
-        for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
-            if not isinstance(meta.get(key), str):
-                raise Unavailable(f"oidc.issuer: discovery at {url} lacks {key}")
-        self.jwks.attempted(self.clock())
-        try:
-            self.jwks.install(jwks)
-        except ValueError as exc:
-            raise Unavailable(f"oidc.issuer: {exc} ({meta['jwks_uri']})") from None
-        self.metadata = meta
-        self._headers = oidc_pages.headers((oidc_pages.origin(meta["authorization_endpoint"]),))
+        """Listen on ``oidc.http_bind`` (the provider was discovered already); Unavailable (one line)
+        when the port cannot be bound."""
+        self._headers = oidc_pages.headers((oidc_pages.origin(self.provider.authorization_endpoint),))
         app = web.Application(client_max_size=MAX_FORM_BYTES)
         app.router.add_get(LOGIN_PATH + "{id}", self._login_page)
         app.router.add_post(LOGIN_PATH + "{id}", self._confirm)
@@ -194,7 +153,7 @@ class OidcService:
             ) from None
         self._runner = runner
         self.port = int(runner.addresses[0][1]) if runner.addresses else port  # http_bind port 0
-        log.info("oidc login listening", extra={"bind": self.cfg.http_bind, "issuer": issuer})
+        log.info("oidc login listening", extra={"bind": self.cfg.http_bind, "issuer": self.cfg.issuer})
 
     async def stop(self) -> None:
         for fut in self._waiters.values():
@@ -316,17 +275,7 @@ class OidcService:
             )
         except AuthError as exc:
             return self._refused(request, KIND_BROWSER, 403, str(exc))
-        url = prepare_grant_uri(  # OpenID Connect Core 1.0 section 3.1.2.1; RFC 7636 section 4.3
-            self.metadata["authorization_endpoint"],
-            self.cfg.client_id,
-            "code",
-            redirect_uri=self.redirect_uri,
-            scope=" ".join(self.cfg.scopes),
-            state=login.state,
-            nonce=login.nonce,
-            code_challenge=create_s256_code_challenge(login.verifier),
-            code_challenge_method="S256",
-        )
+        url = self.provider.authorization_url(self.redirect_uri, login.state, login.nonce, login.verifier)
         raise web.HTTPSeeOther(url, headers=self._headers)  # RFC 9110 section 15.4.4: GET after a POST
 
     async def _callback(self, request: web.Request) -> web.StreamResponse:
@@ -359,13 +308,9 @@ class OidcService:
         return resp
 
     async def _complete(self, login: PendingLogin, request: web.Request) -> NodeRec:
-        if "error" in request.query:
-            raise AuthError(f"the provider refused the login: {one_line(request.query['error'])}")
-        code = request.query.get("code", "")
-        if not code:
-            raise AuthError("the provider sent no authorization code")
-        token = await self._exchange(code, login.verifier)
-        claims = await self._validate_id_token(token, login.nonce)
+        claims = await self.provider.callback_claims(
+            request.query, login.verifier, login.nonce, self.redirect_uri
+        )
         user = username_from_claims(claims, self.cfg.username_claim)
         groups = groups_from_claims(claims, self.cfg.groups_claim)
         refused = refusal(claims, user, groups, self.cfg)
@@ -384,84 +329,3 @@ class OidcService:
             tx.record(audit.node_actor(node.name), audit.NODE_REGISTER, node.name, detail, remote)
         log.info("node registered via oidc", extra={"node": node.name, "user": node.user})
         return node
-
-    async def _exchange(self, code: str, verifier: str) -> Mapping[str, Any]:
-        """The token request (RFC 6749 section 4.1.3, client_secret_basic; RFC 7636 section 4.5)."""
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": self.redirect_uri,
-            "code_verifier": verifier,
-        }
-        try:
-            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
-                resp = await http.post(
-                    self.metadata["token_endpoint"], data=form, auth=(self.cfg.client_id, self._secret)
-                )
-            token = resp.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise AuthError(f"code exchange at the provider failed ({type(exc).__name__})") from None
-        if resp.status_code != 200 or not isinstance(token, dict):
-            err = token.get("error", resp.status_code) if isinstance(token, dict) else resp.status_code
-            raise AuthError(f"the provider refused the code exchange ({one_line(str(err))})")
-        return token
-
-    async def _signing_keys(self, id_token: str) -> KeySet:
-        """The provider's keys, fetched again when the token names a ``kid`` they lack (at most once per
-        ``oidc.jwks_refresh_interval``; the keys in hand stay until a new set arrives)."""
-        try:
-            header = jws.extract_compact(id_token.encode()).headers()
-        except (JoseError, ValueError) as exc:
-            raise AuthError(f"the ID token is not valid ({type(exc).__name__})") from None
-        kid = header.get("kid")
-        kid = kid if isinstance(kid, str) else None
-        async with self._jwks_lock:
-            if not self.jwks.knows(kid):
-                await self._refetch_jwks(kid)
-            if self.jwks.keys is None:  # pragma: no cover - start() installs a set or fails
-                raise Unavailable("the provider's keys are not loaded; restart ghostmesh")
-            return self.jwks.keys
-
-    async def _refetch_jwks(self, kid: str | None) -> None:
-        now = self.clock()
-        shown = repr(one_line(kid, 64)) if kid is not None else "none"
-        if not self.jwks.may_fetch(now):
-            raise AuthError(
-                f"the ID token is signed by a key the provider did not publish (kid {shown}); its keys are "
-                f"fetched again at most every {self.cfg.jwks_refresh_interval:g} s, retry in "
-                f"{max(1, round(self.jwks.retry_in(now)))} s"
-            )
-        self.jwks.attempted(now)
-        url = self.metadata["jwks_uri"]
-        try:
-            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
-                self.jwks.install((await http.get(url)).raise_for_status().json())
-        except (httpx.HTTPError, ValueError) as exc:  # the keys in hand stay in force
-            log.warning("oidc: fetching the provider's keys from %s failed (%s)", url, type(exc).__name__)
-        else:
-            log.info("oidc: fetched the provider's keys again (a token named kid %s)", shown)
-        if not self.jwks.knows(kid):
-            raise AuthError(f"the ID token is signed by a key the provider does not publish (kid {shown})")
-
-    async def _validate_id_token(self, token: Mapping[str, Any], nonce: str) -> Mapping[str, Any]:
-        """OpenID Connect Core 1.0 section 3.1.3.7: signature, iss, aud, exp/iat, nonce."""
-        id_token = token.get("id_token")
-        if not isinstance(id_token, str):
-            raise AuthError("the provider returned no ID token")
-        keys = await self._signing_keys(id_token)
-        algs = self.metadata.get("id_token_signing_alg_values_supported") or ["RS256"]
-        try:
-            decoded = jwt.decode(id_token, keys, registry=JWSRegistry(algorithms=algs))
-            claims = CodeIDToken(
-                decoded.claims,
-                decoded.header,
-                {"iss": {"essential": True, "value": self.metadata["issuer"]}},
-                {"nonce": nonce, "client_id": self.cfg.client_id, "access_token": token.get("access_token")},
-            )
-            claims.validate(leeway=LEEWAY)
-        except (JoseError, ValueError, KeyError) as exc:
-            what = getattr(exc, "claim", "") or type(exc).__name__
-            raise AuthError(f"the ID token is not valid ({one_line(f'{what}: {exc}', 200)})") from None
-        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
-            raise AuthError("the ID token is not valid (sub: missing)")
-        return dict(claims)

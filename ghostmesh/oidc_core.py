@@ -10,6 +10,9 @@ What this module owns:
   same browser with the login's ``state``). Each step happens once.
 - Claims → ghostmesh user name, groups, verified email (OpenID Connect Core 1.0 section 5.1).
 - :func:`refusal`: the allow-lists (``oidc.allowed_domains``, ``allowed_groups``, ``allowed_users``).
+- :func:`admin_match`: who may administer the web console after an OIDC login (``console.oidc_admins``).
+- :func:`request_secrets` and :func:`cookie_hash`: what binds one authorization request to one browser,
+  for both logins (nodes here, admins in :mod:`ghostmesh.console_core`).
 - :class:`JwksCache`: the provider's signing keys, and when an unknown ``kid`` may fetch them again.
 
 Why a cookie and a token, not the token alone: the login URL is no secret from whoever started the join
@@ -100,8 +103,15 @@ def csrf_token(login: PendingLogin, cookie: str) -> str:
     return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
-def _cookie_hash(cookie: str) -> bytes:
+def cookie_hash(cookie: str) -> bytes:
+    """What a login keeps of the browser cookie it is bound to (the cookie itself is not kept)."""
     return hashlib.sha256(cookie[:MAX_COOKIE].encode()).digest()
+
+
+def request_secrets() -> tuple[str, str, str]:
+    """A fresh ``state``, ``nonce`` and PKCE verifier (RFC 7636 section 4.1: 43..128 unreserved
+    characters) for one authorization request."""
+    return secrets.token_urlsafe(32), secrets.token_urlsafe(32), generate_token(64)
 
 
 class PendingLogins:
@@ -141,6 +151,7 @@ class PendingLogins:
             )
         if old is not None:
             self._drop(old)
+        state, nonce, verifier = request_secrets()
         login = PendingLogin(
             id=secrets.token_urlsafe(16),
             node_key=node_key,
@@ -149,9 +160,9 @@ class PendingLogins:
             remote=peer_address(remote) if remote else source,
             created=now,
             expires=now + self.timeout,
-            state=secrets.token_urlsafe(32),
-            nonce=secrets.token_urlsafe(32),
-            verifier=generate_token(64),  # RFC 7636 section 4.1: 43..128 unreserved characters
+            state=state,
+            nonce=nonce,
+            verifier=verifier,
             csrf_key=secrets.token_bytes(32),
         )
         self._by_id[login.id] = login
@@ -182,7 +193,7 @@ class PendingLogins:
                 "login failed: this page is stale or was not opened in this browser; open the login URL "
                 "again and confirm there"
             )
-        login.browser = _cookie_hash(cookie)
+        login.browser = cookie_hash(cookie)
         return login
 
     def by_state(self, state: str, now: float) -> PendingLogin | None:
@@ -200,7 +211,7 @@ class PendingLogins:
             if expired is not None:
                 self._drop(expired)
             return None
-        if not login.confirmed or not hmac.compare_digest(login.browser, _cookie_hash(cookie)):
+        if not login.confirmed or not hmac.compare_digest(login.browser, cookie_hash(cookie)):
             raise AuthError(
                 "login failed: this browser did not confirm the login; open the login URL again in the "
                 "browser you log in with"
@@ -251,17 +262,18 @@ def groups_from_claims(claims: Mapping[str, Any], claim: str) -> list[str]:
     return []
 
 
-def verified_email(claims: Mapping[str, Any]) -> str:
+def verified_email(claims: Mapping[str, Any], *, must_say: bool = False) -> str:
     """The ``email`` claim lower-cased, or "" when there is none or the provider says it is not verified.
 
     Section 5.1: ``email_verified`` false means the provider did not check that the account holds the
     address, so anyone could have typed ``ceo@example.com``. A provider that sends no ``email_verified``
-    at all is taken at its word (many only release verified addresses); some send the string "true".
+    at all is taken at its word (many only release verified addresses) unless ``must_say``: then only an
+    email the provider says it verified counts (for admins); some send the string "true".
     """
     email = claims.get("email")
     if not isinstance(email, str) or email.count("@") != 1:
         return ""
-    if "email_verified" in claims and claims["email_verified"] not in (True, "true"):
+    if ("email_verified" in claims or must_say) and claims.get("email_verified") not in (True, "true"):
         return ""
     local, _, domain = email.strip().lower().partition("@")
     return f"{local}@{domain}" if local and domain else ""
@@ -309,6 +321,50 @@ def refusal(claims: Mapping[str, Any], user: str, groups: Sequence[str], cfg: Oi
                 "allowed_users",
                 f"login refused: user {one_line(user, 70)} is not in oidc.allowed_users; ask an admin",
             )
+    return None
+
+
+# -- who may administer (console.oidc_admins) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdminMatch:
+    """An account ``console.oidc_admins`` admits: the audit actor its session acts as, and the entry that
+    admitted it (for the log)."""
+
+    actor: str
+    entry: str
+
+
+def admin_actor(claims: Mapping[str, Any]) -> str:
+    """The audit actor of an OIDC admin: ``oidc:<email>`` when the provider says it verified the email,
+    else ``oidc:sub:<sub>`` (the account's stable id at the one configured issuer)."""
+    email = verified_email(claims, must_say=True)
+    return f"oidc:{one_line(email)}" if email else f"oidc:sub:{one_line(str(claims.get('sub', '')))}"
+
+
+def admin_match(claims: Mapping[str, Any], groups: Sequence[str], admins: Sequence[str]) -> AdminMatch | None:
+    """The first entry of ``admins`` that admits this account, or None; an empty list admits no one.
+
+    ``group:NAME`` admits a member of NAME (the ``groups_claim`` values, as the provider spells them);
+    ``sub:SUBJECT`` the account with that ``sub``; anything else is an email, compared lower-cased with
+    the account's email only when the provider says it verified it (``email_verified``): admin rights are
+    not given to an address anyone could have typed into their profile. The user name claims
+    (``preferred_username``) never count: section 5.7 says a relying party must not rely on them being
+    unique or stable.
+    """
+    email = verified_email(claims, must_say=True)
+    sub = claims.get("sub")
+    for entry in admins:
+        kind, sep, value = entry.partition(":")
+        if sep and kind == "group":
+            admitted = value in groups
+        elif sep and kind == "sub":
+            admitted = value == sub
+        else:
+            admitted = bool(email) and entry.lower() == email
+        if admitted:
+            return AdminMatch(admin_actor(claims), entry)
     return None
 
 

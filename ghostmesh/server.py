@@ -88,6 +88,7 @@ from ghostmesh.tls import CERT_FILE, KEY_FILE, load_identity
 if TYPE_CHECKING:
     from ghostmesh.console import ConsoleServer
     from ghostmesh.oidc import OidcService
+    from ghostmesh.oidc_client import OidcProvider
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,37 @@ def _open_store(cfg: MeshConfig) -> SqlStore:
     return SqliteStore(cfg.db_path)
 
 
-async def _start_console(cfg: MeshConfig, admin: AdminServicer) -> ConsoleServer | None:
+async def _discover_provider(cfg: MeshConfig, clock: Callable[[], float]) -> OidcProvider | None:
+    """The OpenID provider of ``[oidc]``, discovered, when a login uses it (nodes with
+    ``server.auth_method = "oidc"``, admins with ``console.oidc_admins``); one instance serves both. A
+    provider that cannot be reached stops the start here."""
+    if cfg.server.auth_method != "oidc" and not cfg.console.oidc_admins:
+        return None
+    from ghostmesh.oidc_client import OidcProvider  # noqa: PLC0415 - httpx/authlib only when used
+
+    provider = OidcProvider(cfg.oidc, clock)
+    await provider.discover()
+    return provider
+
+
+async def _start_oidc(
+    cfg: MeshConfig, hub: Hub, clock: Callable[[], float]
+) -> tuple[OidcProvider | None, OidcService | None]:
+    """The provider (:func:`_discover_provider`) and, with ``server.auth_method = "oidc"``, the nodes'
+    login listener."""
+    provider = await _discover_provider(cfg, clock)
+    if cfg.server.auth_method != "oidc" or provider is None:
+        return provider, None
+    from ghostmesh.oidc import OidcService  # noqa: PLC0415 - aiohttp only when used
+
+    oidc = OidcService(cfg.oidc, hub, provider, clock)
+    await oidc.start()  # a port it cannot bind stops the start; it closed what it opened
+    return provider, oidc
+
+
+async def _start_console(
+    cfg: MeshConfig, admin: AdminServicer, provider: OidcProvider | None
+) -> ConsoleServer | None:
     """``[console]``: the web admin console, or None when ``console.listen`` is empty."""
     if not cfg.console.listen:
         return None
@@ -304,16 +335,23 @@ async def _start_console(cfg: MeshConfig, admin: AdminServicer) -> ConsoleServer
         files = (Path(cfg.tls.cert_file), Path(cfg.tls.key_file))
     else:
         files = (tls_dir / CERT_FILE, tls_dir / KEY_FILE)
-    return await start_console(cfg.console, admin, files)
+    oidc = (cfg.oidc, provider) if cfg.console.oidc_admins and provider is not None else None
+    return await start_console(cfg.console, admin, files, oidc)
 
 
 async def _start_http(
-    cfg: MeshConfig, hub: Hub, store: SqlStore, guard: CallGuard, admin: AdminServicer
+    cfg: MeshConfig,
+    hub: Hub,
+    store: SqlStore,
+    guard: CallGuard,
+    admin: AdminServicer,
+    *,
+    provider: OidcProvider | None,
 ) -> tuple[MetricsServer | None, ConsoleServer | None]:
     """The HTTP listeners (metrics, console); a port that cannot be bound closes what was started."""
     served = await _start_metrics(cfg, hub, store, guard)
     try:
-        return served, await _start_console(cfg, admin)
+        return served, await _start_console(cfg, admin, provider)
     except BaseException:
         if served is not None:
             await served.close()
@@ -343,11 +381,7 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         audit_key = load_audit_key(store, state_dir, cfg.audit.key_file)
         hub, loaded = _build_hub(cfg, store, audit_key=audit_key, relay=relay, clock=clock)
         policy = PolicySource(store, hub, loaded)
-        if cfg.server.auth_method == "oidc":
-            from ghostmesh.oidc import OidcService  # noqa: PLC0415 - aiohttp/httpx/authlib only when used
-
-            oidc = OidcService(cfg.oidc, hub, clock)
-            await oidc.start()  # discovery; a provider that cannot be reached stops the start here
+        provider, oidc = await _start_oidc(cfg, hub, clock)
         server = grpc.aio.server(interceptors=[guard := CallGuard(hub)], options=server_options(cfg))
         add_coordination_to_server(CoordinationServicer(hub, server_key, policy, oidc), server)
         identity = admin_pb2.ServerIdentity(
@@ -364,7 +398,7 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
             add_relay_control(relay_control, server)
         bound = _add_tls_port(server, host, port, cfg.server.bind, tls)
         # before serving: a port it cannot bind stops the start with nothing to undo
-        served, console = await _start_http(cfg, hub, store, guard, admin)
+        served, console = await _start_http(cfg, hub, store, guard, admin, provider=provider)
         with umask(0o177):  # the socket file is born 0600: no window where others could connect
             try:
                 server.add_insecure_port(f"unix:{admin_path}")

@@ -1,6 +1,8 @@
 """The web console in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
 log in, create an auth key (shown once), watch nodes join on the mesh picture without a reload (server-sent
-events), rename a node, approve a route, see a policy error inline. Screenshots of each step are kept under
+events), rename a node, approve a route, see a policy error inline; and an admin's OIDC login at the real
+test provider, through to a session (its ``SameSite=Strict`` cookie sent after the provider's redirect
+chain) whose action is audited with the account as the actor. Screenshots of each step are kept under
 ``test-artifacts/<test id>/``. The browser console must report no Content Security Policy violation: the
 pages work with scripts and styles from the console's own files only.
 
@@ -22,8 +24,16 @@ from typing import Any, TypeVar
 import pytest
 
 from ghostcore.pb.ghostmesh.v1 import admin_pb2 as apb
-from tests.component._console_fixtures import api_key, base_url, console_config
+from tests.component._console_fixtures import (
+    OidcSetup,
+    api_key,
+    base_url,
+    console_config,
+    oidc_console_config,
+    oidc_setup,
+)
 from tests.component._mesh_fixtures import NodeClient, admin_unix, next_update, running
+from tests.component._oidc_fixtures import provider_available
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -220,4 +230,58 @@ async def test_console_in_chromium(tmp_path: Path, driver: Any, artifacts: Path)
 
         logs = await b.run(lambda: driver.get_log("browser"))
         violations = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
+        assert violations == []
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcSetup]:
+    why = provider_available()
+    if why:
+        pytest.skip(why)
+    yield from oidc_setup(tmp_path_factory.mktemp("oidc") / "oidc-provider.log")
+
+
+async def test_console_oidc_login_in_chromium(
+    tmp_path: Path, driver: Any, artifacts: Path, idp: OidcSetup
+) -> None:
+    async with running(oidc_console_config(tmp_path, idp, ["group:engineering"])) as srv:
+        b = Browser(driver, idp.console_url, artifacts)
+
+        # the login page's link goes to the provider; sign in there as alice (group "engineering")
+        await b.get("/nodes")
+        assert (await b.run(lambda: driver.current_url)).endswith("/login")
+        await b.shot("login-with-oidc")
+        link = await b.css("#oidc-login")
+        await b.run(link.click)
+        field = await b.until("the provider's login form", lambda d: d.find_elements("name", "login"))
+        await b.run(lambda: field[0].send_keys("alice"))
+        password = await b.css("input[name=password]")
+        await b.run(lambda: password.send_keys("any"))
+        submit = await b.css("button[type=submit]")
+        await b.run(submit.click)
+        consent = await b.until(
+            "the provider's consent form",
+            lambda d: d.find_elements("css selector", "input[value=consent] ~ button[type=submit]"),
+        )
+        await b.run(consent[0].click)
+
+        # back at the console: the session cookie rides on the refresh to the nodes page
+        await b.until("the nodes page", lambda d: d.current_url == idp.console_url + "/nodes")
+        await b.until("the logout button", _text_of("header button", "Log out"))
+        await b.shot("logged-in-with-oidc")
+
+        # an action under that session: audited with the OIDC account as the actor
+        await b.get("/keys")
+        button = await b.css("#create")
+        await b.run(button.click)
+        await b.until("the new key", _text_of("#new-secret", "gmauth_"))
+        rows = [(e.actor, e.action) for e in srv.store.list_audit(0, 100) if e.action == "authkey.create"]
+        assert rows == [("oidc:alice@example.com", "authkey.create")]
+
+        logs = await b.run(lambda: driver.get_log("browser"))
+        violations = [
+            e["message"]
+            for e in logs
+            if "Content Security Policy" in e["message"] and idp.console_url in e["message"]
+        ]
         assert violations == []

@@ -115,7 +115,7 @@ async def test_confirmation_needs_this_browsers_cookie_and_token_once(
             assert srv.hub.limits.refusals.oidc_refused == 3
             page = await victim.post(url, data={"csrf": victims_token})
             assert page.status_code == 303
-            assert page.headers["location"].startswith(oidc.metadata["authorization_endpoint"] + "?")
+            assert page.headers["location"].startswith(oidc.provider.metadata["authorization_endpoint"] + "?")
             assert "code_challenge_method=S256" in page.headers["location"]
             again = await victim.post(url, data={"csrf": victims_token})
             assert again.status_code == 403
@@ -316,14 +316,14 @@ async def test_signing_key_rotated_between_two_logins(tmp_path: Path) -> None:
             oidc = srv.oidc
             assert oidc is not None
             assert (await _login(srv, "alice"))[:2] == (200, MSG_LOGGED_IN)
-            assert oidc.jwks.fetches == 1
+            assert oidc.provider.jwks.fetches == 1
             first.close()  # the provider goes away and comes back with key b only
             with provider(tmp_path / "idp-b.log", redirect, port=idp_port, jwks_file=keys["b"]):
                 clock.offset += 31
                 status, text, got = await _login(srv, "bob")
                 assert (status, text) == (200, MSG_LOGGED_IN)
                 assert got.user == "bob"
-                assert oidc.jwks.fetches == 2
+                assert oidc.provider.jwks.fetches == 2
             with provider(tmp_path / "idp-c.log", redirect, port=idp_port, jwks_file=keys["c"]):
                 before = snapshot(srv)
                 status, text, got = await _login(srv, "carol")  # within the interval: no fetch
@@ -333,11 +333,11 @@ async def test_signing_key_rotated_between_two_logins(tmp_path: Path) -> None:
                     "its keys are fetched again at most every 30 s, retry in "
                 )
                 assert isinstance(got, Exception)
-                assert oidc.jwks.fetches == 2
-                assert oidc.jwks.knows("b")  # the keys in hand stay until a new set arrives
+                assert oidc.provider.jwks.fetches == 2
+                assert oidc.provider.jwks.knows("b")  # the keys in hand stay until a new set arrives
                 assert snapshot(srv) == before
                 clock.offset += 31
                 status, text, got = await _login(srv, "carol")
                 assert (status, text) == (200, MSG_LOGGED_IN)
-                assert oidc.jwks.fetches == 3
-                assert not oidc.jwks.knows("b")
+                assert oidc.provider.jwks.fetches == 3
+                assert not oidc.provider.jwks.knows("b")
