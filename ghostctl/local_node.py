@@ -116,6 +116,7 @@ def peer_doc(p: local_pb2.LocalPeer) -> dict[str, Any]:
         "relay": p.relay,
         "endpoint": p.endpoint,
         "latency_ms": round(p.latency_ms, 3) if p.latency_ms > 0 else None,
+        "via": p.via,
         **output.time_fields("latest_handshake", p.latest_handshake_unix),
         "rx_bytes": p.rx_bytes,
         "tx_bytes": p.tx_bytes,
@@ -128,7 +129,7 @@ def render_peers(peers: list[local_pb2.LocalPeer], now: float) -> str:
         (
             p.name,
             output.joined(p.addresses),
-            path_text(p.path, p.relay),
+            path_text(p.path, p.relay) if p.path or not p.via else f"via {p.via}",
             p.endpoint,
             ms_text(p.latency_ms),
             output.ago(p.latest_handshake_unix, now),

@@ -287,6 +287,8 @@ class Daemon:
         """Every peer this node installed, by name, with WireGuard's counters and the path it takes."""
         dev = await self._backend.read()
         out = []
+        me = self._admitted.self_node
+        names = {n.id: n.name for n in (*self._admitted.peers.values(), *((me,) if me is not None else ()))}
         for p in sorted(self._admitted.peers.values(), key=lambda n: n.name):
             wg = dev.peers.get(p.node_key)
             out.append(
@@ -297,6 +299,7 @@ class Daemon:
                     rx_bytes=wg.rx_bytes if wg else 0,
                     tx_bytes=wg.tx_bytes if wg else 0,
                     path=self._paths.path(p.node_key) if self._paths is not None else PeerPath(),
+                    via=names.get(p.via, str(p.via)) if p.is_device else "",
                 )
             )
         return out

@@ -79,6 +79,7 @@ class LocalNodeService(local_pb2_grpc.LocalNodeServicer):
                     path=p.path.kind,
                     relay=p.path.relay,
                     latency_ms=p.path.latency_ms,
+                    via=p.via,
                 )
                 for p in await self.daemon.peers()
             ]

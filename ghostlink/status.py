@@ -57,6 +57,7 @@ class PeerStatus:
     rx_bytes: int
     tx_bytes: int
     path: PeerPath
+    via: str = ""  # a device: the name of its gateway node (this node's own name on the gateway)
 
 
 @dataclass(frozen=True)

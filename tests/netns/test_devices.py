@@ -105,6 +105,11 @@ def test_a_wg_quick_device_reaches_what_the_policy_allows_and_nothing_else(dl: D
             lambda: n["alice1"].host.ping(phone_v4, timeout=1), timeout=10, what="alice1 pings the phone"
         )
         assert n["alice1"].host.ping(phone_v6, timeout=2)
+        # ghostctl peers: the phone is reached via the gateway; on the gateway it is a peer with a handshake
+        (seen,) = [p for p in n["alice1"].peers(mesh) if p["name"] == "phone"]
+        assert seen["via"] == "gw"
+        (served,) = [p for p in gw.peers(mesh) if p["name"] == "phone"]
+        assert served["latest_handshake"] is not None
         # the gateway is a router now: forwarding on, its devices' packets allowed into the mesh
         assert gw.host.exec(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
         ruleset = gw.host.exec(["nft", "list", "ruleset"]).stdout

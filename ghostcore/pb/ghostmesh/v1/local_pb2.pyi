@@ -485,6 +485,7 @@ class LocalPeer(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     name: _builtins.str
     node_key: _builtins.str
@@ -502,6 +503,8 @@ class LocalPeer(_message.Message):
     """the region name a relayed path goes through"""
     latency_ms: _builtins.float
     """last connectivity-check round trip; < 0: unknown"""
+    via: _builtins.str
+    """a device (no ghostlink): the gateway node it is reached through"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -519,10 +522,11 @@ class LocalPeer(_message.Message):
         path: _builtins.str = ...,
         relay: _builtins.str = ...,
         latency_ms: _builtins.float = ...,
+        via: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoint", b"endpoint", "latency_ms", b"latency_ms", "latest_handshake_unix", b"latest_handshake_unix", "name", b"name", "node_id", b"node_id", "node_key", b"node_key", "online", b"online", "path", b"path", "relay", b"relay", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoint", b"endpoint", "latency_ms", b"latency_ms", "latest_handshake_unix", b"latest_handshake_unix", "name", b"name", "node_id", b"node_id", "node_key", b"node_key", "online", b"online", "path", b"path", "relay", b"relay", "rx_bytes", b"rx_bytes", "tx_bytes", b"tx_bytes", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
