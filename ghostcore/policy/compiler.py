@@ -319,13 +319,18 @@ class Compiler:
     def _compute_peers(self, nid: int) -> set[int]:
         out = self._direct_peers(nid)
         if self._devices:
+            nodes = self.nodes
+            if nodes[nid].via and nodes[nid].via not in nodes:
+                return set()  # a device whose gateway is gone (expired) is reachable by no one
             devices = self._devices.get(nid, set())
             for d in devices:  # a gateway sees its devices (it installs them) and whoever they see
                 out |= self._direct_peers(d)
             out |= devices
             out.add(nid)  # a device sees its gateway, added with the others' just below
-            nodes = self.nodes
             out |= {g for x in out if (g := nodes[x].via) and g in nodes}  # a device's viewers: its gateway
+            out = {
+                x for x in out if not nodes[x].via or nodes[x].via in nodes
+            }  # no device whose gateway is gone
             out.discard(nid)
         return out
 
@@ -447,7 +452,9 @@ class Compiler:
             dirty |= self._star_dependents()
         gateways = self._reinsert_gateways({n.via, old.via if old is not None else 0})
         delta = Delta()
-        self._repeer([n.id, *gateways], delta)
+        # a gateway coming back makes its devices reachable again: pairs of theirs, not of its own
+        returning = self._devices.get(n.id, set()) if old is None else set()
+        self._repeer([n.id, *gateways, *sorted(returning)], delta)
         self._refilter(dirty | gateways, delta)
         return delta
 
@@ -494,7 +501,7 @@ class Compiler:
             delta.removed.setdefault(a, set()).add(node_id)
         self._filters.pop(node_id, None)
         gateways = self._reinsert_gateways((old.via,))
-        self._repeer(gateways, delta)
+        self._repeer([*gateways, *sorted(self._devices.get(node_id, ()))], delta)  # its orphaned devices
         dirty.discard(node_id)
         self._refilter(dirty | gateways, delta)
         return delta

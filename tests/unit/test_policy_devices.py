@@ -146,7 +146,21 @@ def test_incremental_equals_full_with_devices(ops: list[tuple[str, int, str, tup
             assert delta.removed.get(n, set()) == old - after
             if n in filters_before and filters_before[n] != c.filter(n):
                 assert n in delta.filters
+            if c.nodes[n].via and c.nodes[n].via not in c.nodes:
+                assert after == set()  # its gateway is gone: nobody reaches it
             for p in after:
                 assert n in (c.peers(p) or set())  # symmetric
                 if c.nodes[p].via in c.nodes:
                     assert c.nodes[p].via in after or c.nodes[p].via == n  # a device's gateway comes along
+
+
+def test_a_device_whose_gateway_is_gone_is_reachable_again_when_it_returns() -> None:
+    c = Compiler(POLICY, [node(1, "alice"), node(2, "carol", ("tag:gw",)), node(3, "alice", (), via=2)])
+    assert c.peers(1) == {2, 3}
+    delta = c.remove(2)  # the gateway expired: its device stays, reachable by no one
+    assert delta.removed == {1: {2, 3}, 3: {1, 2}}
+    assert c.peers(3) == set()
+    assert c.peers(1) == set()
+    delta = c.upsert(node(2, "carol", ("tag:gw",)))
+    assert delta.added == {1: {2, 3}, 2: {1, 3}, 3: {1, 2}}
+    assert c.peers(3) == {1, 2}
