@@ -227,7 +227,9 @@ class Compiler:
                 if rule.src_selects(p):
                     self._src[i].add(n.id)
             for j, e in enumerate(rule.dst):
-                if _dst_selects(rule, e.sel, n, p) or self._device_prefixes(rule, e.sel, n.id, p):
+                if _dst_selects(rule, e.sel, n, p) or (
+                    n.id in self._devices and self._device_prefixes(rule, e.sel, n.id, p)
+                ):
                     self._dst[i][j].add(n.id)
 
     def _erase(self, n: NodeIdent) -> None:
@@ -399,14 +401,18 @@ class Compiler:
                     continue
                 net = e.sel.net if kind == "prefix" else None
                 own: list[str] = []
-                if e.sel.matches(p):  # not when selected only for its routes or devices
+                gateway = nid in self._devices
+                # an identity selector selected the node itself, unless it may have been for its devices;
+                # a prefix or "*" selector only when one of its own addresses is inside
+                if (kind not in ("all", "prefix", "internet") and not gateway) or e.sel.matches(p):
                     own = [
                         p
                         for a, p in zip(n.addrs, self._pfx[nid], strict=True)
                         if net is None or (a.version == net.version and a in net)
                     ]
                 own += _routed(rule, e.sel, n, p)
-                own += self._device_prefixes(rule, e.sel, nid, p)
+                if gateway:
+                    own += self._device_prefixes(rule, e.sel, nid, p)
                 dst = tuple((p, lo, hi) for p in own for lo, hi in e.ports)
                 if dst:
                     out.append(FRule(src, dst, tuple(rule.protos)))
