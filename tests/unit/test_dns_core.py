@@ -20,6 +20,8 @@ from ghostlink.dns_host import is_ours, parse_nameservers, render_resolv_conf, r
 from ghostlink.engine import NetMap
 from ghostlink.hostjournal import Journal, Origin, ResolvConfRecord, _parse
 from ghostmesh.changes import NodeAdded, NodeChanged
+from ghostmesh.config import DnsConfig
+from ghostmesh.dnsmap import dns_changes, dns_map
 from ghostmesh.mapper import Mapper
 from tests.unit.test_mesh_mapper import NOW, rec
 
@@ -39,6 +41,9 @@ DNS = pb.DnsConfig(
         pb.DnsRecord(name="loop2.example", type="CNAME", value="loop.example"),
     ],
 )
+
+
+RECORD = {"name": "db.mesh.example", "type": "A", "value": "100.64.9.9"}
 
 
 def node(i: int, name: str) -> pb.Node:
@@ -239,6 +244,74 @@ def test_mapper_sends_dns_in_full_maps_only() -> None:
     plain = Mapper(25)
     plain.load([NodeAdded(rec(1), False)], NOW)
     assert not plain.open_stream(1, 1).HasField("dns")
+
+
+def test_mapper_sends_changed_dns_once_in_every_streams_next_delta() -> None:
+    m = Mapper(25, dns=DNS)
+    m.load([NodeAdded(rec(i), False) for i in (1, 2, 3)], NOW)
+    for sid, nid in ((10, 1), (11, 2), (12, 3), (13, 3)):  # node 3 with a replaced stream still open
+        assert m.open_stream(sid, nid).dns == DNS
+    new = pb.DnsConfig()
+    new.CopyFrom(DNS)
+    new.extra_records.append(pb.DnsRecord(name="new.mesh.example", type="A", value="100.64.9.10"))
+    assert sorted(m.set_dns(new)) == [10, 11, 12, 13]
+    for sid in (10, 11, 12, 13):
+        delta = m.flush(sid)
+        assert delta is not None
+        assert (delta.full, delta.dns, list(delta.peers_upserted)) == (False, new, [])
+        assert m.flush(sid) is None  # exactly once
+    m.apply(NodeChanged(replace(rec(2), name="renamed"), True), NOW)
+    later = m.flush(10)
+    assert later is not None
+    assert not later.HasField("dns")  # not again with the next change
+    assert m.open_stream(14, 2).dns == new  # full maps carry the new settings
+
+
+def test_mapper_unchanged_dns_marks_no_stream() -> None:
+    m = Mapper(25, dns=DNS)
+    m.load([NodeAdded(rec(1), False), NodeAdded(rec(2), False)], NOW)
+    m.open_stream(10, 1)
+    same = pb.DnsConfig()
+    same.CopyFrom(DNS)
+    assert m.set_dns(same) == []
+    assert m.flush(10) is None
+    plain = Mapper(25)
+    plain.load([NodeAdded(rec(1), False)], NOW)
+    plain.open_stream(1, 1)
+    assert plain.set_dns(None) == []
+    assert plain.flush(1) is None
+
+
+def test_dns_removed_by_a_delta_and_added_by_one() -> None:
+    m = Mapper(25, dns=DNS)
+    m.load([NodeAdded(rec(1), False), NodeAdded(rec(2), False)], NOW)
+    nm = NetMap()
+    nm.apply(m.open_stream(10, 1))
+    assert nm.dns is not None
+    assert m.set_dns(None) == [10]
+    delta = m.flush(10)
+    assert delta is not None
+    assert delta.HasField("dns")
+    assert delta.dns == pb.DnsConfig()  # empty: the settings are gone
+    nm.apply(delta)
+    assert nm.dns is None
+    assert not m.open_stream(11, 2).HasField("dns")
+    m.set_dns(DNS)
+    back = m.flush(10)
+    assert back is not None
+    nm.apply(back)
+    assert nm.dns is not None
+    assert build_zone(nm).names.keys() == {"n1", "n2"}
+
+
+def test_dns_changes_name_the_keys_that_differ() -> None:
+    old = DnsConfig(magic_dns=True, base_domain="mesh.example", extra_records=[RECORD])
+    assert dns_changes(old, old) == []
+    same = DnsConfig(magic_dns=True, base_domain="Mesh.Example.", extra_records=[{**RECORD, "type": "a"}])
+    assert dns_changes(old, same) == []  # compared canonical
+    new = DnsConfig(magic_dns=True, base_domain="mesh.example", nameservers=["192.0.2.53"], split={})
+    assert dns_changes(old, new) == ["nameservers", "extra_records"]
+    assert dns_map(old) != dns_map(new)
 
 
 def test_netmap_keeps_dns_across_deltas_and_drops_it_with_a_full_map_without() -> None:
