@@ -12,9 +12,11 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 import pytest
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostctl.dns_cmds import query_name
 from ghostlink.dns_core import Answer, Forward, Zone, build_zone, resolve
 from ghostlink.dns_host import is_ours, parse_nameservers, render_resolv_conf, resolvectl_commands
 from ghostlink.engine import NetMap
@@ -104,6 +106,57 @@ def test_peers_absent_from_the_map_do_not_resolve_and_renames_do_at_once() -> No
     assert rcode(ask(zone, "beta.mesh.example")) == "NXDOMAIN"
     nm.apply(pb.MapUpdate(serial=3, peers_removed=[2]))
     assert rcode(ask(build_zone(nm), "renamed.mesh.example")) == "NXDOMAIN"
+
+
+def reverse(addr: str) -> str:
+    return dns.reversename.from_address(addr).to_text()
+
+
+def test_ptr_names_this_node_and_its_peers() -> None:
+    zone = build_zone(netmap())
+    assert answers(ask(zone, reverse("100.64.0.1"), "PTR")) == ["alpha.mesh.example."]
+    assert answers(ask(zone, reverse("100.64.0.2"), "PTR")) == ["beta.mesh.example."]
+    six = reverse("fd7a:115c:a1e0::2")
+    assert six.endswith(".ip6.arpa.")
+    assert six.count(".") == 34  # 32 nibbles
+    assert answers(ask(zone, six, "PTR")) == ["beta.mesh.example."]
+    assert answers(ask(zone, six.upper(), "PTR")) == ["beta.mesh.example."]
+    d = ask(zone, reverse("100.64.0.2"), "PTR")
+    assert isinstance(d, Answer)
+    assert d.response.flags & dns.flags.AA
+    assert d.response.answer[0].ttl == 10
+    assert rcode(ask(zone, reverse("100.64.0.2"), "A")) == "NOERROR"  # NODATA: the name exists
+    assert answers(ask(zone, reverse("100.64.0.2"), "A")) == []
+
+
+def test_ptr_of_an_overlay_address_not_in_the_map_is_nxdomain_never_forwarded() -> None:
+    zone = build_zone(netmap())  # peer 3 is hidden from this node (or does not exist)
+    for addr in ("100.64.0.3", "fd7a:115c:a1e0::3", "100.127.255.254"):
+        assert rcode(ask(zone, reverse(addr), "PTR")) == "NXDOMAIN"
+
+
+def test_other_reverse_names_are_forwarded() -> None:
+    zone = build_zone(netmap())
+    upstream = Forward((("192.0.2.53", 53),))
+    assert ask(zone, reverse("192.0.2.7"), "PTR") == upstream  # not the overlay
+    assert ask(zone, reverse("2001:db8::1"), "PTR") == upstream
+    assert ask(zone, "64.100.in-addr.arpa", "PTR") == upstream  # a zone, not one address
+    assert ask(zone, "x.2.0.64.100.in-addr.arpa", "PTR") == upstream
+    off = pb.DnsConfig()
+    off.CopyFrom(DNS)
+    off.magic_dns = False
+    assert build_zone(netmap(off)).reverse == {}
+    assert ask(build_zone(netmap(off)), reverse("100.64.0.2"), "PTR") == upstream  # MagicDNS off: as before
+
+
+def test_ghostctl_asks_an_address_as_its_reverse_name_for_ptr() -> None:
+    ptr, a = dns.rdatatype.PTR, dns.rdatatype.A
+    assert query_name("100.64.0.2", ptr) == "2.0.64.100.in-addr.arpa."
+    assert query_name("FD7A:115C:A1E0:0::2", ptr) == reverse("fd7a:115c:a1e0::2")
+    assert query_name("2.0.64.100.in-addr.arpa", ptr) == "2.0.64.100.in-addr.arpa"  # a name: as given
+    assert query_name("100.64.0.2", a) == "100.64.0.2"
+    zone = build_zone(netmap())
+    assert answers(ask(zone, query_name("100.64.0.2", ptr), "PTR")) == ["beta.mesh.example."]
 
 
 def test_extra_records_and_cnames() -> None:
