@@ -59,7 +59,7 @@ class ConfigReloader:
             return ""
         try:
             cfg = self._load()
-        except GhostError as exc:
+        except (GhostError, OSError) as exc:  # OSError: a path the loader does not expect (a directory)
             return self._count("refused", "config reload refused, nothing changed: %s", exc)
         restart = [
             f.name
