@@ -56,6 +56,26 @@ OVERLAY = (ipaddress.ip_network(DEFAULT_IPV4_PREFIX), ipaddress.ip_network(DEFAU
 _REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
 
 
+def _reverse_zones(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[str, ...]:
+    """The reverse zones that cover ``net`` exactly at a label boundary (an octet for IPv4, a nibble
+    for IPv6; RFC 1035 section 3.5, RFC 3596 section 2.5): 100.64.0.0/10 is the 64 zones
+    ``64.100.in-addr.arpa`` ... ``127.100.in-addr.arpa``."""
+    step = 8 if net.version == 4 else 4
+    bits = -(-net.prefixlen // step) * step  # rounded up to a whole label
+    out = []
+    for sub in net.subnets(new_prefix=bits):
+        if net.version == 4:
+            labels = str(sub.network_address).split(".")[: bits // 8]
+            out.append(".".join(reversed(labels)) + ".in-addr.arpa")
+        else:
+            nibbles = sub.network_address.exploded.replace(":", "")[: bits // 4]
+            out.append(".".join(reversed(nibbles)) + ".ip6.arpa")
+    return tuple(out)
+
+
+OVERLAY_REVERSE_ZONES = tuple(z for net in OVERLAY for z in _reverse_zones(net))
+
+
 @dataclass(frozen=True)
 class Zone:
     """Everything the resolver answers from or forwards to, for one map."""
@@ -81,10 +101,12 @@ class Zone:
         return "map" if self.nameservers else "host" if self.fallback else "none"
 
     def routing_domains(self) -> tuple[str, ...]:
-        """The domains the host should send to this resolver (systemd-resolved's ``~domain``s)."""
+        """The domains the host should send to this resolver (systemd-resolved's ``~domain``s); with
+        MagicDNS the overlay's reverse zones too, so the host's reverse lookups of peers reach it."""
         own = (self.base_domain,) if self.magic_dns and self.base_domain else ()
         domains = (*own, *(d for d, _ in self.split))
-        return (*domains, *(r for r in self.records if not any(in_domain(r, d) for d in domains)))
+        extra = (r for r in self.records if not any(in_domain(r, d) for d in domains))
+        return (*domains, *extra, *(OVERLAY_REVERSE_ZONES if own else ()))
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,7 @@ def test_other_reverse_names_are_forwarded() -> None:
     off.CopyFrom(DNS)
     off.magic_dns = False
     assert build_zone(netmap(off)).reverse == {}
+    assert not any(d.endswith(".arpa") for d in build_zone(netmap(off)).routing_domains())
     assert ask(build_zone(netmap(off)), reverse("100.64.0.2"), "PTR") == upstream  # MagicDNS off: as before
 
 
@@ -252,6 +253,8 @@ def test_search_and_routing_domains() -> None:
         "~lab.corp.example",
         "~loop.example",
         "~loop2.example",
+        *(f"~{i}.100.in-addr.arpa" for i in range(64, 128)),  # 100.64.0.0/10: reverse lookups of peers
+        "~0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa",  # fd7a:115c:a1e0::/48
         "~.",
     ]
     assert cmds[2] == ["resolvectl", "default-route", "ghost0", "yes"]
