@@ -6,9 +6,11 @@
                                search domains, the listen addresses, how the host is pointed at it
                                (resolv.conf or systemd-resolved) and query counters.
 ``ghostctl dns query NAME``    asks the resolver itself (UDP, then TCP if the answer is truncated), as any
-                               program on the node would: ``--type`` A (default), AAAA, CNAME, ...;
-                               ``--resolver IP[:PORT]`` (default 100.100.100.100). Exit 0 with an answer,
-                               4 for NXDOMAIN or no data, 5 when the resolver does not answer.
+                               program on the node would: ``--type`` A (default), AAAA, CNAME, PTR, ...;
+                               with ``--type PTR`` an IP address as NAME is asked as its reverse name
+                               (``dig -x``); ``--resolver IP[:PORT]`` (default 100.100.100.100). Exit 0
+                               with an answer, 4 for NXDOMAIN or no data, 5 when the resolver does not
+                               answer.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import dns.exception
 import dns.flags
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 
-from ghostcore.addr import AddressError, HostPort, format_endpoint, parse_endpoint
+from ghostcore.addr import AddressError, HostPort, format_endpoint, normalize_ip, parse_endpoint
 from ghostcore.dnsname import RESOLVER_V4, normalize_server
 from ghostcore.errors import InvalidArgument, NotFound, Unavailable
 from ghostcore.pb.ghostmesh.v1 import local_pb2
@@ -58,7 +61,9 @@ def register(
     s = dsub.add_parser("status", parents=[common], help="what this node's resolver serves")
     s.set_defaults(func=run_status)
     q = dsub.add_parser("query", parents=[common], help="ask this node's resolver for NAME")
-    q.add_argument("name", help="e.g. peer1, peer1.mesh.example, intranet.corp.example")
+    q.add_argument(
+        "name", help="e.g. peer1, peer1.mesh.example, intranet.corp.example; with --type PTR an IP address"
+    )
     q.add_argument("--type", dest="rdtype", type=_rdtype, default=dns.rdatatype.A, help="record type (A)")
     q.add_argument(
         "--resolver",
@@ -117,6 +122,18 @@ def run_status(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def query_name(name: str, rdtype: dns.rdatatype.RdataType) -> str:
+    """The name to ask: for a PTR query an IP address becomes its reverse name (as ``dig -x`` does);
+    anything else as given."""
+    if rdtype == dns.rdatatype.PTR:
+        try:
+            ip = normalize_ip(name)
+        except AddressError:
+            return name
+        return dns.reversename.from_address(ip).to_text()
+    return name
+
+
 def ask(name: str, rdtype: dns.rdatatype.RdataType, resolver: HostPort) -> dns.message.Message:
     # Imported here: dnspython's query module loads its DNS-over-QUIC support (aioquic, trio), a
     # fifth of a second that every other ghostctl command would pay at start.
@@ -167,11 +184,12 @@ def render_answer(doc: Any) -> str:
 
 
 def run_query(ctx: Context, args: argparse.Namespace) -> int:
-    response = ask(args.name, args.rdtype, args.resolver)
-    doc = answer_doc(args.name, args.rdtype, args.resolver, response)
+    name = query_name(args.name, args.rdtype)
+    response = ask(name, args.rdtype, args.resolver)
+    doc = answer_doc(name, args.rdtype, args.resolver, response)
     ctx.emit(doc, lambda: render_answer(doc))
     if doc["answers"]:
         return 0
     if response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-        raise NotFound(f"{args.name}: {doc['rcode']}, no {doc['type']} record")
-    raise Unavailable(f"{args.name}: the resolver answered {doc['rcode']}")
+        raise NotFound(f"{name}: {doc['rcode']}, no {doc['type']} record")
+    raise Unavailable(f"{name}: the resolver answered {doc['rcode']}")

@@ -15,8 +15,14 @@ What is answered (:func:`resolve`), in order:
    DNS). A node name without an address of the asked type, or any other type, is NODATA (NOERROR, no
    answer); every other name in the base domain is NXDOMAIN, authoritatively. A bare ``<node>`` (one
    label, as a stub sends it without its search list) is answered the same way;
-4. a name in a split domain (the longest matching domain wins): forwarded to that domain's servers;
-5. everything else: forwarded to the map's nameservers, or without those to the host's previous
+4. with MagicDNS, a reverse name (``in-addr.arpa``, RFC 1035 section 3.5; ``ip6.arpa`` in nibble format,
+   RFC 3596 section 2.5) of an address of this node or a peer in its map: PTR ``<node>.<base_domain>.``
+   (other types NODATA). The reverse name of another overlay address (:data:`OVERLAY`: a peer the
+   policy hides, an address nobody has) is NXDOMAIN, authoritatively: the resolver never asks upstream,
+   so a hidden peer's name cannot leak. Every other reverse name (and a partial one, a zone rather than
+   an address) goes on to the next steps as any name. dnspython's ``dns.reversename`` reads the names;
+5. a name in a split domain (the longest matching domain wins): forwarded to that domain's servers;
+6. everything else: forwarded to the map's nameservers, or without those to the host's previous
    upstreams (what resolv.conf named before ghostlink replaced it); none at all: REFUSED.
 
 Answers are short-lived (``TTL`` seconds) so a rename or a peer that left is not remembered for long; the
@@ -32,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from ghostcore.addr import AddressError, HostPort, format_endpoint, parse_ip
 from ghostcore.dnsname import DomainError, in_domain, node_label, parse_domain, parse_server
+from ghostcore.ipalloc import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX
 from ghostlink.engine import NetMap, NodeInfo
 
 if TYPE_CHECKING:
@@ -42,6 +49,31 @@ if TYPE_CHECKING:
 
 TTL = 10  # seconds; short: renames and removals must not linger in caches
 _TYPES = {"A": 1, "AAAA": 28, "CNAME": 5}  # the record types' numbers (RFC 1035 section 3.2.2, RFC 3596)
+# The overlay ranges ghostlink knows (ghostcore.ipalloc's defaults, as ghostlink.net's): the reverse name of
+# an address in them that the map does not give is NXDOMAIN here, never a question for an upstream. A mesh
+# numbered elsewhere (network.ipv4_prefix) still gets its nodes' PTRs; unknown addresses are forwarded.
+OVERLAY = (ipaddress.ip_network(DEFAULT_IPV4_PREFIX), ipaddress.ip_network(DEFAULT_IPV6_PREFIX))
+_REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
+
+
+def _reverse_zones(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[str, ...]:
+    """The reverse zones that cover ``net`` exactly at a label boundary (an octet for IPv4, a nibble
+    for IPv6; RFC 1035 section 3.5, RFC 3596 section 2.5): 100.64.0.0/10 is the 64 zones
+    ``64.100.in-addr.arpa`` ... ``127.100.in-addr.arpa``."""
+    step = 8 if net.version == 4 else 4
+    bits = -(-net.prefixlen // step) * step  # rounded up to a whole label
+    out = []
+    for sub in net.subnets(new_prefix=bits):
+        if net.version == 4:
+            labels = str(sub.network_address).split(".")[: bits // 8]
+            out.append(".".join(reversed(labels)) + ".in-addr.arpa")
+        else:
+            nibbles = sub.network_address.exploded.replace(":", "")[: bits // 4]
+            out.append(".".join(reversed(nibbles)) + ".ip6.arpa")
+    return tuple(out)
+
+
+OVERLAY_REVERSE_ZONES = tuple(z for net in OVERLAY for z in _reverse_zones(net))
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,7 @@ class Zone:
     magic_dns: bool = False
     base_domain: str = ""
     names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node label -> overlay addresses
+    reverse: dict[str, str] = field(default_factory=dict)  # overlay address -> "<node>.<base_domain>"
     records: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # name -> (type, value)
     split: tuple[tuple[str, tuple[HostPort, ...]], ...] = ()  # longest domain first
     nameservers: tuple[HostPort, ...] = ()  # from the map
@@ -68,10 +101,12 @@ class Zone:
         return "map" if self.nameservers else "host" if self.fallback else "none"
 
     def routing_domains(self) -> tuple[str, ...]:
-        """The domains the host should send to this resolver (systemd-resolved's ``~domain``s)."""
+        """The domains the host should send to this resolver (systemd-resolved's ``~domain``s); with
+        MagicDNS the overlay's reverse zones too, so the host's reverse lookups of peers reach it."""
         own = (self.base_domain,) if self.magic_dns and self.base_domain else ()
         domains = (*own, *(d for d, _ in self.split))
-        return (*domains, *(r for r in self.records if not any(in_domain(r, d) for d in domains)))
+        extra = (r for r in self.records if not any(in_domain(r, d) for d in domains))
+        return (*domains, *extra, *(OVERLAY_REVERSE_ZONES if own else ()))
 
 
 @dataclass(frozen=True)
@@ -164,6 +199,10 @@ def build_zone(nm: NetMap, fallback: tuple[HostPort, ...] = ()) -> Zone:
     if d.magic_dns and base:
         me = [nm.self_node] if nm.self_node is not None else []
         names = _node_names(me + [nm.peers[k] for k in sorted(nm.peers)], refused)
+    reverse: dict[str, str] = {}
+    for label, addrs in names.items():  # this node first: its name wins an address clash
+        for a in addrs:
+            reverse.setdefault(a, f"{label}.{base}")
     split = []
     for domain, servers in d.split:
         try:
@@ -183,6 +222,7 @@ def build_zone(nm: NetMap, fallback: tuple[HostPort, ...] = ()) -> Zone:
         magic_dns=d.magic_dns and bool(base),
         base_domain=base,
         names=names,
+        reverse=reverse,
         records=_records(d.extra_records, refused),
         split=tuple(split),
         nameservers=_servers(d.nameservers, "nameservers", refused),
@@ -265,6 +305,44 @@ def _lookup(
     return []
 
 
+def _reverse_address(qname: dns.name.Name) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The one address ``qname`` is the reverse name of, or None (not a reverse name, or a partial one:
+    a zone of many addresses). dnspython reads both zones' formats."""
+    import dns.exception  # noqa: PLC0415
+    import dns.reversename  # noqa: PLC0415
+
+    try:
+        return ipaddress.ip_address(dns.reversename.to_address(qname))
+    except (dns.exception.SyntaxError, ValueError):
+        return None
+
+
+def _reverse(zone: Zone, query: dns.message.Message) -> Answer | None:
+    """The answer to a reverse query this node is the authority for (step 4 of the module docstring):
+    an address the map gives (PTR, or NODATA for another type) or another overlay address (NXDOMAIN);
+    None: the name goes on like any other."""
+    import dns.rcode  # noqa: PLC0415
+    import dns.rdataclass  # noqa: PLC0415
+    import dns.rdatatype  # noqa: PLC0415
+    import dns.rrset  # noqa: PLC0415
+
+    q = query.question[0]
+    addr = _reverse_address(q.name)
+    if addr is None:
+        return None
+    fqdn = zone.reverse.get(str(addr))
+    if fqdn is None:
+        if any(addr in net for net in OVERLAY):  # hidden by the policy, or nobody's: not to be asked about
+            return Answer(_reply(query, dns.rcode.NXDOMAIN, authoritative=True))
+        return None
+    response = _reply(query, dns.rcode.NOERROR, authoritative=True)
+    if q.rdtype == dns.rdatatype.PTR:
+        response.answer.append(
+            dns.rrset.from_text(q.name, TTL, dns.rdataclass.IN, dns.rdatatype.PTR, fqdn + ".")
+        )
+    return Answer(response)
+
+
 def resolve(zone: Zone, query: dns.message.Message) -> Answer | Forward:
     """The answer to ``query``, or where to forward it (see the module docstring for the order)."""
     import dns.opcode  # noqa: PLC0415
@@ -286,6 +364,10 @@ def resolve(zone: Zone, query: dns.message.Message) -> Answer | Forward:
         return Answer(response)
     if zone.magic_dns and in_domain(name, zone.base_domain):
         return Answer(_reply(query, dns.rcode.NXDOMAIN, authoritative=True))
+    if zone.magic_dns and any(in_domain(name, z) for z in _REVERSE_ZONES):
+        reverse = _reverse(zone, query)
+        if reverse is not None:
+            return reverse
     for domain, servers in zone.split:
         if in_domain(name, domain):
             if not servers:

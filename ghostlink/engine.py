@@ -211,7 +211,8 @@ class NetMap:
         if update.HasField("lock"):
             self.lock_log = tuple(update.lock.updates)
         if update.HasField("dns"):
-            self.dns = DnsInfo.from_pb(update.dns)
+            # an empty one (a delta after the server's settings were removed): no DNS settings any more
+            self.dns = DnsInfo.from_pb(update.dns) if update.dns.ListFields() else None
         self.serial = update.serial
 
 

@@ -8,8 +8,10 @@
 ``config check`` also loads the ``acl_file`` and a configured ``[tls]`` certificate and key, as a start
 would. Flags override the file and ``GHOSTMESH_*`` environment variables. Any GhostError at startup prints
 ``ghostmesh: <message>`` to stderr and exits 1, without a traceback. SIGTERM / SIGINT stop gracefully
-(streams closed, database closed). A change the database could not commit after the state took it in
-(:meth:`ghostmesh.hub.Hub.break_down`) stops the server the same way, then prints why and exits 1.
+(streams closed, database closed). SIGHUP re-reads the config file and applies its ``[dns]`` to running
+nodes as map deltas; other changed tables need a restart (:mod:`ghostmesh.reload`). A change the database
+could not commit after the state took it in (:meth:`ghostmesh.hub.Hub.break_down`) stops the server the
+same way, then prints why and exits 1.
 uvloop is used when installed.
 """
 
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ghostcore import aio
@@ -27,7 +31,7 @@ from ghostcore.errors import GhostError, Unavailable
 from ghostcore.logsetup import configure
 from ghostmesh.config import MeshConfig, load_config
 from ghostmesh.policy_source import read_policy_file
-from ghostmesh.server import start_server
+from ghostmesh.server import RunningServer, start_server
 from ghostmesh.tls import load_identity
 
 log = logging.getLogger("ghostmesh")
@@ -48,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(cfg: MeshConfig) -> None:
-    running = await start_server(cfg)
+async def _serve(cfg: MeshConfig, reload: Callable[[], MeshConfig] | None) -> None:
+    running = await start_server(cfg, reload=reload)
     print(
         f"ghostmesh: listening on {running.host}:{running.port} (TLS, key pin {running.tls_pin}) "
         f"admin socket {running.admin_socket}",
@@ -65,7 +69,7 @@ async def _serve(cfg: MeshConfig) -> None:
         )
     if running.console is not None:
         print(f"ghostmesh: web console on {running.console.url}/", file=sys.stderr, flush=True)
-    with aio.stop_on_signals() as stop:
+    with aio.stop_on_signals() as stop, _reload_on_sighup(running):
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.hub.broken.wait())]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -79,6 +83,28 @@ async def _serve(cfg: MeshConfig) -> None:
             f"stopped: {running.hub.broken_reason}; start ghostmesh again (the database holds every change "
             "committed before)"
         )
+
+
+@contextlib.contextmanager
+def _reload_on_sighup(running: RunningServer) -> Iterator[None]:
+    """SIGHUP re-reads the config file (:mod:`ghostmesh.reload`) for as long as the server runs."""
+    reloader = running.reloader
+    if reloader is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_hup() -> None:
+        try:
+            reloader.reload()
+        except Exception:  # a reload must never take the server down
+            log.exception("config reload failed")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         cfg = load_config(args.config, flags=flags)
         configure(cfg.log.level, cfg.log.format)
-        aio.run(_serve(cfg))
+        path = args.config
+        aio.run(_serve(cfg, None if path is None else lambda: load_config(path, flags=flags)))
         return 0
     except GhostError as err:
         print(f"ghostmesh: {err}", file=sys.stderr)

@@ -63,6 +63,7 @@ ROUTE_WITHDRAW = "route.withdraw"  # a node stopped advertising
 LOCK_UPDATE = "lock.update"  # a signed update appended to the node-key signing log (target "lock")
 DEVICE_ADD = "device.add"  # a device behind a gateway node (removed as any node: node.delete)
 NODE_SIGN = "node.sign"  # a signature stored for a node's key (or its pending key)
+DNS_UPDATE = "dns.update"  # a config reload changed [dns] (actor system, target "dns", detail: the keys)
 AUTH_FAILED = "auth.failed"  # one source's failed authentications in one window (actor system)
 AUDIT_COALESCED = "audit.coalesced"  # a node's route rows beyond the limit in one window, by action
 AUDIT_PRUNE = auditchain.PRUNE_ACTION  # entries older than audit.retention removed (actor system)

@@ -35,7 +35,8 @@ Other folds of the same records (the relay roster, :mod:`ghostmesh.api.relaycont
 :meth:`Hub.add_listener`: each gets every committed batch, after the mapper, with the time.
 
 ``Hub.set_policy(policy)`` is how the policy's owner (:class:`ghostmesh.policy_source.PolicySource`)
-hands a new policy to the mapper: it wakes the streams whose peers or filter changed.
+hands a new policy to the mapper: it wakes the streams whose peers or filter changed. ``Hub.set_dns(dns)``
+is how a config reload (:mod:`ghostmesh.reload`) hands it new DNS settings: every stream, once.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from ghostcore.errors import Unavailable
 from ghostcore.latency import Buckets
+from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
 from ghostcore.policy import Policy
 from ghostmesh import audit
 from ghostmesh.audit import Auditor
@@ -195,6 +197,13 @@ class Hub:
         self.policy_compiles += 1
         self.policy_compile_seconds = time.perf_counter() - started
         self.wake(woken)
+
+    def set_dns(self, dns: pb.DnsConfig | None) -> int:
+        """Hand the mapper new DNS settings (None: none); wake every stream if they changed. Returns how
+        many streams were woken (0: the settings were the same)."""
+        woken = self.mapper.set_dns(dns)
+        self.wake(woken)
+        return len(woken)
 
     @property
     def started(self) -> bool:

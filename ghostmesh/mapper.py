@@ -47,11 +47,13 @@ accepted update). A non-empty log rides whole in every full map; when it grows, 
 and gets it in its next delta: O(sessions) once, for a change an admin makes rarely. The mapper checks no
 signature: nodes verify them against the log themselves, which ghostmesh cannot forge.
 
-DNS settings (:mod:`ghostmesh.dnsmap`): the same for every node and fixed while the server runs (they
-come from the config file), so they ride in every full map and never in a delta; a restart with other
-settings reaches nodes in the full map of their new stream.
+DNS settings (:mod:`ghostmesh.dnsmap`): the same for every node; they ride whole in every full map. The
+server re-reads them from its config file on SIGHUP (:mod:`ghostmesh.reload`) and hands a changed set to
+:meth:`Mapper.set_dns`, which, like a grown lock log, marks every session: each stream's next delta
+carries ``dns`` once, whole (an empty ``DnsConfig`` when the settings are gone, which ghostlink reads as
+"no DNS settings"). Unchanged settings mark nothing.
 
-Why one module of about 490 lines: sessions, their pending deltas and the cached encodings they share
+Why one module of about 510 lines: sessions, their pending deltas and the cached encodings they share
 are one state with one owner; the policy compiler and the relay minter already live apart.
 """
 
@@ -174,6 +176,7 @@ class Session:
     relay_dirty: bool = False  # the relay map is to be re-minted and sent on the next flush
     relay_refresh_at: float = 0.0  # when its current relay credentials are due for re-minting
     lock_dirty: bool = False  # the lock log grew: it is sent whole on the next flush
+    dns_dirty: bool = False  # the DNS settings changed: they are sent whole on the next flush
 
     @property
     def dirty(self) -> bool:
@@ -184,6 +187,7 @@ class Session:
             or self.filter_dirty
             or self.relay_dirty
             or self.lock_dirty
+            or self.dns_dirty
         )
 
 
@@ -435,6 +439,16 @@ class Mapper:
             s.lock_dirty = True
         return list(self._sessions)
 
+    def set_dns(self, dns: pb.DnsConfig | None) -> list[int]:
+        """New DNS settings (None: none); returns the streams to wake: every one when they changed, none
+        when they are the same as before (a reload that changed nothing sends nothing)."""
+        if dns == self.dns:
+            return []
+        self.dns = dns
+        for s in self._sessions.values():
+            s.dns_dirty = True
+        return list(self._sessions)
+
     def _remove(self, change: NodeChange, node_id: int, reason: RemovalReason) -> list[int]:
         if self._view.pop(node_id, None) is None:
             return []
@@ -486,6 +500,11 @@ class Mapper:
             s.relay_dirty = False
         if s.lock_dirty and self._lock is not None:
             head.lock.CopyFrom(self._lock)
+        if s.dns_dirty:
+            # present even when empty: an empty DnsConfig in a delta says the settings are gone
+            head.dns.SetInParent()
+            if self.dns is not None:
+                head.dns.CopyFrom(self.dns)
         head.peers_removed.extend(sorted(s.removed))
         data = head.SerializeToString() + b"".join(s.upserts.values())
         s.upserts = {}
@@ -494,4 +513,5 @@ class Mapper:
         s.self_dirty = False
         s.filter_dirty = False
         s.lock_dirty = False
+        s.dns_dirty = False
         return data

@@ -1,6 +1,6 @@
 """ghostmesh's Prometheus metrics and readiness, read at scrape time from what the server already holds:
 the registry (nodes by state), the hub (open map streams, policy compiles, change -> fan-out latency
-buckets), the mapper's work counters
+buckets), the config reloads by result, the mapper's work counters
 (maps and deltas sent, their bytes), the limits' refusal counters, the call guard's calls by method and the
 audit log's last sequence number.
 
@@ -25,12 +25,15 @@ from prometheus_client.metrics_core import (
 from ghostcore.metrics_http import FuncCollector
 from ghostmesh.api.guard import CallGuard
 from ghostmesh.hub import Hub
+from ghostmesh.reload import ConfigReloader
 from ghostmesh.store.base import Store
 
 NODE_STATES = ("online", "offline", "expired")
 
 
-def collect(hub: Hub, store: Store, guard: CallGuard | None) -> Iterable[Metric]:
+def collect(
+    hub: Hub, store: Store, guard: CallGuard | None, reloader: ConfigReloader | None = None
+) -> Iterable[Metric]:
     """The metric families of one running ghostmesh."""
     now = hub.now()
     state = hub.state
@@ -86,16 +89,27 @@ def collect(hub: Hub, store: Store, guard: CallGuard | None) -> Iterable[Metric]
             failures.add_metric([method], value)
         yield calls
         yield failures
+    if reloader is not None:
+        reloads = CounterMetricFamily(
+            "ghostmesh_config_reloads",
+            "Config file reloads (SIGHUP) by result: applied, unchanged, refused",
+            labels=["result"],
+        )
+        for result, value in reloader.counts.items():
+            reloads.add_metric([result], value)
+        yield reloads
     last = store.last_audit()
     audit = CounterMetricFamily("ghostmesh_audit_entries", "Audit log entries written (the last sequence)")
     audit.add_metric([], last.seq if last is not None else 0)
     yield audit
 
 
-def registry(hub: Hub, store: Store, guard: CallGuard | None) -> CollectorRegistry:
+def registry(
+    hub: Hub, store: Store, guard: CallGuard | None, reloader: ConfigReloader | None = None
+) -> CollectorRegistry:
     """A registry of its own (never the process-wide default) reading this server at each scrape."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(FuncCollector(lambda: collect(hub, store, guard)))
+    reg.register(FuncCollector(lambda: collect(hub, store, guard, reloader)))
     return reg
 
 

@@ -35,7 +35,9 @@ policy's owner. The server's private keys are files in ``server.state_dir`` (:mo
 whichever the database; so is its self-signed TLS certificate unless ``database.path`` puts the SQLite
 file elsewhere.
 
-``start_server(cfg)`` is also the programmatic entry used by in-process tests.
+``start_server(cfg)`` is also the programmatic entry used by in-process tests. Its ``reload`` (how to load
+the config file again) gives the server a :class:`~ghostmesh.reload.ConfigReloader`, which
+:mod:`ghostmesh.app` calls on SIGHUP: ``[dns]`` changes reach running nodes as map deltas.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ from ghostmesh.limits import Limits, open_files_needed, open_files_plan
 from ghostmesh.mapper import Mapper
 from ghostmesh.policy_source import LoadedPolicy, PolicySource, load_policy
 from ghostmesh.relaymap import RelayMinter
+from ghostmesh.reload import ConfigReloader
 from ghostmesh.state import State, StateConfig
 from ghostmesh.store.sql import SqlStore
 from ghostmesh.store.sqlite import SqliteStore
@@ -239,6 +242,7 @@ class RunningServer:
     guard: CallGuard | None = None  # the interceptor counting calls by method (metrics)
     metrics: MetricsServer | None = None  # [metrics] listen set: /metrics, /healthz, /readyz
     console: ConsoleServer | None = None  # [console] listen set: the web admin console
+    reloader: ConfigReloader | None = None  # re-reads [dns] from the config file (SIGHUP, ghostmesh.app)
     _stopped: bool = False
 
     @property
@@ -272,14 +276,14 @@ class RunningServer:
 
 
 async def _start_metrics(
-    cfg: MeshConfig, hub: Hub, store: SqlStore, guard: CallGuard
+    cfg: MeshConfig, hub: Hub, store: SqlStore, guard: CallGuard, reloader: ConfigReloader
 ) -> MetricsServer | None:
     """``[metrics]``: the listener, or None when ``metrics.listen`` is empty (ready once the hub runs)."""
     if not cfg.metrics.listen:
         return None
     return await start_metrics(
         cfg.metrics.listen,
-        metrics.registry(hub, store, guard),
+        metrics.registry(hub, store, guard, reloader),
         lambda: metrics.ready(hub),
     )
 
@@ -347,9 +351,10 @@ async def _start_http(
     admin: AdminServicer,
     *,
     provider: OidcProvider | None,
+    reloader: ConfigReloader,
 ) -> tuple[MetricsServer | None, ConsoleServer | None]:
     """The HTTP listeners (metrics, console); a port that cannot be bound closes what was started."""
-    served = await _start_metrics(cfg, hub, store, guard)
+    served = await _start_metrics(cfg, hub, store, guard, reloader)
     try:
         return served, await _start_console(cfg, admin, provider)
     except BaseException:
@@ -358,8 +363,16 @@ async def _start_http(
         raise
 
 
-async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.time) -> RunningServer:
-    """Open the store, load state, listen on ``server.bind`` (TLS) and ``server.admin_socket``, and serve."""
+async def start_server(
+    cfg: MeshConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    reload: Callable[[], MeshConfig] | None = None,
+) -> RunningServer:
+    """Open the store, load state, listen on ``server.bind`` (TLS) and ``server.admin_socket``, and serve.
+
+    ``reload`` loads the config file again as ``cfg`` was loaded (None: there is no file): what
+    :attr:`RunningServer.reloader` re-reads ``[dns]`` with."""
     host, port = parse_hostport(cfg.server.bind, "server.bind")
     relay_secret = cfg.relay.secret_bytes()  # None: no relay regions; regions without a secret: refused
     relay = None if relay_secret is None else RelayMinter.from_config(cfg.relay, relay_secret)
@@ -381,6 +394,7 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         audit_key = load_audit_key(store, state_dir, cfg.audit.key_file)
         hub, loaded = _build_hub(cfg, store, audit_key=audit_key, relay=relay, clock=clock)
         policy = PolicySource(store, hub, loaded)
+        reloader = ConfigReloader(hub, cfg, reload)
         provider, oidc = await _start_oidc(cfg, hub, clock)
         server = grpc.aio.server(interceptors=[guard := CallGuard(hub)], options=server_options(cfg))
         add_coordination_to_server(CoordinationServicer(hub, server_key, policy, oidc), server)
@@ -398,7 +412,9 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
             add_relay_control(relay_control, server)
         bound = _add_tls_port(server, host, port, cfg.server.bind, tls)
         # before serving: a port it cannot bind stops the start with nothing to undo
-        served, console = await _start_http(cfg, hub, store, guard, admin, provider=provider)
+        served, console = await _start_http(
+            cfg, hub, store, guard, admin, provider=provider, reloader=reloader
+        )
         with umask(0o177):  # the socket file is born 0600: no window where others could connect
             try:
                 server.add_insecure_port(f"unix:{admin_path}")
@@ -436,4 +452,5 @@ async def start_server(cfg: MeshConfig, *, clock: Callable[[], float] = time.tim
         guard=guard,
         metrics=served,
         console=console,
+        reloader=reloader,
     )

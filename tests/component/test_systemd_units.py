@@ -87,6 +87,7 @@ def test_ghostmesh_has_no_capability_and_its_own_user() -> None:
     assert d["User"] == ["ghostmesh"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert d["ExecStart"] == ["/usr/local/bin/ghostmesh --config /etc/ghostmesh/ghostmesh.toml"]
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP re-reads [dns]
     assert "~@privileged" in d["SystemCallFilter"]
     # the open-file limit is raised with setrlimit: the filter must not forbid it
     assert not any("@resources" in f for f in d["SystemCallFilter"] if f.startswith("~"))

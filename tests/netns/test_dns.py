@@ -2,7 +2,9 @@
 names from its map, the node's resolv.conf points at it (so ``getent`` finds peers by bare name), a rename
 resolves within a second, a peer the policy hides does not resolve, and resolv.conf comes back after a
 clean stop and after a SIGKILL once ``ghostlink run`` starts again. A split domain is answered by a DNS
-server on a LAN behind a subnet router, reached through the mesh.
+server on a LAN behind a subnet router, reached through the mesh. Reverse lookups (PTR) name the nodes a
+node sees and nothing else. A record added to ghostmesh's config file resolves on a running node within
+2 s of a SIGHUP to ghostmesh, without a reconnect; a bad file changes nothing.
 
 Topology (as test_routes_subnet): ghostmesh on pub (192.0.2.0/24); a1 (``--accept-routes``), a2 (user
 alice), c1 (user carol) and the subnet router r1 (user ops) on lan_a (198.51.100.0/24). The "site" LAN
@@ -15,11 +17,13 @@ from outside the namespace, at that path.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.reversename
 import pytest
 
 from lab import Proc, lab_for
@@ -195,6 +199,21 @@ def test_dns_status_and_query_through_ghostctl(mesh: Mesh, nodes: dict[str, Node
     assert cp.returncode == 4, cp.stdout + cp.stderr  # not found: NXDOMAIN
 
 
+def test_reverse_lookups_name_visible_nodes_only(mesh: Mesh, nodes: dict[str, Node]) -> None:
+    a1, a2, c1 = nodes["a1"], nodes["a2"], nodes["c1"]
+    for addr in a2.addresses(mesh):
+        assert dig(a1, dns.reversename.from_address(addr).to_text(), "PTR") == (
+            "NOERROR",
+            ["a2.mesh.example."],
+        )
+    hidden = dns.reversename.from_address(c1.addresses(mesh)[0]).to_text()
+    assert dig(a1, hidden, "PTR")[0] == "NXDOMAIN"  # hidden by the policy: not even its name leaks
+    v4 = a2.addresses(mesh)[0]
+    cp = a1.host.exec([GHOSTCTL, "--output", "json", "dns", "query", v4, "--type", "PTR"], check=False)
+    assert cp.returncode == 0, cp.stderr
+    assert '"value": "a2.mesh.example."' in cp.stdout
+
+
 def test_a_rename_resolves_within_a_second(mesh: Mesh, nodes: dict[str, Node]) -> None:
     a1, a2 = nodes["a1"], nodes["a2"]
     v4 = a2.addresses(mesh)[0]
@@ -251,3 +270,53 @@ def test_a_split_domain_is_answered_through_the_mesh(mesh: Mesh, nodes: dict[str
     assert getent(a1, "intranet") == (0, {SITE_WEB})  # the search list: mesh.example (NXDOMAIN), corp.example
     st = mesh.ctl("--socket", str(a1.socket), "dns", "status")
     assert st["forwarded"] >= 2
+
+
+NEW_RECORD = """
+[[dns.extra_records]]
+name = "new.mesh.example"
+type = "A"
+value = "100.64.9.10"
+"""
+BAD_RECORD = """
+[[dns.extra_records]]
+name = "bad.mesh.example"
+type = "A"
+value = "not-an-address"
+"""
+
+
+def test_a_dns_change_reaches_running_nodes_on_sighup(mesh: Mesh, nodes: dict[str, Node]) -> None:
+    a1, server = nodes["a1"], mesh.server
+    assert server is not None
+    assert dig(a1, "new.mesh.example")[0] == "NXDOMAIN"
+    serial = a1.status(mesh)["map_serial"]
+    mesh.write_server_config(DNS + NEW_RECORD)
+    server.signal(signal.SIGHUP)
+    start = time.monotonic()
+    found = mesh.lab.wait_for(
+        lambda: dig(a1, "new.mesh.example") == ("NOERROR", ["100.64.9.10"]),
+        timeout=5,
+        interval=0.05,
+        what="the record added to the config file",
+    )
+    elapsed = time.monotonic() - start
+    assert found
+    assert elapsed < 2.0, f"the new record resolved after {elapsed:.2f} s"
+    # the same stream carried it as a delta: a reconnect would have restarted the serials at 1
+    assert a1.status(mesh)["map_serial"] > serial
+    assert "config reload: [dns] applied (extra_records changed)" in server.log_text()
+
+    mesh.write_server_config(DNS + NEW_RECORD + BAD_RECORD)  # refused: nothing changes
+    server.signal(signal.SIGHUP)
+    mesh.lab.wait_for(
+        lambda: "config reload refused, nothing changed" in server.log_text(), timeout=5, what="the refusal"
+    )
+    assert "dns.extra_records[2].value" in server.log_text()
+    assert dig(a1, "new.mesh.example") == ("NOERROR", ["100.64.9.10"])
+
+    mesh.write_server_config(DNS)  # back as the module started
+    server.signal(signal.SIGHUP)
+    assert mesh.lab.wait_for(
+        lambda: dig(a1, "new.mesh.example")[0] == "NXDOMAIN", timeout=5, interval=0.05, what="record removed"
+    )

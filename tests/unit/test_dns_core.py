@@ -12,14 +12,18 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 import pytest
 
 from ghostcore.pb.ghostmesh.v1 import coordination_pb2 as pb
+from ghostctl.dns_cmds import query_name
 from ghostlink.dns_core import Answer, Forward, Zone, build_zone, resolve
 from ghostlink.dns_host import is_ours, parse_nameservers, render_resolv_conf, resolvectl_commands
 from ghostlink.engine import NetMap
 from ghostlink.hostjournal import Journal, Origin, ResolvConfRecord, _parse
 from ghostmesh.changes import NodeAdded, NodeChanged
+from ghostmesh.config import DnsConfig
+from ghostmesh.dnsmap import dns_changes, dns_map
 from ghostmesh.mapper import Mapper
 from tests.unit.test_mesh_mapper import NOW, rec
 
@@ -39,6 +43,9 @@ DNS = pb.DnsConfig(
         pb.DnsRecord(name="loop2.example", type="CNAME", value="loop.example"),
     ],
 )
+
+
+RECORD = {"name": "db.mesh.example", "type": "A", "value": "100.64.9.9"}
 
 
 def node(i: int, name: str) -> pb.Node:
@@ -99,6 +106,58 @@ def test_peers_absent_from_the_map_do_not_resolve_and_renames_do_at_once() -> No
     assert rcode(ask(zone, "beta.mesh.example")) == "NXDOMAIN"
     nm.apply(pb.MapUpdate(serial=3, peers_removed=[2]))
     assert rcode(ask(build_zone(nm), "renamed.mesh.example")) == "NXDOMAIN"
+
+
+def reverse(addr: str) -> str:
+    return dns.reversename.from_address(addr).to_text()
+
+
+def test_ptr_names_this_node_and_its_peers() -> None:
+    zone = build_zone(netmap())
+    assert answers(ask(zone, reverse("100.64.0.1"), "PTR")) == ["alpha.mesh.example."]
+    assert answers(ask(zone, reverse("100.64.0.2"), "PTR")) == ["beta.mesh.example."]
+    six = reverse("fd7a:115c:a1e0::2")
+    assert six.endswith(".ip6.arpa.")
+    assert six.count(".") == 34  # 32 nibbles
+    assert answers(ask(zone, six, "PTR")) == ["beta.mesh.example."]
+    assert answers(ask(zone, six.upper(), "PTR")) == ["beta.mesh.example."]
+    d = ask(zone, reverse("100.64.0.2"), "PTR")
+    assert isinstance(d, Answer)
+    assert d.response.flags & dns.flags.AA
+    assert d.response.answer[0].ttl == 10
+    assert rcode(ask(zone, reverse("100.64.0.2"), "A")) == "NOERROR"  # NODATA: the name exists
+    assert answers(ask(zone, reverse("100.64.0.2"), "A")) == []
+
+
+def test_ptr_of_an_overlay_address_not_in_the_map_is_nxdomain_never_forwarded() -> None:
+    zone = build_zone(netmap())  # peer 3 is hidden from this node (or does not exist)
+    for addr in ("100.64.0.3", "fd7a:115c:a1e0::3", "100.127.255.254"):
+        assert rcode(ask(zone, reverse(addr), "PTR")) == "NXDOMAIN"
+
+
+def test_other_reverse_names_are_forwarded() -> None:
+    zone = build_zone(netmap())
+    upstream = Forward((("192.0.2.53", 53),))
+    assert ask(zone, reverse("192.0.2.7"), "PTR") == upstream  # not the overlay
+    assert ask(zone, reverse("2001:db8::1"), "PTR") == upstream
+    assert ask(zone, "64.100.in-addr.arpa", "PTR") == upstream  # a zone, not one address
+    assert ask(zone, "x.2.0.64.100.in-addr.arpa", "PTR") == upstream
+    off = pb.DnsConfig()
+    off.CopyFrom(DNS)
+    off.magic_dns = False
+    assert build_zone(netmap(off)).reverse == {}
+    assert not any(d.endswith(".arpa") for d in build_zone(netmap(off)).routing_domains())
+    assert ask(build_zone(netmap(off)), reverse("100.64.0.2"), "PTR") == upstream  # MagicDNS off: as before
+
+
+def test_ghostctl_asks_an_address_as_its_reverse_name_for_ptr() -> None:
+    ptr, a = dns.rdatatype.PTR, dns.rdatatype.A
+    assert query_name("100.64.0.2", ptr) == "2.0.64.100.in-addr.arpa."
+    assert query_name("FD7A:115C:A1E0:0::2", ptr) == reverse("fd7a:115c:a1e0::2")
+    assert query_name("2.0.64.100.in-addr.arpa", ptr) == "2.0.64.100.in-addr.arpa"  # a name: as given
+    assert query_name("100.64.0.2", a) == "100.64.0.2"
+    zone = build_zone(netmap())
+    assert answers(ask(zone, query_name("100.64.0.2", ptr), "PTR")) == ["beta.mesh.example."]
 
 
 def test_extra_records_and_cnames() -> None:
@@ -194,6 +253,8 @@ def test_search_and_routing_domains() -> None:
         "~lab.corp.example",
         "~loop.example",
         "~loop2.example",
+        *(f"~{i}.100.in-addr.arpa" for i in range(64, 128)),  # 100.64.0.0/10: reverse lookups of peers
+        "~0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa",  # fd7a:115c:a1e0::/48
         "~.",
     ]
     assert cmds[2] == ["resolvectl", "default-route", "ghost0", "yes"]
@@ -239,6 +300,74 @@ def test_mapper_sends_dns_in_full_maps_only() -> None:
     plain = Mapper(25)
     plain.load([NodeAdded(rec(1), False)], NOW)
     assert not plain.open_stream(1, 1).HasField("dns")
+
+
+def test_mapper_sends_changed_dns_once_in_every_streams_next_delta() -> None:
+    m = Mapper(25, dns=DNS)
+    m.load([NodeAdded(rec(i), False) for i in (1, 2, 3)], NOW)
+    for sid, nid in ((10, 1), (11, 2), (12, 3), (13, 3)):  # node 3 with a replaced stream still open
+        assert m.open_stream(sid, nid).dns == DNS
+    new = pb.DnsConfig()
+    new.CopyFrom(DNS)
+    new.extra_records.append(pb.DnsRecord(name="new.mesh.example", type="A", value="100.64.9.10"))
+    assert sorted(m.set_dns(new)) == [10, 11, 12, 13]
+    for sid in (10, 11, 12, 13):
+        delta = m.flush(sid)
+        assert delta is not None
+        assert (delta.full, delta.dns, list(delta.peers_upserted)) == (False, new, [])
+        assert m.flush(sid) is None  # exactly once
+    m.apply(NodeChanged(replace(rec(2), name="renamed"), True), NOW)
+    later = m.flush(10)
+    assert later is not None
+    assert not later.HasField("dns")  # not again with the next change
+    assert m.open_stream(14, 2).dns == new  # full maps carry the new settings
+
+
+def test_mapper_unchanged_dns_marks_no_stream() -> None:
+    m = Mapper(25, dns=DNS)
+    m.load([NodeAdded(rec(1), False), NodeAdded(rec(2), False)], NOW)
+    m.open_stream(10, 1)
+    same = pb.DnsConfig()
+    same.CopyFrom(DNS)
+    assert m.set_dns(same) == []
+    assert m.flush(10) is None
+    plain = Mapper(25)
+    plain.load([NodeAdded(rec(1), False)], NOW)
+    plain.open_stream(1, 1)
+    assert plain.set_dns(None) == []
+    assert plain.flush(1) is None
+
+
+def test_dns_removed_by_a_delta_and_added_by_one() -> None:
+    m = Mapper(25, dns=DNS)
+    m.load([NodeAdded(rec(1), False), NodeAdded(rec(2), False)], NOW)
+    nm = NetMap()
+    nm.apply(m.open_stream(10, 1))
+    assert nm.dns is not None
+    assert m.set_dns(None) == [10]
+    delta = m.flush(10)
+    assert delta is not None
+    assert delta.HasField("dns")
+    assert delta.dns == pb.DnsConfig()  # empty: the settings are gone
+    nm.apply(delta)
+    assert nm.dns is None
+    assert not m.open_stream(11, 2).HasField("dns")
+    m.set_dns(DNS)
+    back = m.flush(10)
+    assert back is not None
+    nm.apply(back)
+    assert nm.dns is not None
+    assert build_zone(nm).names.keys() == {"n1", "n2"}
+
+
+def test_dns_changes_name_the_keys_that_differ() -> None:
+    old = DnsConfig(magic_dns=True, base_domain="mesh.example", extra_records=[RECORD])
+    assert dns_changes(old, old) == []
+    same = DnsConfig(magic_dns=True, base_domain="Mesh.Example.", extra_records=[{**RECORD, "type": "a"}])
+    assert dns_changes(old, same) == []  # compared canonical
+    new = DnsConfig(magic_dns=True, base_domain="mesh.example", nameservers=["192.0.2.53"], split={})
+    assert dns_changes(old, new) == ["nameservers", "extra_records"]
+    assert dns_map(old) != dns_map(new)
 
 
 def test_netmap_keeps_dns_across_deltas_and_drops_it_with_a_full_map_without() -> None:
