@@ -225,8 +225,13 @@ def logged_in_page(actor: str) -> str:
 
 def nodes_page(nodes: Sequence[NodeRec], online: set[int], now: float, csrf: str, flash: str = "") -> str:
     rows = []
+    names = {n.id: n.name for n in nodes}
     for n in nodes:
         expiry = "never" if not n.expires else ("expired" if n.expired(now) else _t(n.expires))
+        # a device runs no ghostlink and never connects: it is reached through its gateway
+        state = (
+            f"device via {names.get(n.via, n.via)}" if n.via else ("online" if n.id in online else "offline")
+        )
         ref = str(n.id)
         # one form a row: the rename field and three buttons (fewer bytes than a form each, on big meshes)
         actions = (
@@ -237,7 +242,7 @@ def nodes_page(nodes: Sequence[NodeRec], online: set[int], now: float, csrf: str
         )
         rows.append(
             f'<tr data-node="{escape(n.name)}"><td>{escape(n.name)}</td><td>{escape(n.user)}</td>'
-            f"<td>{'online' if n.id in online else 'offline'}</td><td>{_t(n.last_seen)}</td>"
+            f"<td>{escape(state)}</td><td>{_t(n.last_seen)}</td>"
             f"<td>{escape(expiry)}</td><td>{escape(', '.join(n.tags))}</td>"
             f'<td class="mono">{escape(n.ipv4)}<br>{escape(n.ipv6)}</td><td>{actions}</td></tr>'
         )

@@ -104,3 +104,9 @@ def test_pages_carry_the_csrf_token_in_every_form_and_no_inline_code() -> None:
         assert "<style" not in page
         assert " style=" not in page
         assert " on" not in page.replace(" online", "")  # no inline event handlers
+
+
+def test_a_device_shows_its_gateway_instead_of_a_presence() -> None:
+    text = pages.nodes_page([node(1), node(2, via=1, name="phone")], {1}, 0.0, "tok")
+    assert '<tr data-node="phone"><td>phone</td><td>default</td><td>device via n1</td>' in text
+    assert '<tr data-node="n1"><td>n1</td><td>default</td><td>online</td>' in text
