@@ -176,6 +176,15 @@ def refuse_device(node: NodeRec | None) -> None:
         )
 
 
+def _check_owner(user: str, tags: Sequence[str]) -> None:
+    """The owner and tags given to an auth key's nodes or to a device: well-formed, or InvalidArgument."""
+    for tag in tags:
+        if not _TAG_RE.match(tag):
+            raise InvalidArgument(f"invalid tag {tag[:70]!r}: use letters, digits, ':', '.', '_' or '-'")
+    if user and not USER_RE.match(user):
+        raise InvalidArgument(f"invalid user name {user[:70]!r}")
+
+
 def _check_registration_input(node_key: str, hostname: str) -> None:
     PublicKey.from_base64(node_key)  # InvalidArgument for anything that is not a WireGuard key
     if len(hostname) > 255:
@@ -448,11 +457,7 @@ class State:
         """A new pre-auth key and the whole key text (shown once). ``expiration`` 0: the config default."""
         if expiration < 0:
             raise InvalidArgument("auth key expiration cannot be negative")
-        for tag in tags:
-            if not _TAG_RE.match(tag):
-                raise InvalidArgument(f"invalid tag {tag[:70]!r}: use letters, digits, ':', '.', '_' or '-'")
-        if user and not USER_RE.match(user):
-            raise InvalidArgument(f"invalid user name {user[:70]!r}")
+        _check_owner(user, tags)
         user = self._ensure_user(user, now)
         key_id, secret, whole = new_key(AUTH_PREFIX)
         rec = AuthKeyRec(
@@ -815,11 +820,7 @@ class State:
             raise Conflict(
                 f"node {gateway.name} is rotating its key; add the device once the rotation is done"
             )
-        for tag in tags:
-            if not _TAG_RE.match(tag):
-                raise InvalidArgument(f"invalid tag {tag[:70]!r}: use letters, digits, ':', '.', '_' or '-'")
-        if user and not USER_RE.match(user):
-            raise InvalidArgument(f"invalid user name {user[:70]!r}")
+        _check_owner(user, tags)
         owner = self._ensure_user(user, now)
         device = self._create(node_key, name, owner, now, tags=tuple(tags), via=gateway.id)
         return device, [self._added(device), *self._refresh((gateway.id,))]
