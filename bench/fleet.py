@@ -88,9 +88,18 @@ class _Workers:
     """K worker processes, node ``i`` in worker ``i * K // N``'s slice; one JSON line each way per command."""
 
     def __init__(
-        self, n: int, port: int, key: str, run_dir: Path, *, procs: Procs, opts: argparse.Namespace
+        self,
+        n: int,
+        server: tuple[int, int],
+        key: str,
+        run_dir: Path,
+        *,
+        procs: Procs,
+        opts: argparse.Namespace,
     ) -> None:
         self.n, self.k = n, min(opts.workers, n)
+        self.server_pid, port = server
+        self.min_available_kib = int(opts.min_available_gib * 1024 * 1024)
         self.bounds = [n * w // self.k for w in range(self.k + 1)]
         self.logs = [run_dir / f"worker-{w}.log" for w in range(self.k)]
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -145,7 +154,8 @@ class _Workers:
                     raise RuntimeError(
                         f"{next(iter(msgs.values()))['op']}: workers {missing} silent for {timeout:g}s"
                     )
-                for sk, _ in sel.select(left):
+                self._check_memory()
+                for sk, _ in sel.select(min(left, 1.0)):
                     w = sk.data
                     chunk = os.read(sk.fd, 1 << 20)
                     if not chunk:
@@ -164,6 +174,17 @@ class _Workers:
         answers = self.ask(dict.fromkeys(range(self.k), msg), timeout)
         return [answers[w] for w in range(self.k)]
 
+    def _check_memory(self) -> None:
+        """Stop the run before this machine runs out of memory, saying which side holds it."""
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1])
+        if available < self.min_available_kib:
+            rss = [_rss_kib(pid) // 1024 for pid in self.pids()]
+            raise RuntimeError(
+                f"N={self.n}: only {available // 1024} MiB of memory left (--min-available-gib): "
+                f"workers' RSS {rss} MiB, server's {_rss_kib(self.server_pid) // 1024} MiB"
+            )
+
     def stop(self) -> None:
         """Kill (by PID) every worker still running, and close the pipes to them."""
         for proc in self.procs:
@@ -179,11 +200,27 @@ class _Workers:
             proc.wait(timeout)
 
 
+def _progress(workers: _Workers, server: int, what: str, since: float, detail: str = "") -> None:
+    """One stderr line per phase: how long it took, its numbers so far (a run stopped in a later phase
+    still shows them) and the memory of the workers and the server (peak: the workers' ``VmHWM``)."""
+    rss = sum(map(_rss_kib, workers.pids())) / 1024
+    hwm = sum(map(_hwm_kib, workers.pids())) / 1024
+    print(
+        f"  N={workers.n} {what}: {time.monotonic() - since:.1f}s; workers RSS {rss:.0f} MiB "
+        f"(peak {hwm:.0f}), "
+        f"server RSS {_rss_kib(server) / 1024:.0f} MiB{detail}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace) -> dict[str, Any]:
     """The four phases, each started and ended here; the row's numbers from the workers' answers."""
     limit = opts.phase_timeout
     sims = [os.getpid(), *workers.pids()]
+    t = time.monotonic()
     workers.all({"op": "open"}, limit + SLACK_S)
+    _progress(workers, server, "channels open", t)
     server0, sim0 = _cpu_s(server), sum(map(_cpu_s, sims))
     t0 = time.monotonic()
     per = max(1, opts.concurrency // workers.k)  # --concurrency in flight in all
@@ -201,11 +238,20 @@ def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace) 
         "server_cpu_s": server_wave,
         "sim_cpu_share": sim_wave / (sim_wave + server_wave) if sim_wave + server_wave else 0.0,
     }
+    _progress(workers, server, "join wave", t0, "; " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     node_ids = [i for a in wave for i in a["node_ids"]]
+    t = time.monotonic()
     lat = _changes(workers, n, node_ids, opts)
     out["change_samples"] = len(lat)
     out["change_p50_s"] = statistics.median(lat)
     out["change_p99_s"] = statistics.quantiles(lat, n=100, method="inclusive")[98] if len(lat) > 1 else lat[0]
+    _progress(
+        workers,
+        server,
+        f"{opts.changes} changes",
+        t,
+        f"; p50 {out['change_p50_s']:.3f}s, p99 {out['change_p99_s']:.3f}s",
+    )
     workers.all({"op": "drop"}, limit + SLACK_S)
     time.sleep(QUIET_S)  # the server has seen every stream close
     t0 = time.monotonic()
@@ -214,6 +260,7 @@ def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace) 
     out["storm_have_map"] = sum(a["have_map"] for a in storm)
     out["storm_deltas_per_node"] = sum(a["deltas"] for a in storm) / n
     out["sim_hwm_kib"] = sum(map(_hwm_kib, workers.pids()))
+    _progress(workers, server, "reconnect storm", t0, f"; maps {out['storm_maps_s']:.2f}s")
     return out
 
 
@@ -315,7 +362,7 @@ def measure(n: int, run_dir: Path, procs: Procs, opts: argparse.Namespace) -> di
     server and workers are stopped (by PID) before this returns; ``run_dir`` is left for the caller."""
     server, port, key = _start_server(run_dir, procs, opts.batch_delay)
     try:
-        workers = _Workers(n, port, key, run_dir, procs=procs, opts=opts)
+        workers = _Workers(n, (server.pid, port), key, run_dir, procs=procs, opts=opts)
         try:
             result = _simulate(workers, n, server.pid, opts)
             workers.close(SLACK_S)
@@ -359,6 +406,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", type=int, default=64, help="Registers in flight, in all")
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--phase-timeout", type=float, default=120.0)
+    ap.add_argument(
+        "--min-available-gib",
+        type=float,
+        default=2.0,
+        help="stop the run when the machine's MemAvailable falls below this (default 2)",
+    )
     ap.add_argument(
         "--batch-delay", type=float, help="the server's [mapper] batch_delay in seconds (default: its own)"
     )
