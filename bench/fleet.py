@@ -11,10 +11,14 @@ readers), creates a reusable auth key with ``ghostctl`` and starts ``--workers``
 contiguous) in its own asyncio loop over its own gRPC channels: ``--channels`` in all, split between the
 workers (at least one each), or with ``--conn-per-node`` one channel and so one TLS connection per node,
 as real nodes have. Each node has its own X25519 key and makes the calls ghostlink makes, proven the
-same way (TLS pinned by the key's pin, v2 proofs over the request bytes). Why processes: the wave's bytes
-are O(N · map size) (every full map holds ~N peers: ~1.8 MB at 10,000 nodes), and one Python process
-parsing all of them falls behind while gRPC keeps receiving for it. The parent starts and ends every
-phase over the workers' pipes, collects their counters and times and prints one row per N:
+same way (TLS pinned by the key's pin, v2 proofs over the request bytes). The wave's bytes are
+O(N · map size) (every full map holds ~N peers: ~1.8 MB at 10,000 nodes): a process that parses them
+slower than they arrive leaves them in its gRPC buffers (a stream waiting for a message lets the server
+send all of it), which is how one process parsing whole messages grew past 15 GB at 10,000 nodes. So the
+workers parse only the fields they read, and on a machine with more cores the workers' reading grows with
+K (on 2 cores, K=1 and K=2 measured alike at 2,000 nodes: the server's loop is the bottleneck). The parent
+starts and ends every phase over the workers' pipes, collects their counters and times and prints one
+row per N, and one stderr line per phase (its numbers so far, the workers' and the server's RSS):
 
 * **join wave** (``reg/s``, ``maps_s``, ``conv_s``, ``wave_msg``, ``wave_MB``): every node Registers with
   the auth key (``--concurrency`` in flight in all) and opens its map stream (Sync) as soon as it is
@@ -42,8 +46,11 @@ The bench's ghostmesh raises ``[limits] streams_per_connection`` and ``calls_per
 node shares 127.0.0.1, and many share a connection, which real nodes never do. ``--batch-delay`` sets the
 server's ``[mapper] batch_delay``: how often each stream may flush, and so how much of the server's loop
 delta flushing takes from accepting Registers and new streams during a wave. Every phase is bounded by
-``--phase-timeout`` (in the workers, and in the parent waiting for them); the workers and the server are
-killed by PID and the temporary directory removed on the way out, also on errors and Ctrl-C. The
+``--phase-timeout`` (in the workers, and in the parent waiting for them), and the run stops when the
+machine's ``MemAvailable`` falls below ``--min-available-gib``, naming the RSS of each side (a reconnect
+storm holds every node's full map at once, in the server's send buffers and the workers' receive
+buffers: ~N² peer records on each side); the workers and the server are killed by PID and the temporary
+directory removed on the way out, also on errors and Ctrl-C. The
 simulator shares this machine's cores with the server, so absolute numbers depend on the machine (and on
 ``sim%``); compare the ratios and rows of one run.
 
@@ -214,8 +221,9 @@ def _progress(workers: _Workers, server: int, what: str, since: float, detail: s
     )
 
 
-def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace) -> dict[str, Any]:
-    """The four phases, each started and ended here; the row's numbers from the workers' answers."""
+def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The four phases, each started and ended here; the row's numbers, from the workers' answers, go
+    into ``out`` as each phase ends (a later phase's failure leaves the earlier ones' numbers)."""
     limit = opts.phase_timeout
     sims = [os.getpid(), *workers.pids()]
     t = time.monotonic()
@@ -226,7 +234,7 @@ def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace) 
     per = max(1, opts.concurrency // workers.k)  # --concurrency in flight in all
     wave = workers.all({"op": "join", "concurrency": per}, 4 * limit + SLACK_S)
     server_wave, sim_wave = _cpu_s(server) - server0, sum(map(_cpu_s, sims)) - sim0
-    out: dict[str, Any] = {
+    out |= {
         "register_per_s": n / (max(a["registered_at"] for a in wave) - t0),
         "all_maps_s": max(a["maps_at"] for a in wave) - t0,
         "converged_s": max(a["converged_at"] for a in wave) - t0,
@@ -254,14 +262,23 @@ def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace) 
     )
     workers.all({"op": "drop"}, limit + SLACK_S)
     time.sleep(QUIET_S)  # the server has seen every stream close
+    server0, sim0 = _cpu_s(server), sum(map(_cpu_s, sims))
     t0 = time.monotonic()
     storm = workers.all({"op": "reopen"}, 2 * limit + SLACK_S)
+    out["storm_server_cpu_s"] = _cpu_s(server) - server0
+    out["storm_sim_cpu_s"] = sum(map(_cpu_s, sims)) - sim0
     out["storm_maps_s"] = max(a["maps_at"] for a in storm) - t0
     out["storm_have_map"] = sum(a["have_map"] for a in storm)
     out["storm_deltas_per_node"] = sum(a["deltas"] for a in storm) / n
     out["sim_hwm_kib"] = sum(map(_hwm_kib, workers.pids()))
-    _progress(workers, server, "reconnect storm", t0, f"; maps {out['storm_maps_s']:.2f}s")
-    return out
+    _progress(
+        workers,
+        server,
+        "reconnect storm",
+        t0,
+        f"; maps {out['storm_maps_s']:.2f}s, CPU s: server {out['storm_server_cpu_s']:.1f}, "
+        f"simulator {out['storm_sim_cpu_s']:.1f}",
+    )
 
 
 def _changes(workers: _Workers, n: int, node_ids: list[int], opts: argparse.Namespace) -> list[float]:
@@ -359,37 +376,66 @@ def _start_server(
 
 def measure(n: int, run_dir: Path, procs: Procs, opts: argparse.Namespace) -> dict[str, Any]:
     """One row: a fresh server, K workers simulating N nodes against it, the in-process reference. The
-    server and workers are stopped (by PID) before this returns; ``run_dir`` is left for the caller."""
+    server and workers are stopped (by PID) before this returns; ``run_dir`` is left for the caller. A
+    phase that fails after the join wave ends the row there: its ``error`` says why, the numbers measured
+    until then stay (a failed join wave raises)."""
     server, port, key = _start_server(run_dir, procs, opts.batch_delay)
     try:
         workers = _Workers(n, (server.pid, port), key, run_dir, procs=procs, opts=opts)
+        result: dict[str, Any] = {"workers": workers.k}
         try:
-            result = _simulate(workers, n, server.pid, opts)
+            _simulate(workers, n, server.pid, opts, result)
             workers.close(SLACK_S)
+        except RuntimeError as exc:
+            if "register_per_s" not in result:
+                raise
+            result["error"] = str(exc)
+            result["sim_hwm_kib"] = sum(map(_hwm_kib, workers.pids()))
         finally:
             workers.stop()
-        result["workers"] = workers.k
+        Procs.stop(server)  # before the reference: its memory is free again
         result["mapper_s"] = _mapper_reference(n)
         return result
     finally:
         Procs.stop(server)
 
 
-def _row(n: int, r: dict[str, Any]) -> str:
-    return (
-        f"{n:>5} {r['register_per_s']:>7.0f} {r['all_maps_s']:>7.2f} {r['converged_s']:>7.2f} "
-        f"{r['messages']:>8} {r['bytes'] / 1e6:>8.1f} {r['idle_rss_kib'] / 1024:>7.0f} "
-        f"{r['server_cpu_s']:>7.2f} {r['sim_cpu_share'] * 100:>5.0f}% "
-        f"{r['change_p50_s'] * 1000:>7.0f} {r['change_p99_s'] * 1000:>7.0f} "
-        f"{r['storm_maps_s']:>7.2f} {r['storm_deltas_per_node']:>7.1f} {r['sim_hwm_kib'] / 1024:>7.0f} "
-        f"{r['mapper_s']:>7.3f} {r['server_cpu_s'] / r['mapper_s']:>6.0f}x"
-    )
-
-
-HEADER = (
-    "    N  reg/s  maps_s  conv_s  wave_msg  wave_MB  rss_MB srv_cpu  sim% chg_p50 chg_p99 "
-    "storm_s  d/node  sim_MB mapper_s  cpu/map"
+# the table: (title, result key, width, format, scale); a "x" format ends the value with an x
+COLUMNS = (
+    ("reg/s", "register_per_s", 6, ".0f", 1.0),
+    ("maps_s", "all_maps_s", 7, ".2f", 1.0),
+    ("conv_s", "converged_s", 7, ".2f", 1.0),
+    ("wave_msg", "messages", 9, ".0f", 1.0),
+    ("wave_MB", "bytes", 8, ".1f", 1e-6),
+    ("rss_MB", "idle_rss_kib", 7, ".0f", 1 / 1024),
+    ("srv_cpu", "server_cpu_s", 7, ".2f", 1.0),
+    ("sim%", "sim_cpu_share", 5, ".0%", 1.0),
+    ("chg_p50", "change_p50_s", 7, ".0f", 1000.0),
+    ("chg_p99", "change_p99_s", 7, ".0f", 1000.0),
+    ("storm_s", "storm_maps_s", 7, ".2f", 1.0),
+    ("d/node", "storm_deltas_per_node", 7, ".1f", 1.0),
+    ("sim_MB", "sim_hwm_kib", 7, ".0f", 1 / 1024),
+    ("mapper_s", "mapper_s", 8, ".3f", 1.0),
+    ("cpu/map", "cpu_per_map", 7, ".0fx", 1.0),
 )
+HEADER = "    N " + " ".join(title.rjust(width) for title, _, width, _, _ in COLUMNS)
+
+
+def _row(n: int, r: dict[str, Any]) -> str:
+    """The table's row; a phase that did not finish shows ``-`` in its columns."""
+    if "server_cpu_s" in r and r.get("mapper_s"):
+        r = {**r, "cpu_per_map": r["server_cpu_s"] / r["mapper_s"]}
+    cells = [f"{n:>5}"]
+    for _, key, width, fmt, scale in COLUMNS:
+        value = r.get(key)
+        if value is None:
+            text = "-"
+        elif fmt.endswith("x"):
+            text = format(value * scale, fmt[:-1]) + "x"
+        else:
+            text = format(value * scale, fmt)
+        cells.append(text.rjust(width))
+    return " ".join(cells)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -450,7 +496,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
             try:
                 for n in sizes:
-                    print(_row(n, measure(n, Path(tmp) / f"n{n}", procs, opts)), flush=True)
+                    result = measure(n, Path(tmp) / f"n{n}", procs, opts)
+                    print(_row(n, result), flush=True)
+                    if "error" in result:  # a larger N would fail the same way
+                        raise RuntimeError(f"N={n}: {result['error']}")
             finally:
                 procs.stop_all()
     except KeyboardInterrupt:
