@@ -2,15 +2,18 @@
 
 The parent (:mod:`bench.fleet`) starts K of these (``python -m bench.fleet_worker``), each owning the
 nodes ``--first`` .. ``--first + --count - 1`` of an ``--total``-node fleet, with its own asyncio loop and
-its own gRPC channels. One process cannot read 10,000 map streams: the wave's bytes are
-O(N · map size) (each full map holds ~N peers), and whatever a process does not read in time waits in its
-gRPC buffers. The parent drives the phases over this process's stdin / stdout, one JSON object per line:
-the first stdin line is the auth key (kept out of argv, where ps shows it), then one command per line,
-each answered by one line (``{"error": ...}`` if it failed). This module owns:
+its own gRPC channels. The wave's bytes are O(N · map size) (each full map holds ~N peers), and whatever
+a process does not read in time waits in its gRPC buffers: one process parsing whole messages for
+10,000 nodes grew past 15 GB in the join wave. The parent drives the phases over this process's stdin
+and stdout, one JSON object per line: the first stdin line is the auth key (kept out of argv, where ps
+shows it), then one command per line, each answered by one line (``{"error": ...}`` if it failed). This
+module owns:
 
 * the nodes: a key each, the calls ghostlink makes, proven the same way (:class:`bench.fanout._Protocol`);
-* the streams: each message parsed once, counted (messages, bytes, deltas), folded into what the node
-  knows (a byte per peer id, :class:`_Known`) and dropped, so memory stays small per node;
+* the streams: each message counted (messages, bytes, deltas), parsed once through a view that reads
+  only the fields used (:func:`_views`), folded into what the node knows (a byte per peer id,
+  :class:`_Known`) and dropped, so memory stays small per node. In the reconnect storm only the ``full``
+  flag is read: what each node knows is not needed after it;
 * the commands: ``open``, ``join``, ``watch`` / ``report`` / ``arrivals`` (one timed change), ``drop`` /
   ``reopen`` (the reconnect storm) and ``close``; each wait bounded by ``--phase-timeout``.
 
