@@ -49,10 +49,11 @@ delta flushing takes from accepting Registers and new streams during a wave. Eve
 ``--phase-timeout`` (in the workers, and in the parent waiting for them), and the run stops when the
 machine's ``MemAvailable`` falls below ``--min-available-gib``, naming the RSS of each side (a reconnect
 storm holds every node's full map at once, in the server's send buffers and the workers' receive
-buffers: ~N² peer records on each side); the workers and the server are killed by PID and the temporary
-directory removed on the way out, also on errors and Ctrl-C. The
-simulator shares this machine's cores with the server, so absolute numbers depend on the machine (and on
-``sim%``); compare the ratios and rows of one run.
+buffers: ~N² peer records on each side; at 10,000 nodes ~1.8 MB x 10,000 each, more than a 23 GiB
+machine has, so there the row ends after the changes); the workers and the server are killed by PID and
+the temporary directory removed on the way out, also on errors and Ctrl-C. The simulator shares this
+machine's cores with the server, so absolute numbers depend on the machine (and on ``sim%``); compare the
+ratios and rows of one run.
 
 This module owns the parent: the server's start, the workers' lifetime and pipes (:class:`_Workers`),
 the phases' order and aggregation, the reference and the table. The nodes and their streams are
