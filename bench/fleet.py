@@ -1,323 +1,305 @@
 """Benchmark: the control plane at fleet scale, one ghostmesh against N simulated nodes per row.
 
-For each N in ``--nodes`` (e.g. 100,500,1000) the parent starts this checkout's ``ghostmesh`` as a
-subprocess on 127.0.0.1 (a temporary state directory, as :mod:`bench.fanout` does, whose process
-handling, proof code and /proc readers this module reuses), creates a reusable auth key with ``ghostctl``
-and runs, in its own asyncio loop, N simulated nodes multiplexed over ``--channels`` gRPC channels (or,
-with ``--conn-per-node``, one channel and so one TLS connection per node, as real nodes have). Each node
-has its own X25519 key and makes the calls ghostlink makes, proven the same way (TLS pinned by the key's
-pin, v2 proofs over the request bytes):
+Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.fleet --nodes 100,500,1000 [--workers K] [--channels 8 |
+--conn-per-node] [--concurrency 64] [--changes 5] [--phase-timeout 120] [--batch-delay S]``; for
+10,000 nodes give the phases room: ``--nodes 10000 --phase-timeout 900``.
 
-* **join wave**: every node Registers with the auth key (``--concurrency`` in flight) and opens its map
-  stream (Sync) as soon as it is registered. Reported: registers per second, the seconds until every node
-  has its full map, until every node knows all N-1 peers (the wave has converged), and the messages and
-  bytes the streams received until then; the server's CPU seconds during the wave and the simulator's
-  share of the CPU both spent;
-* **idle**: the server's RSS (``VmRSS``) once the streams have been quiet for a second, all N open;
-* **one change**: ``--changes`` times, one node reports new endpoints; the time until every other stream
-  has the delta carrying them: p50 / p99 over all (stream, change) samples;
-* **reconnect storm**: every stream is dropped (cancelled by the client), then all are reopened at once:
-  the seconds until every node has a full map again, and the deltas each node received until quiet.
+For each N in ``--nodes`` the parent (this module) starts this checkout's ``ghostmesh`` as a subprocess
+on 127.0.0.1 (a temporary state directory; :mod:`bench.fanout`'s process handling, proof code and /proc
+readers), creates a reusable auth key with ``ghostctl`` and starts ``--workers`` K worker processes
+(:mod:`bench.fleet_worker`; default min(4, cores)). Each runs its share of the N simulated nodes (N/K,
+contiguous) in its own asyncio loop over its own gRPC channels: ``--channels`` in all, split between the
+workers (at least one each), or with ``--conn-per-node`` one channel and so one TLS connection per node,
+as real nodes have. Each node has its own X25519 key and makes the calls ghostlink makes, proven the
+same way (TLS pinned by the key's pin, v2 proofs over the request bytes). The wave's bytes are
+O(N · map size) (every full map holds ~N peers: ~1.8 MB at 10,000 nodes): a process that parses them
+slower than they arrive leaves them in its gRPC buffers (a stream waiting for a message lets the server
+send all of it), which is how one process parsing whole messages grew past 15 GB at 10,000 nodes. So the
+workers parse only the fields they read, and on a machine with more cores the workers' reading grows with
+K (on 2 cores, K=1 and K=2 measured alike at 2,000 nodes: the server's loop is the bottleneck). The parent
+starts and ends every phase over the workers' pipes, collects their counters and times and prints one
+row per N, and one stderr line per phase (its numbers so far, the workers' and the server's RSS):
 
-The reference, measured in the same run for the same N: the in-process mapper (``ghostmesh.mapper``)
-seeded with N node records (one policy compile) building every node's encoded full map, no gRPC, no
-SQLite, no TLS. The ratio ``wave CPU / mapper`` shows what the network, gRPC, TLS and storage add to the
-map computation itself.
+* **join wave** (``reg/s``, ``maps_s``, ``conv_s``, ``wave_msg``, ``wave_MB``): every node Registers with
+  the auth key (``--concurrency`` in flight in all) and opens its map stream (Sync) as soon as it is
+  registered: registers per second, the seconds until every node has its full map and until every node
+  knows all N-1 peers (the wave has converged), and the messages and bytes the streams received until
+  they were quiet; ``srv_cpu``: the server's CPU seconds during the wave; ``sim%``: the simulator's
+  (workers' and parent's) share of the CPU both spent then;
+* **idle** (``rss_MB``): the server's RSS (``VmRSS``) once the streams have been quiet for a second,
+  all N open;
+* **one change** (``chg_p50``, ``chg_p99``, ms): ``--changes`` times, one node reports new endpoints;
+  the time until every other stream has the delta carrying them, p50 / p99 over all (stream, change)
+  samples. The send time is taken in the sender's worker and the arrivals in every worker with
+  ``time.monotonic()``, one clock for every process on Linux (CLOCK_MONOTONIC);
+* **reconnect storm** (``storm_s``, ``d/node``): every stream is dropped (cancelled by the client), then
+  all are reopened at once: the seconds until every node has a full map again, and the deltas each node
+  received until quiet;
+* ``sim_MB``: the workers' peak RSS (``VmHWM``), summed: what simulating N nodes cost in memory.
+
+The reference, measured in the same run for the same N (``mapper_s``): the in-process mapper
+(``ghostmesh.mapper``) seeded with N node records (one policy compile) building every node's encoded
+full map, no gRPC, no SQLite, no TLS. The ratio ``cpu/map`` (wave CPU / mapper) shows what the network,
+gRPC, TLS and storage add to the map computation itself.
 
 The bench's ghostmesh raises ``[limits] streams_per_connection`` and ``calls_per_source``: every simulated
-node shares 127.0.0.1, and many share a connection, which real nodes never do. Every phase is bounded by
-``--phase-timeout``; the server is killed by its PID and its directory removed on the way out. The
-simulator shares this machine's cores with the server and parses every message in one Python process, so
-absolute numbers depend on the machine; compare the ratios and rows of one run.
+node shares 127.0.0.1, and many share a connection, which real nodes never do. ``--batch-delay`` sets the
+server's ``[mapper] batch_delay``: how often each stream may flush, and so how much of the server's loop
+delta flushing takes from accepting Registers and new streams during a wave. Every phase is bounded by
+``--phase-timeout`` (in the workers, and in the parent waiting for them), and the run stops when the
+machine's ``MemAvailable`` falls below ``--min-available-gib``, naming the RSS of each side (a reconnect
+storm holds every node's full map at once, in the server's send buffers and the workers' receive
+buffers: ~N² peer records on each side; at 10,000 nodes ~1.8 MB x 10,000 each, more than a 23 GiB
+machine has, so there the row ends after the changes); the workers and the server are killed by PID and
+the temporary directory removed on the way out, also on errors and Ctrl-C. The simulator shares this
+machine's cores with the server, so absolute numbers depend on the machine (and on ``sim%``); compare the
+ratios and rows of one run.
 
-Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.fleet --nodes 100,500,1000 [--channels 8 |
---conn-per-node] [--concurrency 64] [--changes 5] [--phase-timeout 120] [--batch-delay S]``.
-``--batch-delay`` sets the server's ``[mapper] batch_delay``: how often each stream may flush, and so how
-much of the server's loop delta flushing takes from accepting Registers and new streams during a wave.
-
-Why one module of about 475 lines: the simulated fleet (:class:`_Fleet`, half of it) and the four phases
-it drives share one set of streams and counters, and the reference, the server's start and the report
-are a few dozen lines each; the process handling, proofs and /proc readers are :mod:`bench.fanout`'s.
+This module owns the parent: the server's start, the workers' lifetime and pipes (:class:`_Workers`),
+the phases' order and aggregation, the reference and the table. The nodes and their streams are
+:mod:`bench.fleet_worker`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
+import selectors
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import grpc
+from bench.fanout import REPO, Procs, _cpu_s, _rss_kib, _wait_listening
 
-from bench.fanout import (
-    M_REGISTER,
-    M_REPORT,
-    M_SERVER_INFO,
-    M_SYNC,
-    REPO,
-    Procs,
-    _Change,
-    _cpu_s,
-    _Protocol,
-    _rss_kib,
-    _SimNode,
-    _wait_listening,
-)
-
-QUIET_S = 1.0  # streams silent this long: the traffic of a wave is over
+QUIET_S = 1.0  # streams silent this long: the server has seen every dropped stream close
 CHANGE_GAP_S = 0.1  # pause between changes, so each starts on an idle server
 SERVER_LIMITS = "[limits]\nstreams_per_connection = 100000\ncalls_per_source = 100000\ncalls_total = 100000\n"
+SLACK_S = 30.0  # the parent's wait for an answer: the worker's own bounds plus this
 
 
-@dataclass
-class _Wave:
-    """What the streams received since the wave began."""
-
-    n: int
-    messages: int = 0
-    bytes: int = 0
-    deltas: int = 0
-    have_map: set[int] = field(default_factory=set)
-    complete: set[int] = field(default_factory=set)  # nodes that know all N-1 peers
-    all_maps: asyncio.Event = field(default_factory=asyncio.Event)
-    converged: asyncio.Event = field(default_factory=asyncio.Event)
-    maps_at: float = 0.0
-    converged_at: float = 0.0
+def _hwm_kib(pid: int) -> int:
+    """Peak RSS (``VmHWM``) of process ``pid``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-class _Known:
-    """The peers one simulated node knows, as a byte per node id: at 10,000 nodes a set of ints per node
-    would hold 10^8 entries (gigabytes); this holds 10^8 bytes."""
+class _Workers:
+    """K worker processes, node ``i`` in worker ``i * K // N``'s slice; one JSON line each way per command."""
 
-    __slots__ = ("count", "flags")
-
-    def __init__(self) -> None:
-        self.flags = bytearray()
-        self.count = 0
-
-    def clear(self) -> None:
-        self.flags = bytearray(len(self.flags))
-        self.count = 0
-
-    def add(self, peer: int) -> None:
-        if peer >= len(self.flags):
-            self.flags.extend(bytes(peer + 1 - len(self.flags)))
-        if not self.flags[peer]:
-            self.flags[peer] = 1
-            self.count += 1
-
-    def discard(self, peer: int) -> None:
-        if peer < len(self.flags) and self.flags[peer]:
-            self.flags[peer] = 0
-            self.count -= 1
-
-
-class _Fleet:
-    """N simulated nodes in this process over shared (or per-node) channels."""
-
-    def __init__(self, proto: _Protocol, n: int, opts: argparse.Namespace) -> None:
-        self.proto, self.n, self.opts = proto, n, opts
-        self.limit: float = opts.phase_timeout
-        self.channels: list[grpc.aio.Channel] = []
-        self.nodes: list[_SimNode] = []
-        self.known = [_Known() for _ in range(n)]  # each node's peers, from its stream
-        self.readers: dict[int, asyncio.Task[None]] = {}
-        self.wave = _Wave(n)
-        self.change: _Change | None = None
-        self.errors: list[str] = []
-        self.failed = asyncio.Event()
-        self.dropping = False  # streams are being cancelled on purpose
-        self.last_update = 0.0
-
-    async def open(self) -> None:
-        count = self.n if self.opts.conn_per_node else min(self.opts.channels, self.n)
-        pb = self.proto.pb
-        for _ in range(count):
-            channel = await self.proto.open_channel()
-            self.channels.append(channel)
-        body = pb.GetServerInfoRequest().SerializeToString()
-        info = await self.proto.unary(self.channels[0], M_SERVER_INFO, body, None, pb.ServerInfo)
-        server_key = self.proto.keys.PublicKey.from_base64(info.server_key)
-        self.nodes = [
-            _SimNode(i, self.proto.keys.PrivateKey.generate(), self.channels[i % count], server_key)
-            for i in range(self.n)
-        ]
-
-    def _decode(self, raw: bytes) -> tuple[int, Any]:
-        return len(raw), self.proto.pb.MapUpdate.FromString(raw)
-
-    def _on_update(self, node: _SimNode, known: _Known, size: int, upd: Any) -> None:
-        """Count one message of ``node``'s stream and fold it into what the node knows."""
-        others = self.n - 1
-        now = time.perf_counter()
-        self.last_update = now
-        wave = self.wave
-        wave.messages += 1
-        wave.bytes += size
-        if upd.full:
-            known.clear()
-            if node.index not in wave.have_map:
-                wave.have_map.add(node.index)
-                if len(wave.have_map) == self.n:
-                    wave.maps_at = now
-                    wave.all_maps.set()
-        else:
-            wave.deltas += 1
-        for p in upd.peers_upserted:
-            known.add(p.id)
-        for gone in upd.peers_removed:
-            known.discard(gone)
-        if known.count == others and node.index not in wave.complete:
-            wave.complete.add(node.index)
-            if len(wave.complete) == self.n:
-                wave.converged_at = now
-                wave.converged.set()
-        if self.change is not None:
-            self.change.observe(node.index, upd, now)
-
-    async def _read(self, node: _SimNode) -> None:
-        body = self.proto.pb.SyncRequest().SerializeToString()
-        sync: grpc.aio.UnaryStreamMultiCallable[bytes, Any]
-        sync = node.channel.unary_stream(M_SYNC, response_deserializer=self._decode)
-        call = sync(body, metadata=self.proto.metadata(node, M_SYNC, body))
-        known = self.known[node.index]
-        try:
-            async for size, upd in call:
-                self._on_update(node, known, size, upd)
-                del upd  # a parsed full map is megabytes at 10,000 nodes: not kept while waiting
-            self.errors.append(f"sim{node.index}: the server ended the map stream")
-        except grpc.aio.AioRpcError as exc:
-            if self.dropping and exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            self.errors.append(f"sim{node.index}: Sync {exc.code().name}: {exc.details()}")
-        finally:
-            call.cancel()
-        if not self.dropping:
-            self.failed.set()
-
-    async def _until(self, event: asyncio.Event, what: str) -> None:
-        """Wait for ``event``, at most the phase timeout; a failed stream ends the wait at once."""
-        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.failed.wait())]
-        try:
-            await asyncio.wait(waits, timeout=self.limit, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        if self.failed.is_set():
-            raise RuntimeError(f"{what}: {'; '.join(self.errors[:3])}")
-        if not event.is_set():
-            raise RuntimeError(f"{what}: not within {self.limit:g}s ({'; '.join(self.errors[:3])})")
-
-    async def _quiet(self) -> None:
-        deadline = time.monotonic() + self.limit
-        while time.perf_counter() - self.last_update < QUIET_S:
-            if time.monotonic() > deadline or self.failed.is_set():
-                raise RuntimeError(f"the streams did not go quiet within {self.limit:g}s: {self.errors[:3]}")
-            await asyncio.sleep(0.1)
-
-    async def _join(self, node: _SimNode, sem: asyncio.Semaphore) -> float:
-        pb = self.proto.pb
-        async with sem:
-            body = pb.RegisterRequest(
-                auth_key=self.proto.auth, hostname=f"sim{node.index}"
-            ).SerializeToString()
-            md = self.proto.metadata(node, M_REGISTER, body)
-            resp = await self.proto.unary(node.channel, M_REGISTER, body, md, pb.RegisterResponse)
-        node.node_id = resp.node.id
-        self.readers[node.index] = asyncio.create_task(self._read(node))
-        return time.perf_counter()
-
-    async def join_wave(self) -> dict[str, float]:
-        sem = asyncio.Semaphore(self.opts.concurrency)
-        t0 = time.perf_counter()
-        joins = asyncio.gather(*(self._join(node, sem) for node in self.nodes))
-        registered = await asyncio.wait_for(joins, self.limit)
-        await self._until(self.wave.all_maps, "join wave: full maps")
-        await self._until(self.wave.converged, "join wave: every node knows every peer")
-        await self._quiet()  # the wave's last messages (presence) counted too
-        return {
-            "register_per_s": self.n / (max(registered) - t0),
-            "all_maps_s": self.wave.maps_at - t0,
-            "converged_s": self.wave.converged_at - t0,
-            "messages": self.wave.messages,
-            "bytes": self.wave.bytes,
+    def __init__(
+        self,
+        n: int,
+        server: tuple[int, int],
+        key: str,
+        run_dir: Path,
+        *,
+        procs: Procs,
+        opts: argparse.Namespace,
+    ) -> None:
+        self.n, self.k = n, min(opts.workers, n)
+        self.server_pid, port = server
+        self.min_available_kib = int(opts.min_available_gib * 1024 * 1024)
+        self.bounds = [n * w // self.k for w in range(self.k + 1)]
+        self.logs = [run_dir / f"worker-{w}.log" for w in range(self.k)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.buffers: list[bytes] = []
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
+        for w in range(self.k):
+            channels = max(1, opts.channels * (w + 1) // self.k - opts.channels * w // self.k)
+            argv = [
+                sys.executable, "-m", "bench.fleet_worker", "--target", f"127.0.0.1:{port}",
+                "--first", str(self.bounds[w]), "--count", str(self.bounds[w + 1] - self.bounds[w]),
+                "--total", str(n), "--channels", str(channels), "--phase-timeout", str(opts.phase_timeout),
+            ]  # fmt: skip
+            if opts.conn_per_node:
+                argv.append("--conn-per-node")
+            with self.logs[w].open("wb") as log:
+                proc = procs.start(
+                    argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+                )
+            assert proc.stdin is not None
+            proc.stdin.write(key.encode() + b"\n")  # not in argv, where ps shows it
+            proc.stdin.flush()
+            self.procs.append(proc)
+            self.buffers.append(b"")
 
-    async def changes(self) -> list[float]:
-        pb, k, n = self.proto.pb, self.opts.changes, self.n
-        latencies: list[float] = []
-        for j in range(k):
-            node = self.nodes[(j * max(1, n // k)) % n]
-            port = 41000 + j
-            endpoints = (f"198.51.100.{j % 254 + 1}:{port}", f"203.0.113.{j % 254 + 1}:{port}")
-            body = pb.StatusReport(endpoints=list(endpoints)).SerializeToString()
-            md = self.proto.metadata(node, M_REPORT, body)
-            change = _Change(node.node_id, node.index, endpoints, n - 1)
-            self.change = change
-            change.sent = time.perf_counter()
-            await self.proto.unary(node.channel, M_REPORT, body, md, pb.StatusAck)
-            await self._until(change.done, f"change {j}: deltas on {n - 1} streams")
-            self.change = None
-            latencies.extend(change.arrivals.values())
-            await asyncio.sleep(CHANGE_GAP_S)
-        return latencies
+    def owner(self, index: int) -> int:
+        return next(w for w in range(self.k) if index < self.bounds[w + 1])
 
-    async def storm(self) -> dict[str, float]:
-        """Drop every stream, then reopen all at once: seconds until every node has a map again, and
-        the deltas per node until quiet."""
-        self.dropping = True
-        for task in self.readers.values():
-            task.cancel()
-        await asyncio.gather(*self.readers.values(), return_exceptions=True)
-        self.dropping = False
-        await asyncio.sleep(QUIET_S)  # the server has seen every stream close
-        self.wave = _Wave(self.n)
-        t0 = time.perf_counter()
-        self.readers = {node.index: asyncio.create_task(self._read(node)) for node in self.nodes}
-        await self._until(self.wave.all_maps, "reconnect storm: full maps")
-        maps_s = self.wave.maps_at - t0
-        await self._quiet()
-        return {"storm_maps_s": maps_s, "storm_deltas_per_node": self.wave.deltas / self.n}
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
-    async def close(self) -> None:
-        self.dropping = True
-        for task in self.readers.values():
-            task.cancel()
-        await asyncio.gather(*self.readers.values(), return_exceptions=True)
-        closing = asyncio.gather(*(c.close(grace=None) for c in self.channels), return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(closing, 10)
+    def ask(self, msgs: dict[int, dict[str, Any]], timeout: float) -> dict[int, dict[str, Any]]:
+        """Send worker ``w`` the command ``msgs[w]``; every worker's answer, within ``timeout`` s."""
+        for w, msg in msgs.items():
+            stdin = self.procs[w].stdin
+            assert stdin is not None
+            stdin.write(json.dumps(msg).encode() + b"\n")
+            stdin.flush()
+        answers: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            for w in msgs:
+                stdout = self.procs[w].stdout
+                assert stdout is not None
+                sel.register(stdout, selectors.EVENT_READ, w)
+            while len(answers) < len(msgs):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(msgs) - set(answers))
+                    raise RuntimeError(
+                        f"{next(iter(msgs.values()))['op']}: workers {missing} silent for {timeout:g}s"
+                    )
+                self._check_memory()
+                for sk, _ in sel.select(min(left, 1.0)):
+                    w = sk.data
+                    chunk = os.read(sk.fd, 1 << 20)
+                    if not chunk:
+                        tail = self.logs[w].read_text(errors="replace").strip()[-2000:]
+                        raise RuntimeError(f"worker {w} exited ({self.procs[w].poll()}): {tail}")
+                    self.buffers[w] += chunk
+                    if b"\n" in self.buffers[w]:
+                        line, self.buffers[w] = self.buffers[w].split(b"\n", 1)
+                        answers[w] = json.loads(line)
+                        sel.unregister(sk.fileobj)
+                        if "error" in answers[w]:
+                            raise RuntimeError(f"worker {w}: {answers[w]['error']}")
+        return answers
+
+    def all(self, msg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+        answers = self.ask(dict.fromkeys(range(self.k), msg), timeout)
+        return [answers[w] for w in range(self.k)]
+
+    def _check_memory(self) -> None:
+        """Stop the run before this machine runs out of memory, saying which side holds it."""
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1])
+        if available < self.min_available_kib:
+            rss = [_rss_kib(pid) // 1024 for pid in self.pids()]
+            raise RuntimeError(
+                f"N={self.n}: only {available // 1024} MiB of memory left (--min-available-gib): "
+                f"workers' RSS {rss} MiB, server's {_rss_kib(self.server_pid) // 1024} MiB"
+            )
+
+    def stop(self) -> None:
+        """Kill (by PID) every worker still running, and close the pipes to them."""
+        for proc in self.procs:
+            Procs.stop(proc, grace=5.0)
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+    def close(self, timeout: float) -> None:
+        """Close every worker's channels and let it exit (an error here kills them all by PID later)."""
+        self.all({"op": "close"}, timeout)
+        for proc in self.procs:
+            proc.wait(timeout)
 
 
-async def _simulate(proto: _Protocol, n: int, server: int, opts: argparse.Namespace) -> dict[str, Any]:
-    fleet = _Fleet(proto, n, opts)
-    me = os.getpid()
-    try:
-        await fleet.open()
-        server0, me0 = _cpu_s(server), _cpu_s(me)
-        out: dict[str, Any] = await fleet.join_wave()
-        server_wave, me_wave = _cpu_s(server) - server0, _cpu_s(me) - me0
-        out["idle_rss_kib"] = _rss_kib(server)
-        out["server_cpu_s"] = server_wave
-        out["sim_cpu_share"] = me_wave / (me_wave + server_wave) if me_wave + server_wave else 0.0
-        lat = await fleet.changes()
-        out["change_p50_s"] = statistics.median(lat)
-        out["change_p99_s"] = (
-            statistics.quantiles(lat, n=100, method="inclusive")[98] if len(lat) > 1 else lat[0]
+def _progress(workers: _Workers, server: int, what: str, since: float, detail: str = "") -> None:
+    """One stderr line per phase: how long it took, its numbers so far (a run stopped in a later phase
+    still shows them) and the memory of the workers and the server (peak: the workers' ``VmHWM``)."""
+    rss = sum(map(_rss_kib, workers.pids())) / 1024
+    hwm = sum(map(_hwm_kib, workers.pids())) / 1024
+    print(
+        f"  N={workers.n} {what}: {time.monotonic() - since:.1f}s; workers RSS {rss:.0f} MiB "
+        f"(peak {hwm:.0f}), "
+        f"server RSS {_rss_kib(server) / 1024:.0f} MiB{detail}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _simulate(workers: _Workers, n: int, server: int, opts: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The four phases, each started and ended here; the row's numbers, from the workers' answers, go
+    into ``out`` as each phase ends (a later phase's failure leaves the earlier ones' numbers)."""
+    limit = opts.phase_timeout
+    sims = [os.getpid(), *workers.pids()]
+    t = time.monotonic()
+    workers.all({"op": "open"}, limit + SLACK_S)
+    _progress(workers, server, "channels open", t)
+    server0, sim0 = _cpu_s(server), sum(map(_cpu_s, sims))
+    t0 = time.monotonic()
+    per = max(1, opts.concurrency // workers.k)  # --concurrency in flight in all
+    wave = workers.all({"op": "join", "concurrency": per}, 4 * limit + SLACK_S)
+    server_wave, sim_wave = _cpu_s(server) - server0, sum(map(_cpu_s, sims)) - sim0
+    out |= {
+        "register_per_s": n / (max(a["registered_at"] for a in wave) - t0),
+        "all_maps_s": max(a["maps_at"] for a in wave) - t0,
+        "converged_s": max(a["converged_at"] for a in wave) - t0,
+        "messages": sum(a["messages"] for a in wave),
+        "bytes": sum(a["bytes"] for a in wave),
+        "have_map": sum(a["have_map"] for a in wave),
+        "complete": sum(a["complete"] for a in wave),
+        "idle_rss_kib": _rss_kib(server),
+        "server_cpu_s": server_wave,
+        "sim_cpu_share": sim_wave / (sim_wave + server_wave) if sim_wave + server_wave else 0.0,
+    }
+    _progress(workers, server, "join wave", t0, "; " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    node_ids = [i for a in wave for i in a["node_ids"]]
+    t = time.monotonic()
+    lat = _changes(workers, n, node_ids, opts)
+    out["change_samples"] = len(lat)
+    out["change_p50_s"] = statistics.median(lat)
+    out["change_p99_s"] = statistics.quantiles(lat, n=100, method="inclusive")[98] if len(lat) > 1 else lat[0]
+    _progress(
+        workers,
+        server,
+        f"{opts.changes} changes",
+        t,
+        f"; p50 {out['change_p50_s']:.3f}s, p99 {out['change_p99_s']:.3f}s",
+    )
+    workers.all({"op": "drop"}, limit + SLACK_S)
+    time.sleep(QUIET_S)  # the server has seen every stream close
+    server0, sim0 = _cpu_s(server), sum(map(_cpu_s, sims))
+    t0 = time.monotonic()
+    storm = workers.all({"op": "reopen"}, 2 * limit + SLACK_S)
+    out["storm_server_cpu_s"] = _cpu_s(server) - server0
+    out["storm_sim_cpu_s"] = sum(map(_cpu_s, sims)) - sim0
+    out["storm_maps_s"] = max(a["maps_at"] for a in storm) - t0
+    out["storm_have_map"] = sum(a["have_map"] for a in storm)
+    out["storm_deltas_per_node"] = sum(a["deltas"] for a in storm) / n
+    out["sim_hwm_kib"] = sum(map(_hwm_kib, workers.pids()))
+    _progress(
+        workers,
+        server,
+        "reconnect storm",
+        t0,
+        f"; maps {out['storm_maps_s']:.2f}s, CPU s: server {out['storm_server_cpu_s']:.1f}, "
+        f"simulator {out['storm_sim_cpu_s']:.1f}",
+    )
+
+
+def _changes(workers: _Workers, n: int, node_ids: list[int], opts: argparse.Namespace) -> list[float]:
+    """``--changes`` endpoint reports, one at a time: every (stream, change) latency in seconds."""
+    k, limit = opts.changes, opts.phase_timeout
+    latencies: list[float] = []
+    for j in range(k):
+        index = (j * max(1, n // k)) % n
+        port = 41000 + j
+        endpoints = [f"198.51.100.{j % 254 + 1}:{port}", f"203.0.113.{j % 254 + 1}:{port}"]
+        # every worker watches before the report is sent, so no arrival can come unwatched
+        workers.all(
+            {"op": "watch", "index": index, "node_id": node_ids[index], "endpoints": endpoints}, SLACK_S
         )
-        out.update(await fleet.storm())
-    finally:
-        await fleet.close()
-    return out
+        owner = workers.owner(index)
+        sent = workers.ask({owner: {"op": "report", "index": index, "endpoints": endpoints}}, limit + SLACK_S)
+        arrivals = workers.all({"op": "arrivals"}, limit + SLACK_S)
+        latencies.extend(t - sent[owner]["sent"] for a in arrivals for t in a["arrivals"])
+        time.sleep(CHANGE_GAP_S)
+    return latencies
 
 
 def _mapper_reference(n: int) -> float:
@@ -393,55 +375,112 @@ def _start_server(
     return server, port, str(json.loads(ctl.stdout)["secret"])
 
 
-async def _one_n(n: int, run_dir: Path, procs: Procs, opts: argparse.Namespace) -> dict[str, Any]:
-    """One row: a fresh server, the simulated fleet against it, the in-process reference."""
-    # blocking, between phases: nothing else runs on this loop then
+def measure(n: int, run_dir: Path, procs: Procs, opts: argparse.Namespace) -> dict[str, Any]:
+    """One row: a fresh server, K workers simulating N nodes against it, the in-process reference. The
+    server and workers are stopped (by PID) before this returns; ``run_dir`` is left for the caller. A
+    phase that fails after the join wave ends the row there: its ``error`` says why, the numbers measured
+    until then stay (a failed join wave raises)."""
     server, port, key = _start_server(run_dir, procs, opts.batch_delay)
     try:
-        proto = _Protocol(REPO, key, f"127.0.0.1:{port}", opts.phase_timeout)
-        budget = opts.phase_timeout * (6 + opts.changes)
-        result = await asyncio.wait_for(_simulate(proto, n, server.pid, opts), budget)
+        workers = _Workers(n, (server.pid, port), key, run_dir, procs=procs, opts=opts)
+        result: dict[str, Any] = {"workers": workers.k}
+        try:
+            _simulate(workers, n, server.pid, opts, result)
+            workers.close(SLACK_S)
+        except RuntimeError as exc:
+            if "register_per_s" not in result:
+                raise
+            result["error"] = str(exc)
+            result["sim_hwm_kib"] = sum(map(_hwm_kib, workers.pids()))
+        finally:
+            workers.stop()
+        Procs.stop(server)  # before the reference: its memory is free again
         result["mapper_s"] = _mapper_reference(n)
         return result
     finally:
         Procs.stop(server)
 
 
-def _row(n: int, r: dict[str, Any]) -> str:
-    return (
-        f"{n:>5} {r['register_per_s']:>7.0f} {r['all_maps_s']:>7.2f} {r['converged_s']:>7.2f} "
-        f"{r['messages']:>8} {r['bytes'] / 1e6:>8.1f} {r['idle_rss_kib'] / 1024:>7.0f} "
-        f"{r['server_cpu_s']:>7.2f} {r['sim_cpu_share'] * 100:>5.0f}% "
-        f"{r['change_p50_s'] * 1000:>7.0f} {r['change_p99_s'] * 1000:>7.0f} "
-        f"{r['storm_maps_s']:>7.2f} {r['storm_deltas_per_node']:>7.1f} {r['mapper_s']:>7.3f} "
-        f"{r['server_cpu_s'] / r['mapper_s']:>6.0f}x"
-    )
-
-
-HEADER = (
-    "    N  reg/s  maps_s  conv_s  wave_msg  wave_MB  rss_MB srv_cpu  sim% chg_p50 chg_p99 "
-    "storm_s  d/node mapper_s  cpu/map"
+# the table: (title, result key, width, format, scale); a "x" format ends the value with an x
+COLUMNS = (
+    ("reg/s", "register_per_s", 6, ".0f", 1.0),
+    ("maps_s", "all_maps_s", 7, ".2f", 1.0),
+    ("conv_s", "converged_s", 7, ".2f", 1.0),
+    ("wave_msg", "messages", 9, ".0f", 1.0),
+    ("wave_MB", "bytes", 8, ".1f", 1e-6),
+    ("rss_MB", "idle_rss_kib", 7, ".0f", 1 / 1024),
+    ("srv_cpu", "server_cpu_s", 7, ".2f", 1.0),
+    ("sim%", "sim_cpu_share", 5, ".0%", 1.0),
+    ("chg_p50", "change_p50_s", 7, ".0f", 1000.0),
+    ("chg_p99", "change_p99_s", 7, ".0f", 1000.0),
+    ("storm_s", "storm_maps_s", 7, ".2f", 1.0),
+    ("d/node", "storm_deltas_per_node", 7, ".1f", 1.0),
+    ("sim_MB", "sim_hwm_kib", 7, ".0f", 1 / 1024),
+    ("mapper_s", "mapper_s", 8, ".3f", 1.0),
+    ("cpu/map", "cpu_per_map", 7, ".0fx", 1.0),
 )
+HEADER = "    N " + " ".join(title.rjust(width) for title, _, width, _, _ in COLUMNS)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(prog="bench.fleet", description=__doc__.split("\n\n")[0])
+def _row(n: int, r: dict[str, Any]) -> str:
+    """The table's row; a phase that did not finish shows ``-`` in its columns."""
+    if "server_cpu_s" in r and r.get("mapper_s"):
+        r = {**r, "cpu_per_map": r["server_cpu_s"] / r["mapper_s"]}
+    cells = [f"{n:>5}"]
+    for _, key, width, fmt, scale in COLUMNS:
+        value = r.get(key)
+        if value is None:
+            text = "-"
+        elif fmt.endswith("x"):
+            text = format(value * scale, fmt[:-1]) + "x"
+        else:
+            text = format(value * scale, fmt)
+        cells.append(text.rjust(width))
+    return " ".join(cells)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench.fleet", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--nodes", default="100,500,1000", help="comma-separated fleet sizes (at most 10000)")
-    ap.add_argument("--channels", type=int, default=8, help="gRPC channels the nodes share")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="simulator processes (default: min(4, cores))",
+    )
+    ap.add_argument("--channels", type=int, default=8, help="gRPC channels the nodes share, in all")
     ap.add_argument("--conn-per-node", action="store_true", help="one channel (TLS connection) per node")
-    ap.add_argument("--concurrency", type=int, default=64, help="Registers in flight")
+    ap.add_argument("--concurrency", type=int, default=64, help="Registers in flight, in all")
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--phase-timeout", type=float, default=120.0)
     ap.add_argument(
+        "--min-available-gib",
+        type=float,
+        default=2.0,
+        help="stop the run when the machine's MemAvailable falls below this (default 2)",
+    )
+    ap.add_argument(
         "--batch-delay", type=float, help="the server's [mapper] batch_delay in seconds (default: its own)"
     )
+    return ap
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    ap = parser()
     opts = ap.parse_args()
     sizes = [int(x) for x in opts.nodes.split(",")]
     if any(not 2 <= n <= 10000 for n in sizes):
         ap.error("--nodes: each size must be 2..10000")
+    if opts.workers < 1 or opts.channels < 1 or opts.concurrency < 1 or opts.changes < 1:
+        ap.error("--workers, --channels, --concurrency and --changes must be at least 1")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill of the parent still stops its children
     procs = Procs()
     print(
-        f"channels: {'one per node' if opts.conn_per_node else opts.channels}, "
+        f"workers: {opts.workers}, channels: {'one per node' if opts.conn_per_node else opts.channels}, "
         f"concurrency {opts.concurrency}, "
         f"batch_delay: {'default' if opts.batch_delay is None else opts.batch_delay}"
     )
@@ -450,23 +489,27 @@ def main() -> int:
         "knows all peers; wave_msg, wave_MB: received during the wave; rss_MB: server, idle, all streams\n"
         "open; srv_cpu: server CPU s in the wave; sim%: simulator share of that CPU; chg_p50/p99 ms: one\n"
         "change to all streams; storm_s: all streams reopened until every map; d/node: deltas per node in\n"
-        "the storm; mapper_s: in-process compile + all full maps (reference); cpu/map: srv_cpu / mapper_s"
+        "the storm; sim_MB: workers' peak RSS, summed; mapper_s: in-process compile + all full maps\n"
+        "(reference); cpu/map: srv_cpu / mapper_s"
     )
     print(HEADER, flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        try:
-            asyncio.run(_all(sizes, Path(tmp), procs, opts))
-        finally:
-            procs.stop_all()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+            try:
+                for n in sizes:
+                    result = measure(n, Path(tmp) / f"n{n}", procs, opts)
+                    print(_row(n, result), flush=True)
+                    if "error" in result:  # a larger N would fail the same way
+                        raise RuntimeError(f"N={n}: {result['error']}")
+            finally:
+                procs.stop_all()
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; its processes and temporary directory are gone", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
     return 0
-
-
-async def _all(sizes: list[int], tmp: Path, procs: Procs, opts: argparse.Namespace) -> None:
-    # one event loop for every size: grpc.aio stays bound to the loop it first ran on (a second
-    # asyncio.run leaves its poller calling into a closed loop)
-    for n in sizes:
-        result = await _one_n(n, tmp / f"n{n}", procs, opts)
-        print(_row(n, result), flush=True)
 
 
 if __name__ == "__main__":
