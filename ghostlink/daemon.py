@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from ghostcore import addr
 from ghostcore.aio import Backoff
 from ghostcore.errors import GhostError, Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
@@ -443,12 +444,13 @@ class Daemon:
             nm = self._admitted
             me = nm.self_node
             devices = me.device_prefixes if me is not None else ()
-            router = me is not None and is_router(me.primary_routes, me.exit_node, devices)
+            own = tuple(addr.host_prefix(addr.parse_ip(a)) for a in me.addresses) if me is not None else ()
+            router = me is not None and is_router(me.primary_routes, me.exit_node)
             if self._firewall is not None and nm.filter is not None:
                 # before the peers: a new peer must never meet a filter older than the map naming it
-                await self._firewall.apply(nm.filter, masquerade=router, devices=devices)  # unchanged: no nft
+                await self._firewall.apply(nm.filter, masquerade=router, devices=devices, own=own)
             if self._forwarding is not None:
-                await self._forwarding.apply(router)
+                await self._forwarding.apply(router or bool(devices))  # a gateway forwards for its devices
             paths = self._paths.endpoints() if self._paths is not None else None
             desired = engine.desired_state(nm, self._exit_node, paths)
             p = engine.plan(self._applied, desired)

@@ -1,4 +1,4 @@
-"""IP forwarding on a router node (subnet router, exit node or device gateway): on while it routes, restored
+"""IP forwarding on a router node (subnet router, exit node) or device gateway: on while it routes, restored
 after.
 
 A node that ghostmesh made the primary router for some prefix (``Node.primary_routes``) or an approved

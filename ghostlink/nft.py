@@ -19,11 +19,15 @@ passes no input device there); ``ROUTED_MARK`` is one bit, OR-ed in so other mar
 rules decide first: a packet the node's filter does not accept is dropped before it is ever marked.
 
 On a device gateway (``devices``: the host prefixes of the stock WireGuard peers behind this node) the
-forward chain also accepts what its devices send back into the mesh (``oifname "<wg if>" ip saddr
-{ <devices> } accept``): WireGuard's cryptokey routing has already checked that such a packet came from
-that device's key, and the node receiving it enforces its own filter on it, as it would for any node's
-packet. What goes elsewhere (a subnet behind this node, the internet through it) and what the mesh sends
-to a device is judged by this node's filter rules, where the policy compiler puts the devices' rules.
+forward chain also accepts what its devices send into the mesh (``oifname "<wg if>" ip saddr { <devices> }
+ip daddr != { <devices> } accept``): WireGuard's cryptokey routing has already checked that such a packet
+came from that device's key, and the node receiving it enforces its own filter on it, as it would for any
+node's packet. What goes to another device, to a subnet behind this node or to the internet through it, and
+what the mesh sends to a device, is judged by this node's filter rules, where the policy compiler puts the
+devices' rules. A gateway that is no router forwards nothing out of the mesh (``oifname != "<wg if>"
+drop``) and masquerades nothing. On every forward chain, a packet from another interface into the mesh
+whose source is this node's overlay address or a device's is dropped: a host on the LAN must not borrow
+their rights at the peers, which accept those sources from this node's tunnel.
 
 The policy compiler on ghostmesh is the judge of who may reach what; this module only renders its
 ``FilterRule``s, protocol by protocol as written (:mod:`ghostcore.policy.protocols`): TCP, UDP and SCTP
@@ -134,15 +138,34 @@ def rule_lines(rules: Sequence[FilterSpec]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _families(prefixes: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(``ip`` / ``ip6``, the prefixes of that family merged) for each family that has any."""
+    out = []
+    for version, fam in ((4, "ip"), (6, "ip6")):
+        merged = _collapse(prefixes, version)
+        if merged:
+            out.append((fam, merged))
+    return out
+
+
 def render(
-    ifname: str, rules: Sequence[FilterSpec], masquerade: bool = False, devices: Sequence[str] = ()
+    ifname: str,
+    rules: Sequence[FilterSpec],
+    *,
+    masquerade: bool = False,
+    devices: Sequence[str] = (),
+    own: Sequence[str] = (),
 ) -> str:
     """The ``nft -f`` script replacing the interface's table with one enforcing ``rules``.
 
-    ``masquerade``: this node routes for the mesh; NAT what it forwards from the WireGuard interface.
-    ``devices``: host prefixes of the devices behind this node, whose packets into the mesh it forwards.
+    ``masquerade``: this node routes for the mesh (subnet router, exit node); NAT what it forwards from the
+    WireGuard interface to others. ``devices``: host prefixes of the devices behind this node, whose
+    packets into the mesh it forwards; a gateway that is no router forwards between mesh and devices only.
+    ``own``: this node's overlay host prefixes; with ``devices``, the addresses a host on another interface
+    must never send into the mesh as (peers would credit such a packet with this node's or a device's rights).
     """
     name = table_name(ifname)
+    wg = _quote(ifname)
     body = [
         "ct state established,related accept",
         "ct state invalid drop",
@@ -151,17 +174,27 @@ def render(
     body.append("drop")
     chains = []
     for hook in ("input", "forward"):
-        head = [f"iifname != {_quote(ifname)} accept"]
+        head = []
+        tail = body
+        if hook == "forward":
+            # spoofed from another interface (a LAN host): dropped before "not from the mesh: accept"
+            head += [
+                f"iifname != {wg} oifname {wg} {fam} saddr {_set(p)} drop"
+                for fam, p in _families([*own, *devices])
+            ]
+        head.append(f"iifname != {wg} accept")
         if hook == "forward" and masquerade:
             head.append(f"meta mark set meta mark or {ROUTED_MARK}")
-        tail = body
         if hook == "forward" and devices:
-            own = [
-                f"oifname {_quote(ifname)} {_match(fam + ' saddr', _collapse(devices, version))}accept"
-                for version, fam in ((4, "ip"), (6, "ip6"))
-                if _collapse(devices, version)
+            if not masquerade:
+                head.append(f"oifname != {wg} drop")  # a gateway of devices only: within the mesh
+            # a device's packet into the mesh: the node it is for judges it; not to another device, whose
+            # rules this node's filter holds (after the conntrack lines, before the filter's)
+            into_mesh = [
+                f"oifname {wg} {fam} saddr {_set(p)} {fam} daddr != {_set(p)} accept"
+                for fam, p in _families(devices)
             ]
-            tail = body[:2] + own + body[2:]  # after the conntrack lines, before the filter's
+            tail = body[:2] + into_mesh + body[2:]
         lines = "\n".join(f"\t\t{line}" for line in head + tail)
         chains.append(
             f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n{lines}\n\t}}"
@@ -169,13 +202,17 @@ def render(
     if masquerade:
         chains.append(
             "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-            f"\t\tmeta mark and {ROUTED_MARK} == {ROUTED_MARK} oifname != {_quote(ifname)} masquerade\n\t}}"
+            f"\t\tmeta mark and {ROUTED_MARK} == {ROUTED_MARK} oifname != {wg} masquerade\n\t}}"
         )
     return (
         f"add table inet {name}\ndelete table inet {name}\ntable inet {name} {{\n"
         + "\n".join(chains)
         + "\n}\n"
     )
+
+
+def _set(prefixes: list[str]) -> str:
+    return prefixes[0] if len(prefixes) == 1 else "{ " + ", ".join(prefixes) + " }"
 
 
 def render_delete(ifname: str) -> str:
@@ -223,23 +260,32 @@ class NftFirewall:
         self.applied: tuple[FilterSpec, ...] | None = None
         self.masquerade = False
         self.devices: tuple[str, ...] = ()
+        self.own: tuple[str, ...] = ()
         self._journal = journal  # None: nothing journaled (tests that run the firewall alone)
 
     async def _run(self, script: str) -> None:
         await run_script(self.nft, script, f"the filter of {self.ifname}")
 
     async def apply(
-        self, rules: tuple[FilterSpec, ...], masquerade: bool = False, devices: tuple[str, ...] = ()
+        self,
+        rules: tuple[FilterSpec, ...],
+        *,
+        masquerade: bool = False,
+        devices: tuple[str, ...] = (),
+        own: tuple[str, ...] = (),
     ) -> None:
-        """Replace the table with one enforcing ``rules``; a no-op when they are what is applied."""
-        if rules == self.applied and masquerade == self.masquerade and devices == self.devices:
+        """Replace the table with one enforcing ``rules`` (see :func:`render` for the rest); a no-op when
+        all of it is what is applied."""
+        wanted = (rules, masquerade, devices, own)
+        if wanted == (self.applied, self.masquerade, self.devices, self.own):
             return
         if self.applied is None and self._journal is not None:  # the table is about to be created
             await asyncio.to_thread(self._journal.record_nft_table, table_name(self.ifname))
-        await self._run(render(self.ifname, rules, masquerade, devices))
+        await self._run(render(self.ifname, rules, masquerade=masquerade, devices=devices, own=own))
         self.applied = rules
         self.masquerade = masquerade
         self.devices = devices
+        self.own = own
         log.info("packet filter on %s: %d rules%s", self.ifname, len(rules), ", masquerading" * masquerade)
 
     async def close(self) -> None:

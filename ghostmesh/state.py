@@ -34,6 +34,8 @@ nodes.
 Devices (:meth:`State.add_device`): a stock WireGuard peer (a phone, a router) that runs no ghostlink is
 a node record with ``via`` naming its gateway node. It has an owner or tags, addresses and a name like any
 node, never expires and never connects: its key can neither register, sync, report nor rotate. Its
+gateway terminates its tunnel and so could act as the device: a gateway is a tagged node (run by the
+admins) or a node of the device's own user. Its
 gateway's record carries the devices' host prefixes (``device_prefixes``, derived here like routes), so
 adding or removing a device is a change of the gateway too. A gateway with devices can be neither deleted
 nor rotated to a new key (the devices' configurations name it): its devices go first.
@@ -821,6 +823,13 @@ class State:
                 f"node {gateway.name} is rotating its key; add the device once the rotation is done"
             )
         _check_owner(user, tags)
+        owner = user or DEFAULT_USER
+        if not gateway.tags and gateway.user != owner:
+            # whoever runs the gateway terminates the device's tunnel and can act as the device
+            raise PermissionDenied(
+                f"node {gateway.name} belongs to {gateway.user}, and its owner could act as this device: a "
+                f"device of {owner}'s goes behind a node of {owner}'s or a tagged node"
+            )
         owner = self._ensure_user(user, now)
         device = self._create(node_key, name, owner, now, tags=tuple(tags), via=gateway.id)
         return device, [self._added(device), *self._refresh((gateway.id,))]

@@ -40,10 +40,13 @@ async def test_a_device_rides_in_its_gateways_allowed_ips_and_is_a_peer_of_its_g
         phone = PrivateKey.generate()
         phone_key = phone.public_key().base64()
         async with admin_unix(srv) as admin:
+            # behind another user's node its owner could act as the device: refused, nothing created
+            alices = apb.AddDeviceRequest(name="phone", node_key=phone_key, via="gw", user="alice")
+            assert await _code(admin.AddDevice(alices, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
             device = await admin.AddDevice(
-                apb.AddDeviceRequest(name="phone", node_key=phone_key, via="gw", user="alice"), timeout=5
+                apb.AddDeviceRequest(name="phone", node_key=phone_key, via="gw"), timeout=5
             )
-            assert (device.via, device.user, device.expires_unix) == (g.id, "alice", 0)
+            assert (device.via, device.user, device.expires_unix) == (g.id, "default", 0)
             assert list(device.addresses) == ["100.64.0.3", "fd7a:115c:a1e0::3"]
             hosts = ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"]
             # the gateway: its own record lists the device, and the device is one of its peers
@@ -151,7 +154,10 @@ async def test_ghostctl_devices_add_prints_a_wg_quick_config_once_and_signs_unde
         assert code != 0
         assert "pass --endpoint" in err
         await gw.report(endpoints=["10.0.0.5:41641", "192.0.2.7:41641", "8.8.8.8:41641"])
-        code, out, _ = await _ctl(srv, capsys, "devices", "add", "phone", "--via", "gw", "--user", "alice")
+        code, _, err = await _ctl(srv, capsys, "devices", "add", "phone", "--via", "gw", "--user", "alice")
+        assert code == 3
+        assert "a device of alice's goes behind a node of alice's or a tagged node" in err
+        code, out, _ = await _ctl(srv, capsys, "devices", "add", "phone", "--via", "gw")
         assert code == 0
         doc = json.loads(out)
         cfg = wgconfig.WGConfig()
@@ -167,7 +173,7 @@ async def test_ghostctl_devices_add_prints_a_wg_quick_config_once_and_signs_unde
         # the private key is nowhere on the server's side
         assert private.base64() not in (tmp_path / "state" / "ghostmesh.db").read_bytes().decode("latin-1")
         code, out, _ = await _ctl(srv, capsys, "devices", "list")
-        assert [(d["name"], d["via"], d["user"]) for d in json.loads(out)] == [("phone", "gw", "alice")]
+        assert [(d["name"], d["via"], d["user"]) for d in json.loads(out)] == [("phone", "gw", "default")]
         # --config and --qr: 0600 files, and a name already taken is refused before anything is created
         conf, png = tmp_path / "tablet.conf", tmp_path / "tablet.png"
         code, out, _ = await _ctl(

@@ -37,22 +37,38 @@ def test_masquerade_marks_forwarded_mesh_traffic_and_nats_it_out() -> None:
     assert f'meta mark and {ROUTED_MARK} == {ROUTED_MARK} oifname != "gw0" masquerade' in script
 
 
+def _chain(script: str, name: str) -> list[str]:
+    part = script.split(f"chain {name}")[1].split("chain ", maxsplit=1)[0]
+    return [ln.strip() for ln in part.splitlines()]
+
+
 def test_a_device_gateway_forwards_its_devices_packets_into_the_mesh_only() -> None:
     devices = ("100.64.0.9/32", "fd7a:115c:a1e0::9/128", "100.64.0.8/32")
-    script = render("gw0", RULES, masquerade=True, devices=devices)
-    forward = [
-        ln.strip() for ln in script.split("chain forward")[1].split("chain postrouting")[0].splitlines()
-    ]
-    v4 = 'oifname "gw0" ip saddr 100.64.0.8/31 accept'  # collapsed
-    v6 = 'oifname "gw0" ip6 saddr fd7a:115c:a1e0::9/128 accept'
-    # after conntrack (an invalid packet is still dropped), before the filter's own rules and the drop
+    own = ("100.64.0.1/32", "fd7a:115c:a1e0::1/128")
+    script = render("gw0", RULES, devices=devices, own=own)
+    forward = _chain(script, "forward")
+    v4 = 'oifname "gw0" ip saddr 100.64.0.8/31 ip daddr != 100.64.0.8/31 accept'  # collapsed
+    v6 = 'oifname "gw0" ip6 saddr fd7a:115c:a1e0::9/128 ip6 daddr != fd7a:115c:a1e0::9/128 accept'
+    # into the mesh, not to another device: after conntrack, before the filter's own rules and the drop
     assert forward.index(v4) == forward.index("ct state invalid drop") + 1
     assert forward.index(v6) == forward.index(v4) + 1
     assert forward.index(v6) < forward.index("drop")
-    assert "saddr 100.64.0.8/31" not in script.split("chain input")[1].split("chain forward")[0]
+    # a gateway that is no router: nothing out of the mesh, no masquerade, no mark
+    assert forward.index('oifname != "gw0" drop') == forward.index('iifname != "gw0" accept') + 1
+    assert "postrouting" not in script
+    assert "meta mark" not in script
+    # a LAN host cannot send into the mesh as this node or a device
+    assert forward[forward.index('iifname != "gw0" accept') - 2 :][:2] == [
+        'iifname != "gw0" oifname "gw0" ip saddr { 100.64.0.1/32, 100.64.0.8/31 } drop',
+        'iifname != "gw0" oifname "gw0" ip6 saddr { fd7a:115c:a1e0::1/128, fd7a:115c:a1e0::9/128 } drop',
+    ]
+    assert "saddr 100.64.0.8/31" not in "\n".join(_chain(script, "input"))
+    # a router with devices: forwards out of the mesh too, as its filter allows
+    routed = _chain(render("gw0", RULES, masquerade=True, devices=devices, own=own), "forward")
+    assert 'oifname != "gw0" drop' not in routed
+    assert v4 in routed
     assert 'oifname "gw0" ip' not in render("gw0", RULES, masquerade=True)
-    assert is_router((), False, devices)
-    assert not is_router((), False, ())
+    assert not is_router((), False)
 
 
 def test_forwarding_is_turned_on_and_restored(tmp_path: Path) -> None:
