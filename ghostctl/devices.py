@@ -26,8 +26,9 @@ from typing import Any
 
 from ghostcore import addr, lock
 from ghostcore import errors as e
+from ghostcore.dnsname import node_label
 from ghostcore.files import create_private
-from ghostcore.keys import PrivateKey
+from ghostcore.keys import PrivateKey, PublicKey
 from ghostcore.pb.ghostmesh.v1 import admin_pb2, coordination_pb2
 from ghostctl import lock as lock_cmds
 from ghostctl import output
@@ -134,21 +135,45 @@ def wg_quick_config(
     endpoint: str,
     allowed: list[str],
 ) -> str:
-    """The device's wg-quick file: its key and addresses; the gateway as its one peer."""
+    """The device's wg-quick file: its key and addresses; the gateway as its one peer.
+
+    Every value ghostmesh sent is checked first (ProtocolError otherwise): wg-quick runs what a
+    ``PostUp =`` line says as root, so a name or key carrying a newline must never reach the file.
+    """
     import wgconfig  # noqa: PLC0415 - only this command needs it
 
+    name, gw_name = _label(device.name), _label(gateway.name)
+    gw_key = _wg_key(gateway.node_key)
+    try:
+        hosts = [ipaddress.ip_address(a) for a in device.addresses]
+    except ValueError:
+        raise e.ProtocolError("ghostmesh answered a device address that is not an IP address") from None
     wc = wgconfig.WGConfig()
-    wc.add_attr(None, "PrivateKey", private_key, f"# ghost* device {device.name} (id {device.id})")
-    wc.add_attr(
-        None, "Address", ", ".join(f"{a}/{ipaddress.ip_address(a).max_prefixlen}" for a in device.addresses)
-    )
-    wc.add_peer(gateway.node_key, f"# gateway {gateway.name}")
-    wc.add_attr(gateway.node_key, "AllowedIPs", ", ".join(allowed))
-    wc.add_attr(gateway.node_key, "Endpoint", endpoint)
-    wc.add_attr(gateway.node_key, "PersistentKeepalive", KEEPALIVE)
+    wc.add_attr(None, "PrivateKey", private_key, f"# ghost* device {name} (id {int(device.id)})")
+    wc.add_attr(None, "Address", ", ".join(f"{ip}/{ip.max_prefixlen}" for ip in hosts))
+    wc.add_peer(gw_key, f"# gateway {gw_name}")
+    wc.add_attr(gw_key, "AllowedIPs", ", ".join(allowed))
+    wc.add_attr(gw_key, "Endpoint", endpoint)
+    wc.add_attr(gw_key, "PersistentKeepalive", KEEPALIVE)
     out = io.StringIO()
     wc.write_to_fileobj(out)
     return out.getvalue()
+
+
+def _label(name: str) -> str:
+    if node_label(name) != name:
+        raise e.ProtocolError(f"ghostmesh answered a node name that is not a DNS label: {name[:40]!r}")
+    return name
+
+
+def _wg_key(text: str) -> str:
+    try:
+        key = PublicKey.from_base64(text).base64()
+    except e.InvalidArgument:
+        key = ""
+    if key != text:
+        raise e.ProtocolError("ghostmesh answered a node key that is not a canonical WireGuard key")
+    return key
 
 
 def _write_qr(text: str, where: str, stdout: Any) -> None:
@@ -178,6 +203,8 @@ def run_add(ctx: Context, args: argparse.Namespace) -> int:
     if gateway.via:
         raise e.InvalidArgument(f"{gateway.name} is a device: a gateway must be a node running ghostlink")
     endpoint = _pick_endpoint(gateway, args.endpoint)
+    _label(gateway.name)
+    _wg_key(gateway.node_key)
     signer = lock_cmds.signing_key(ctx, args.lock_key_file)[0] if args.lock_key_file is not None else None
     if signer is None and lock_cmds.lock_enabled(ctx):
         raise e.InvalidArgument(
@@ -193,11 +220,35 @@ def run_add(ctx: Context, args: argparse.Namespace) -> int:
         tags=args.tags,
     )
     device = ctx.call(stub.AddDevice, req, where)
+    config = wg_quick_config(key.base64(), device, gateway, endpoint, allowed)
+    delivered = False
+    try:
+        _deliver(ctx, args, device=device, gateway=gateway, config=config, signer=signer, key=key)
+        delivered = True
+    finally:
+        if not delivered:  # the device exists now: whatever failed, its private key must not be lost
+            sys.stderr.write(
+                f"ghostctl: device {device.name} was added, but the command did not finish; its wg-quick "
+                f"config, shown this once:\n{config}"
+            )
+    return 0
+
+
+def _deliver(
+    ctx: Context,
+    args: argparse.Namespace,
+    *,
+    device: coordination_pb2.Node,
+    gateway: coordination_pb2.Node,
+    config: str,
+    signer: lock.SigningKey | None,
+    key: PrivateKey,
+) -> None:
+    """Sign the new device's key if asked, then write or print its config (and QR code)."""
     if signer is not None:
         # A device never rotates its key: the rotation key it would sign a successor with is thrown away.
         discarded = lock.SigningKey.generate().public()
         lock_cmds.sign_node(ctx, signer, key.public_key().raw, discarded)
-    config = wg_quick_config(key.base64(), device, gateway, endpoint, allowed)
     if args.config is not None:
         try:
             create_private(args.config, config.encode())
@@ -216,7 +267,6 @@ def run_add(ctx: Context, args: argparse.Namespace) -> int:
         return f"{head}\n\n{config}\n{SHOWN_ONCE}"
 
     ctx.emit(doc, human)
-    return 0
 
 
 def run_list(ctx: Context, args: argparse.Namespace) -> int:

@@ -204,7 +204,10 @@ class _Admitter:
             self.refuse(p, "device", "this node's own record does not list it as a device behind it")
             return False
         if hosts and all(self.carried.get(h) == p.via for h in hosts):
-            # claimed by the gateway's record for exactly this device: its own addresses again below
+            # claimed by the gateway's record for exactly this device: its own addresses again below,
+            # and for this one record only (a second device on the same addresses is refused)
+            for h in hosts:
+                del self.carried[h]
             self.claimed.difference_update(addr.parse_ip(a) for a in p.addresses)
             return True
         self.refuse(p, "device", "its gateway's admitted record does not carry its addresses")

@@ -104,7 +104,10 @@ def _reload_on_sighup(running: RunningServer) -> Iterator[None]:
     try:
         yield
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(
+            signal.SIGHUP
+        )  # which puts back SIGHUP's default action: to end the process
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while the server stops is ignored
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "server.admin_socket": args.admin_socket,
             "log.level": args.log_level,
         }
+        # A reload asked for before the handler exists (during the start) or after it is gone (during the
+        # stop) must not end the process: SIGHUP's default action would, and systemd would not restart it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         cfg = load_config(args.config, flags=flags)
         configure(cfg.log.level, cfg.log.format)
         path = args.config

@@ -80,6 +80,8 @@ async def test_a_reloaded_dns_change_reaches_open_streams_as_one_delta(tmp_path:
         with app._reload_on_sighup(srv):  # the handler ghostmesh installs while it serves
             os.kill(os.getpid(), signal.SIGHUP)
             delta = await next_update(call_a)
+        # once the server stops serving, a reload is ignored, not the default action (ending the process)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         assert not delta.full
         assert records(delta) == ["db.mesh.example", "new.mesh.example"]
         assert list(delta.peers_upserted) == []
@@ -126,9 +128,17 @@ async def test_a_bad_reload_changes_nothing_and_other_tables_wait_for_a_restart(
         assert srv.reloader is not None
 
         bad_dns = write_config(tmp_path, dns=DNS + '[dns.split]\n"corp.example" = ["x"]\n').read_text()
-        for text, what in ((bad_dns, "dns.split.corp.example[0]"), ("[dns\n", "not valid TOML"), (None, "")):
+        cases = (
+            (bad_dns, "dns.split.corp.example[0]"),
+            ("[dns\n", "not valid TOML"),
+            ('[dns]\nbase_domain = "\xe9"\n', "not UTF-8 text"),
+            (None, ""),
+        )
+        for text, what in cases:
             if text is None:
                 path.unlink()  # the file went away
+            elif "not UTF-8" in what:
+                path.write_bytes(text.encode("latin-1"))
             else:
                 path.write_text(text)
             caplog.clear()
@@ -137,9 +147,9 @@ async def test_a_bad_reload_changes_nothing_and_other_tables_wait_for_a_restart(
             assert len(caplog.records) == 1  # one line, naming the file and what is wrong in it
             assert str(path) in caplog.records[0].getMessage()
             assert what in caplog.records[0].getMessage()
-        assert srv.reloader.counts == {"applied": 0, "unchanged": 0, "refused": 3}
+        assert srv.reloader.counts == {"applied": 0, "unchanged": 0, "refused": 4}
         reg = metrics.registry(srv.hub, srv.store, None, srv.reloader)
-        assert reg.get_sample_value("ghostmesh_config_reloads_total", {"result": "refused"}) == 3
+        assert reg.get_sample_value("ghostmesh_config_reloads_total", {"result": "refused"}) == 4
         await no_delta(srv)
         assert srv.store.last_audit().seq == seq  # type: ignore[union-attr]
 

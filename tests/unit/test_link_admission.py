@@ -459,3 +459,11 @@ def test_a_device_record_with_more_than_its_addresses_keeps_only_them() -> None:
     out, refused = _admit(replace(nm, self_node=me), Policy(accept_routes=True))
     assert refused == ["p9: allowed IP 10.9.0.0/16: a device carries its own addresses only"]
     assert "10.9.0.0/16" not in out.peers[9].allowed_ips
+
+
+def test_two_device_records_on_the_same_addresses_admit_the_first_only() -> None:
+    gateway, device = _gateway_and_device()
+    twin = replace(device, id=10, name="p10", node_key=_key())
+    out, refused = _admit(_map(gateway, device, twin))
+    assert refused == ["p10: device: its gateway's admitted record does not carry its addresses"]
+    assert set(out.peers) == {2, 9}
