@@ -132,7 +132,12 @@ class OidcLogin:
 
 class OidcLogins:
     """The console's OIDC logins in progress, by ``state``: at most ``max_pending``, ``max_per_source``
-    of them from one source, each ``timeout`` seconds at most."""
+    of them from one source, each ``timeout`` seconds at most.
+
+    A browser has one login in progress: starting another replaces it. A source over its cap loses its
+    oldest login rather than being refused, so a page elsewhere that makes an admin's browser start logins
+    (or the other users behind a shared proxy) cannot lock the admin out for the login timeout; only the
+    cap over all sources refuses."""
 
     def __init__(self, timeout: float, max_pending: int, max_per_source: int) -> None:
         self.timeout = timeout
@@ -149,17 +154,22 @@ class OidcLogins:
         if not cookie:
             raise AuthError("login failed: no pre-login cookie")  # the edge always sets one
         self.expire(now)
+        browser = cookie_hash(cookie)
+        for state in [
+            s for s, login in self._by_state.items() if hmac.compare_digest(login.browser, browser)
+        ]:
+            del self._by_state[state]  # this browser's earlier login: replaced
+        from_source = sorted(
+            (login.expires, state) for state, login in self._by_state.items() if login.source == source
+        )
+        for _, state in from_source[: max(0, len(from_source) - self.max_per_source + 1)]:
+            del self._by_state[state]  # the source's oldest: evicted, never the newcomer refused
         if len(self._by_state) >= self.max_pending:
             raise ResourceExhausted(
                 "too many OIDC logins in progress (oidc.max_pending); retry in a few minutes"
             )
-        if sum(1 for login in self._by_state.values() if login.source == source) >= self.max_per_source:
-            raise ResourceExhausted(
-                f"too many OIDC logins in progress from {source} (oidc.max_pending_per_source); finish one "
-                "or let it expire first"
-            )
         state, nonce, verifier = request_secrets()
-        login = OidcLogin(source, now + self.timeout, state, nonce, verifier, cookie_hash(cookie))
+        login = OidcLogin(source, now + self.timeout, state, nonce, verifier, browser)
         self._by_state[state] = login
         return login
 

@@ -124,17 +124,30 @@ def test_a_login_expires() -> None:
 
 def test_logins_in_progress_are_capped_per_source_and_in_all() -> None:
     logins = OidcLogins(timeout=600, max_pending=3, max_per_source=2)
-    cookie = new_cookie()
-    logins.start(cookie, "192.0.2.1", T0)
-    logins.start(cookie, "192.0.2.1", T0)
-    with pytest.raises(ResourceExhausted, match=r"from 192\.0\.2\.1 \(oidc\.max_pending_per_source\)"):
-        logins.start(cookie, "192.0.2.1", T0)
-    logins.start(cookie, "192.0.2.2", T0)
+    c1, c2, c3 = new_cookie(), new_cookie(), new_cookie()
+    first = logins.start(c1, "192.0.2.1", T0)
+    second = logins.start(c2, "192.0.2.1", T0 + 1)
+    third = logins.start(c3, "192.0.2.1", T0 + 2)  # over the source's cap: its oldest goes
+    assert len(logins) == 2
+    assert logins.take(first.state, c1, T0 + 3) is None
+    logins.start(new_cookie(), "192.0.2.2", T0 + 3)
     with pytest.raises(ResourceExhausted, match=r"\(oidc\.max_pending\)"):
-        logins.start(cookie, "192.0.2.3", T0)
+        logins.start(new_cookie(), "192.0.2.3", T0 + 3)
     assert len(logins) == 3
-    logins.start(cookie, "192.0.2.3", T0 + 600)  # the first three expired
+    assert logins.take(second.state, c2, T0 + 4) is second
+    assert logins.take(third.state, c3, T0 + 4) is third
+    logins.start(new_cookie(), "192.0.2.3", T0 + 604)  # the rest expired
     assert len(logins) == 1
+
+
+def test_a_browser_starting_again_replaces_its_own_login() -> None:
+    logins = OidcLogins(timeout=600, max_pending=100, max_per_source=10)
+    cookie = new_cookie()
+    old = logins.start(cookie, "192.0.2.1", T0)
+    new = logins.start(cookie, "192.0.2.1", T0 + 1)
+    assert len(logins) == 1
+    assert logins.take(old.state, cookie, T0 + 2) is None
+    assert logins.take(new.state, cookie, T0 + 2) is new
 
 
 # -- config ----------------------------------------------------------------------------------------------
