@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         # A reload asked for before the handler exists (during the start) or after it is gone (during the
         # stop) must not end the process: SIGHUP's default action would, and systemd would not restart it.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with contextlib.suppress(ValueError):  # not the main thread (tests calling main): no signals there
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         cfg = load_config(args.config, flags=flags)
         configure(cfg.log.level, cfg.log.format)
         path = args.config
