@@ -141,6 +141,20 @@ def test_signatures_and_pending_since_round_trip(store: SqlStore) -> None:
     assert (back.pending_since, back.key_signature, back.pending_signature) == (12.5, b"\x00sig", b"\x01p")
 
 
+def test_a_device_keeps_its_gateway_and_the_derived_fields_are_never_stored(store: SqlStore) -> None:
+    gateway = store.insert_node(node_rec())
+    device = store.insert_node(
+        replace(node_rec(name="phone", key="k2", v4="100.64.0.2", v6="fd7a:115c:a1e0::2"), via=gateway.id)
+    )
+    store.update_node(replace(gateway, device_prefixes=("100.64.0.2/32",), primary_routes=("10.0.0.0/8",)))
+    by_name = {n.name: n for n in store.list_nodes()}
+    assert by_name["phone"].via == gateway.id
+    assert by_name["phone"] == device
+    assert by_name[gateway.name].via == 0
+    assert by_name[gateway.name].device_prefixes == ()  # derived by the state, never written
+    assert by_name[gateway.name].primary_routes == ()
+
+
 def test_oidc_bindings_are_unique_per_issuer_and_subject(store: SqlStore) -> None:
     alice = store.put_oidc_user("alice", "", "s1", ["eng", "eng", "ops"], 2.0)
     assert (alice.oidc_subject, alice.groups, alice.oidc_issuer) == ("s1", ("eng", "ops"), "")
