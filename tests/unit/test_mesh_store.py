@@ -222,3 +222,25 @@ def test_migration_5_binds_users_by_issuer_and_subject(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         s.set_oidc_identity("nobody", "", None)
     s.close()
+
+
+def test_migration_6_makes_every_existing_node_a_node_not_a_device(tmp_path: Path) -> None:
+    """A database of schema 5 (before devices): its nodes gain ``via`` 0 and keep everything else."""
+    path = tmp_path / "db.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (5)")
+    for script in MIGRATIONS[:5]:
+        db.executescript(script)
+    db.execute("INSERT INTO users (name, created) VALUES ('default', 1)")
+    db.execute(
+        "INSERT INTO nodes (name, user, node_key, ipv4, ipv6, ephemeral, created, expires, key_signature) "
+        "VALUES ('a', 'default', 'k1', '100.64.0.1', 'fd7a:115c:a1e0::1', 0, 1, 0, x'00ff')"
+    )
+    db.commit()
+    db.close()
+    s = SqliteStore(path)
+    assert s.schema_version() == SCHEMA_VERSION >= 6
+    (node,) = s.list_nodes()
+    assert (node.name, node.node_key, node.key_signature, node.via) == ("a", "k1", b"\x00\xff", 0)
+    s.close()
