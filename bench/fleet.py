@@ -7,7 +7,7 @@ Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.fleet --nodes 100,500,1000 [--w
 For each N in ``--nodes`` the parent (this module) starts this checkout's ``ghostmesh`` as a subprocess
 on 127.0.0.1 (a temporary state directory; :mod:`bench.fanout`'s process handling, proof code and /proc
 readers), creates a reusable auth key with ``ghostctl`` and starts ``--workers`` K worker processes
-(:mod:`bench.fleet_worker`; default min(4, cores)). Each runs its share of the N simulated nodes (N/K,
+(:mod:`bench.fleet_worker`; default half the cores, 1 to 4, as the server shares the machine). Each runs its share of the N simulated nodes (N/K,
 contiguous) in its own asyncio loop over its own gRPC channels: ``--channels`` in all, split between the
 workers (at least one each), or with ``--conn-per-node`` one channel and so one TLS connection per node,
 as real nodes have. Each node has its own X25519 key and makes the calls ghostlink makes, proven the
@@ -445,8 +445,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--workers",
         type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="simulator processes (default: min(4, cores))",
+        default=min(4, max(1, (os.cpu_count() or 1) // 2)),
+        help="simulator processes (default: half the cores, 1 to 4: the server needs the rest)",
     )
     ap.add_argument("--channels", type=int, default=8, help="gRPC channels the nodes share, in all")
     ap.add_argument("--conn-per-node", action="store_true", help="one channel (TLS connection) per node")
