@@ -9,8 +9,8 @@ on 127.0.0.1 (a temporary state directory; :mod:`bench.fanout`'s process handlin
 readers), creates a reusable auth key with ``ghostctl`` and starts ``--workers`` K worker processes
 (:mod:`bench.fleet_worker`; default half the cores, 1 to 4, as the server shares the machine). Each
 runs its share of the N simulated nodes (N/K, contiguous) in its own asyncio loop over its own gRPC
-channels: ``--channels`` in all, split between the workers (at least one each), or with ``--conn-per-node`` one channel and so one TLS connection per node,
-as real nodes have. Each node has its own X25519 key and makes the calls ghostlink makes, proven the
+channels: ``--channels`` in all, split between the workers (at least one each), or with
+``--conn-per-node`` one channel and so one TLS connection per node, as real nodes have. Each node has its own X25519 key and makes the calls ghostlink makes, proven the
 same way (TLS pinned by the key's pin, v2 proofs over the request bytes). The wave's bytes are
 O(N · map size) (every full map holds ~N peers: ~1.8 MB at 10,000 nodes): a process that parses them
 slower than they arrive leaves them in its gRPC buffers (a stream waiting for a message lets the server
