@@ -4,21 +4,21 @@ Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.fleet --nodes 100,500,1000 [--w
 --conn-per-node] [--concurrency 64] [--changes 5] [--phase-timeout 120] [--batch-delay S]``; for
 10,000 nodes give the phases room: ``--nodes 10000 --phase-timeout 900``.
 
-For each N in ``--nodes`` the parent (this module) starts this checkout's ``ghostmesh`` as a subprocess
-on 127.0.0.1 (a temporary state directory; :mod:`bench.fanout`'s process handling, proof code and /proc
-readers), creates a reusable auth key with ``ghostctl`` and starts ``--workers`` K worker processes
-(:mod:`bench.fleet_worker`; default half the cores, 1 to 4, as the server shares the machine). Each
-runs its share of the N simulated nodes (N/K, contiguous) in its own asyncio loop over its own gRPC
-channels: ``--channels`` in all, split between the workers (at least one each), or with
-``--conn-per-node`` one channel and so one TLS connection per node, as real nodes have. Each node has its own X25519 key and makes the calls ghostlink makes, proven the
-same way (TLS pinned by the key's pin, v2 proofs over the request bytes). The wave's bytes are
-O(N · map size) (every full map holds ~N peers: ~1.8 MB at 10,000 nodes): a process that parses them
-slower than they arrive leaves them in its gRPC buffers (a stream waiting for a message lets the server
-send all of it), which is how one process parsing whole messages grew past 15 GB at 10,000 nodes. So the
-workers parse only the fields they read, and on a machine with more cores the workers' reading grows with
+For each N in ``--nodes`` the parent (this module) starts this checkout's ``ghostmesh`` as a subprocess on
+127.0.0.1 (a temporary state directory; :mod:`bench.fanout`'s process handling, proof code and /proc readers),
+creates a reusable auth key with ``ghostctl`` and starts ``--workers`` K worker processes
+(:mod:`bench.fleet_worker`; default half the cores, 1 to 4, as the server shares the machine). Each runs its
+share of the N simulated nodes (N/K, contiguous) in its own asyncio loop over its own gRPC channels:
+``--channels`` in all, split between the workers (at least one each), or with ``--conn-per-node`` one channel
+and so one TLS connection per node, as real nodes have. Each node has its own X25519 key and makes the calls
+ghostlink makes, proven the same way (TLS pinned by the key's pin, v2 proofs over the request bytes). The
+wave's bytes are O(N · map size) (every full map holds ~N peers: ~1.8 MB at 10,000 nodes): a process that
+parses them slower than they arrive leaves them in its gRPC buffers (a stream waiting for a message lets the
+server send all of it), which is how one process parsing whole messages grew past 15 GB at 10,000 nodes. So
+the workers parse only the fields they read, and on a machine with more cores the workers' reading grows with
 K (on 2 cores, K=1 and K=2 measured alike at 2,000 nodes: the server's loop is the bottleneck). The parent
-starts and ends every phase over the workers' pipes, collects their counters and times and prints one
-row per N, and one stderr line per phase (its numbers so far, the workers' and the server's RSS):
+starts and ends every phase over the workers' pipes, collects their counters and times and prints one row per
+N, and one stderr line per phase (its numbers so far, the workers' and the server's RSS):
 
 * **join wave** (``reg/s``, ``maps_s``, ``conv_s``, ``wave_msg``, ``wave_MB``): every node Registers with
   the auth key (``--concurrency`` in flight in all) and opens its map stream (Sync) as soon as it is
