@@ -179,7 +179,7 @@ def render(
         if hook == "forward":
             # spoofed from another interface (a LAN host): dropped before "not from the mesh: accept"
             head += [
-                f"iifname != {wg} oifname {wg} {fam} saddr {_set(p)} drop"
+                f"iifname != {wg} oifname {wg} {_match(fam + ' saddr', p)}drop"
                 for fam, p in _families([*own, *devices])
             ]
         head.append(f"iifname != {wg} accept")
@@ -191,7 +191,7 @@ def render(
             # a device's packet into the mesh: the node it is for judges it; not to another device, whose
             # rules this node's filter holds (after the conntrack lines, before the filter's)
             into_mesh = [
-                f"oifname {wg} {fam} saddr {_set(p)} {fam} daddr != {_set(p)} accept"
+                f"oifname {wg} {_match(fam + ' saddr', p)}{_match(fam + ' daddr !=', p)}accept"
                 for fam, p in _families(devices)
             ]
             tail = body[:2] + into_mesh + body[2:]
@@ -209,10 +209,6 @@ def render(
         + "\n".join(chains)
         + "\n}\n"
     )
-
-
-def _set(prefixes: list[str]) -> str:
-    return prefixes[0] if len(prefixes) == 1 else "{ " + ", ".join(prefixes) + " }"
 
 
 def render_delete(ifname: str) -> str:
