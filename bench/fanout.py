@@ -223,6 +223,14 @@ class _Protocol:
         call = channel.unary_unary(method, response_deserializer=resp.FromString)
         return await call(body, metadata=md, timeout=self.timeout)
 
+    async def register(self, node: _SimNode) -> int:
+        """Register ``node`` with the auth key, proven as ghostlink proves it; its node id."""
+        body = self.pb.RegisterRequest(auth_key=self.auth, hostname=f"sim{node.index}").SerializeToString()
+        resp = await self.unary(
+            node.channel, M_REGISTER, body, self.metadata(node, M_REGISTER, body), self.pb.RegisterResponse
+        )
+        return int(resp.node.id)
+
 
 class _Simulator:
     """N simulated nodes in one process: join, Sync streams, timed changes."""
@@ -252,14 +260,8 @@ class _Simulator:
             return node
 
     async def _register(self, node: _SimNode, sem: asyncio.Semaphore) -> None:
-        pb = self.proto.pb
         async with sem:
-            body = pb.RegisterRequest(
-                auth_key=self.proto.auth, hostname=f"sim{node.index}"
-            ).SerializeToString()
-            md = self.proto.metadata(node, M_REGISTER, body)
-            resp = await self.proto.unary(node.channel, M_REGISTER, body, md, pb.RegisterResponse)
-            node.node_id = resp.node.id
+            node.node_id = await self.proto.register(node)
 
     async def join_all(self) -> tuple[float, float]:
         """Connect every node, then register every node; the seconds each phase took."""

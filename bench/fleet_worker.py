@@ -36,7 +36,7 @@ from typing import Any
 
 import grpc
 
-from bench.fanout import M_REGISTER, M_REPORT, M_SERVER_INFO, M_SYNC, REPO, _Change, _Protocol, _SimNode
+from bench.fanout import M_REPORT, M_SERVER_INFO, M_SYNC, REPO, _Change, _Protocol, _SimNode
 
 QUIET_S = 1.0  # streams silent this long: the traffic of a wave is over
 
@@ -239,14 +239,8 @@ class _Slice:
             await asyncio.sleep(0.1)
 
     async def _join(self, node: _SimNode, sem: asyncio.Semaphore) -> float:
-        pb = self.proto.pb
         async with sem:
-            body = pb.RegisterRequest(
-                auth_key=self.proto.auth, hostname=f"sim{node.index}"
-            ).SerializeToString()
-            md = self.proto.metadata(node, M_REGISTER, body)
-            resp = await self.proto.unary(node.channel, M_REGISTER, body, md, pb.RegisterResponse)
-        node.node_id = resp.node.id
+            node.node_id = await self.proto.register(node)
         self.readers[node.index] = asyncio.create_task(self._read(node))
         return time.monotonic()
 
