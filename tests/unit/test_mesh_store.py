@@ -163,14 +163,20 @@ def test_locked_database_is_unavailable_and_writes_nothing(tmp_path: Path) -> No
     assert [u.name for u in s.list_users()] == ["default"]
 
 
+def _database_at(path: Path, version: int) -> sqlite3.Connection:
+    """A database as an earlier ghostmesh left it: the first ``version`` migrations applied."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    for script in MIGRATIONS[:version]:
+        db.executescript(script)
+    return db
+
+
 def test_migration_4_keeps_rows_of_a_version_3_database(tmp_path: Path) -> None:
     """A database written before node-key signing: its nodes gain empty signatures and no pending age."""
     path = tmp_path / "db.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version (version) VALUES (3)")
-    for script in MIGRATIONS[:3]:
-        db.executescript(script)
+    db = _database_at(path, 3)
     db.execute("INSERT INTO users (name, created) VALUES ('default', 1)")
     db.execute(
         "INSERT INTO nodes (name, user, node_key, ipv4, ipv6, ephemeral, created, expires, pending_key) "
@@ -195,11 +201,7 @@ def test_migration_5_binds_users_by_issuer_and_subject(tmp_path: Path) -> None:
     """A database of schema 4 (a user's OIDC binding was its sub alone): the binding is kept with issuer
     "" (the state adopts it for the configured issuer), and from then on a sub is unique per issuer."""
     path = tmp_path / "db.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version (version) VALUES (4)")
-    for script in MIGRATIONS[:4]:
-        db.executescript(script)
+    db = _database_at(path, 4)
     db.execute(
         "INSERT INTO users (name, created, oidc_subject, groups) VALUES ('alice', 1, 's1', '[\"eng\"]')"
     )
@@ -227,11 +229,7 @@ def test_migration_5_binds_users_by_issuer_and_subject(tmp_path: Path) -> None:
 def test_migration_6_makes_every_existing_node_a_node_not_a_device(tmp_path: Path) -> None:
     """A database of schema 5 (before devices): its nodes gain ``via`` 0 and keep everything else."""
     path = tmp_path / "db.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version (version) VALUES (5)")
-    for script in MIGRATIONS[:5]:
-        db.executescript(script)
+    db = _database_at(path, 5)
     db.execute("INSERT INTO users (name, created) VALUES ('default', 1)")
     db.execute(
         "INSERT INTO nodes (name, user, node_key, ipv4, ipv6, ephemeral, created, expires, key_signature) "
