@@ -26,8 +26,11 @@ API
 ``nm.key_of(n, fresh=False)``, ``nm.v4(n)``.
 ``nm.path_of(node, peer) -> (path, relay)`` from ``ghostctl peers --output json`` on ``node``'s ghostlink
 socket: path is "direct", "relay", "turn" or "" (no path yet); "missing" when ``peer`` is not listed.
-``nm.peer_entry(node, peer) -> dict | None`` (the whole peers row), ``nm.wait_path(a, b, classes, timeout)``
-(bounded, READ-only), ``nm.ping_both(a, b, timeout)``, ``nm.handshake(a, b) -> unix seconds``.
+``nm.snapshot() -> {(node name, peer name): peers row}`` for every ordered pair (one ghostctl per node; a
+node whose reading timed out is left out of that snapshot and reported on stderr, for the loops that read
+again), ``nm.peer_entry(node, peer) -> dict | None`` (the whole peers row),
+``nm.wait_path(a, b, classes, timeout)`` (bounded, READ-only), ``nm.ping_both(a, b, timeout)``,
+``nm.handshake(a, b) -> unix seconds``.
 ``nm.netcheck(n) -> dict`` (``ghostctl netcheck --output json``).
 ``nm.cut_direct(a, b)`` / ``nm.restore_direct(a, b)``: an nftables table in ``a``'s router (or ``a``'s own
 namespace for a public host) dropping UDP between ``a`` and ``b``'s public address; the relays are on other
@@ -40,6 +43,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -292,6 +298,27 @@ class NatMesh:
         if n.name not in self._v4:
             self._v4[n.name] = n.node.addresses(self.mesh)[0]
         return self._v4[n.name]
+
+    def snapshot(self) -> dict[tuple[str, str], dict[str, Any]]:
+        by_key = {self.key_of(n): n.name for n in self.nodes.values()}
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for n in self.nodes.values():
+            started = time.monotonic()
+            try:
+                rows = n.node.peers(self.mesh)
+            except subprocess.TimeoutExpired:
+                # A read: the callers read again (bounded). Said, with the machine's load, so that a
+                # failure that follows shows whether the node or the whole machine stalled.
+                load = os.getloadavg()
+                print(
+                    f"snapshot: {n.name}'s peers unread after {time.monotonic() - started:.1f} s "
+                    f"(load {load[0]:.1f} {load[1]:.1f})",
+                    file=sys.stderr,
+                )
+                continue
+            for row in rows:
+                out[(n.name, by_key.get(row["node_key"], "?"))] = row
+        return out
 
     def peer_entry(self, node: NatNode, peer: NatNode) -> dict[str, Any] | None:
         key = self.key_of(peer)

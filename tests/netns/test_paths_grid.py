@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -155,23 +154,13 @@ def test_pair_pings_both_ways_on_its_path_class(nm: NatMesh, kinds: tuple[str, s
     nm.ping_both(a, b, timeout=5)  # still reachable on the path asserted
 
 
-def _snapshot(nm: NatMesh) -> dict[tuple[str, str], dict[str, Any]]:
-    """(node, peer) -> the peers row, for every ordered pair of the mesh's nodes (one ghostctl per node)."""
-    by_key = {nm.key_of(n): n.name for n in nm.nodes.values()}
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for n in nm.nodes.values():
-        for row in n.node.peers(nm.mesh):
-            out[(n.name, by_key.get(row["node_key"], "?"))] = row
-    return out
-
-
 def test_all_node_pairs_are_on_their_path_class(nm: NatMesh) -> None:
     """After the grid: all 56 ordered pairs of the 8 nodes at once, not only one pair per kind pair."""
     time.sleep(max(0.0, nm.joined_at + SETTLE - time.monotonic()))
     wrong: dict[str, tuple[str, tuple[str, str] | None]] = {"-": ("", None)}
     # Reads only, bounded: a birthday pair whose first rounds missed may still be probing.
     for _ in range(int(BIRTHDAY_WITHIN / 0.5) + 1):
-        snap = _snapshot(nm)
+        snap = nm.snapshot()
         wrong = {}
         for a in nm.nodes.values():
             for b in nm.nodes.values():
@@ -190,7 +179,7 @@ def test_all_node_pairs_are_on_their_path_class(nm: NatMesh) -> None:
 
 def test_peers_give_a_latency_for_every_direct_path(nm: NatMesh) -> None:
     """``ghostctl peers`` shows each direct peer's latency (the last connectivity check's round trip)."""
-    snap = _snapshot(nm)
+    snap = nm.snapshot()
     direct = {pair: row for pair, row in snap.items() if row["path"] == "direct"}
     assert len(direct) >= 2 * 14, f"expected 14 direct node pairs, got {sorted(direct)}"
     missing = {f"{a}->{b}": row["latency_ms"] for (a, b), row in direct.items() if not row["latency_ms"]}
