@@ -1,38 +1,33 @@
-"""Addresses and routes on the WireGuard interface (pyroute2 netlink), and the host's own endpoints.
+"""Addresses and routes on the WireGuard interface, and the host's own endpoints.
 
-Netlink calls are blocking (pyroute2's sync ``IPRoute`` runs its own loop), so they run in a worker
-thread. Every operation is idempotent: adding what exists (EEXIST) or removing what is gone
-(ESRCH / EADDRNOTAVAIL / ENOENT) is not an error, so re-applying a plan after a crash or a wireguard-go
-restart converges instead of failing.
+The changes go through :mod:`ghostlink.iproute` (iproute2's ``ip``; its docstring says why not netlink
+from Python). Those calls block, so they run in a worker thread. Every operation is idempotent, so
+re-applying a plan after a crash or a wireguard-go restart converges instead of failing.
 
-Production code uses ``IPRoute()`` in the current network namespace: ghostlink runs inside the
-namespace it configures (the netns tests start it with ``ip netns exec``). ``netns`` exists for tests.
+Production code works in the current network namespace: ghostlink runs inside the namespace it configures
+(the netns tests start it with ``ip netns exec``). ``netns`` exists for tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from ghostcore.addr import format_endpoint
 from ghostcore.errors import Unavailable
+from ghostlink import iproute
 from ghostlink.engine import Plan
 
 log = logging.getLogger(__name__)
 
 # Overlay ranges (coordination.proto / ghostcore.ipalloc): never advertise them as underlay endpoints.
 OVERLAY_NETS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
-_IGNORABLE = {errno.EEXIST, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENOENT}
 # Mesh routes get a metric above the kernel's for connected routes (0 for IPv4, 256 for IPv6), so when a
 # peer routes a subnet this host is itself on (a standby subnet router on the same LAN), the LAN wins.
 ROUTE_METRIC = 2000
-_SCOPE_HOST = 254  # RT_SCOPE_HOST (linux/rtnetlink.h)
-_IFA_F_NODAD = 0x02  # linux/if_addr.h
-_FOREVER = 0xFFFFFFFF  # INFINITY_LIFE_TIME: valid forever
 
 
 class NetLayer(Protocol):
@@ -43,51 +38,34 @@ class NetLayer(Protocol):
     async def local_endpoints(self, listen_port: int) -> list[str]: ...
 
 
-def _iproute(netns: str | None) -> Any:
-    from pyroute2 import IPRoute  # noqa: PLC0415 - lazy: unit tests never open netlink
-
-    return IPRoute(netns=netns) if netns else IPRoute()
-
-
-def _ignorable(exc: OSError) -> bool:
-    return getattr(exc, "code", exc.errno) in _IGNORABLE
-
-
-def _split(prefix: str) -> tuple[str, int, int]:
-    net = ipaddress.ip_interface(prefix)
-    return str(net.ip), net.network.prefixlen, net.version
+def _require_link(ifname: str, netns: str | None) -> None:
+    if not iproute.link_exists(ifname, netns):
+        raise Unavailable(f"interface {ifname} does not exist; is WireGuard running?")
 
 
 def apply_sync(ifname: str, plan: Plan, netns: str | None = None) -> None:
     """Apply the address and route part of ``plan`` to ``ifname``."""
-    with _iproute(netns) as ip:
-        found = ip.link_lookup(ifname=ifname)
-        if not found:
-            raise Unavailable(f"interface {ifname} does not exist; is WireGuard running?")
-        idx = found[0]
-        for a in plan.addresses_remove:
-            addr, plen, _ = _split(a)
-            try:
-                ip.addr("del", index=idx, address=addr, prefixlen=plen)
-            except OSError as exc:
-                if not _ignorable(exc):
-                    raise
-        for a in plan.addresses_add:
-            addr, plen, _ = _split(a)
-            try:
-                ip.addr("add", index=idx, address=addr, prefixlen=plen)
-            except OSError as exc:
-                if not _ignorable(exc):
-                    raise
-        for r in plan.routes_remove:
-            try:
-                ip.route("del", dst=r, oif=idx, priority=ROUTE_METRIC)
-            except OSError as exc:
-                if not _ignorable(exc):
-                    raise
-        for r in plan.routes_add:
-            # "replace" is idempotent: an existing identical route is not an error.
-            ip.route("replace", dst=r, oif=idx, priority=ROUTE_METRIC)
+    _require_link(ifname, netns)
+    iproute.apply(
+        ifname,
+        addresses_remove=plan.addresses_remove,
+        addresses_add=plan.addresses_add,
+        routes_remove=plan.routes_remove,
+        routes_add=plan.routes_add,
+        metric=ROUTE_METRIC,
+        netns=netns,
+    )
+
+
+def service_address_lines(ifname: str, addresses: Iterable[str]) -> list[str]:
+    """The ``ip -batch`` lines adding the resolver's addresses (see :func:`add_service_addresses`)."""
+    out = []
+    for text in addresses:
+        if ipaddress.ip_address(text).version == 4:
+            out.append(f"address replace {text}/32 dev {ifname} scope host")
+        else:
+            out.append(f"address replace {text}/128 dev {ifname} nodad preferred_lft 0 valid_lft forever")
+    return out
 
 
 def add_service_addresses(ifname: str, addresses: Iterable[str], netns: str | None = None) -> None:
@@ -99,23 +77,10 @@ def add_service_addresses(ifname: str, addresses: Iterable[str], netns: str | No
     ``inet_select_addr``) and the IPv6 one is added deprecated (preferred lifetime 0: RFC 6724 section 5,
     rule 3 avoids it as a source), and without DAD; both still take packets addressed to them. Idempotent.
     """
-    with _iproute(netns) as ip:
-        found = ip.link_lookup(ifname=ifname)
-        if not found:
-            raise Unavailable(f"interface {ifname} does not exist; is WireGuard running?")
-        for text in addresses:
-            addr = ipaddress.ip_address(text)
-            try:
-                if addr.version == 4:
-                    ip.addr("add", index=found[0], address=text, prefixlen=32, scope=_SCOPE_HOST)
-                else:
-                    ip.addr(
-                        "add", index=found[0], address=text, prefixlen=128, flags=_IFA_F_NODAD,
-                        IFA_CACHEINFO={"ifa_preferred": 0, "ifa_valid": _FOREVER, "cstamp": 0, "tstamp": 0},
-                    )  # fmt: skip
-            except OSError as exc:
-                if not _ignorable(exc):
-                    raise
+    _require_link(ifname, netns)
+    lines = service_address_lines(ifname, addresses)
+    if lines:
+        iproute.run(["-batch", "-"], netns, stdin="\n".join(lines) + "\n")
 
 
 def usable_endpoints(addrs: Iterable[tuple[str, str]], listen_port: int, exclude_ifname: str) -> list[str]:
@@ -140,11 +105,7 @@ def usable_endpoints(addrs: Iterable[tuple[str, str]], listen_port: int, exclude
 
 
 def host_addresses(netns: str | None = None) -> list[tuple[str, str]]:
-    with _iproute(netns) as ip:
-        names = {link["index"]: link.get("IFLA_IFNAME") for link in ip.get_links()}
-        return [
-            (names.get(a["index"], ""), a.get("IFA_ADDRESS")) for a in ip.get_addr() if a.get("IFA_ADDRESS")
-        ]
+    return iproute.addresses(netns=netns)
 
 
 def local_endpoints(listen_port: int, exclude_ifname: str, netns: str | None = None) -> list[str]:

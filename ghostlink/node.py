@@ -115,7 +115,7 @@ async def _serve(
     origin = await asyncio.to_thread(Origin.here)
     await undo_leftovers(state.journal_path, origin)
     journal = HostJournal(state.journal_path, ifname, origin)
-    # The kernel probe uses pyroute2's blocking API, which must not run on the event loop's thread.
+    # The kernel probe runs `ip` and waits for it: not on the event loop's thread.
     choice = await asyncio.to_thread(choose, cfg.wireguard.backend, cfg.wireguard.wireguard_go)
     backend = make_backend(choice, ifname, cfg.wireguard.wireguard_go, journal=journal)
     firewall = NftFirewall(ifname, journal=journal)

@@ -1,5 +1,6 @@
-"""Kernel WireGuard via netlink (pyroute2): ``ip link add <if> type wireguard`` + the WireGuard generic
-netlink family (``WG_CMD_SET_DEVICE`` / ``WG_CMD_GET_DEVICE``, include/uapi/linux/wireguard.h).
+"""Kernel WireGuard: ``ip link add <if> type wireguard`` (:mod:`ghostlink.iproute`) + the WireGuard generic
+netlink family (``WG_CMD_SET_DEVICE`` / ``WG_CMD_GET_DEVICE``, include/uapi/linux/wireguard.h) through
+pyroute2, loaded only by a node that uses this backend.
 
 Same incremental semantics as the UAPI path: one netlink message per changed peer with
 ``WGPEER_F_UPDATE_ONLY`` for changes, ``WGPEER_F_REMOVE_ME`` for removals and
@@ -23,16 +24,11 @@ from typing import Any
 from ghostcore import addr
 from ghostcore.errors import Unavailable
 from ghostcore.keys import PrivateKey, PublicKey
+from ghostlink import iproute
 from ghostlink.engine import Plan
 from ghostlink.hostjournal import HostJournal
 from ghostlink.wg import uapi_codec as codec
 from ghostlink.wg.base import changes_for, foreign_interface
-
-
-def _iproute() -> Any:
-    from pyroute2 import IPRoute  # noqa: PLC0415 - lazy: only hosts with the module get here
-
-    return IPRoute()
 
 
 def _wireguard() -> Any:
@@ -42,32 +38,27 @@ def _wireguard() -> Any:
 
 
 def kernel_available() -> bool:
-    """True if this kernel can create a WireGuard link (probe with a throwaway interface, then delete it)."""
+    """True if this kernel can create a WireGuard link (probe with a throwaway interface, then delete it).
+
+    Through ``ip`` (:mod:`ghostlink.iproute`), so that a host without the module never loads pyroute2."""
     probe = f"glprobe{os.getpid() % 100000}"
     try:
-        with _iproute() as ip:
-            ip.link("add", ifname=probe, kind="wireguard")
-            with contextlib.suppress(Exception):
-                ip.link("del", ifname=probe)
-        return True
-    except Exception:  # NetlinkError(95 / EOPNOTSUPP) without the module; ImportError without pyroute2
+        iproute.add_link(probe, "wireguard")
+    except OSError:  # "Unknown device type" (EOPNOTSUPP) without the module, or no ip at all
         return False
-
-
-def _kind(link: Any) -> str:
-    info = link.get_attr("IFLA_LINKINFO")
-    return str(info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
+    with contextlib.suppress(OSError):
+        iproute.delete_link(probe)
+    return True
 
 
 def remove_leftover(ifname: str) -> None:
     """Delete the WireGuard interface a previous run journaled (blocking), if it is still one."""
-    with _iproute() as ip:
-        found = ip.link_lookup(ifname=ifname)
-        if not found:
-            return
-        if _kind(ip.get_links(found[0])[0]) != "wireguard":
-            raise foreign_interface(ifname)  # the name was taken by something else since
-        ip.link("del", index=found[0])
+    kind = iproute.link_kind(ifname)
+    if kind is None:
+        return
+    if kind != "wireguard":
+        raise foreign_interface(ifname)  # the name was taken by something else since
+    iproute.delete_link(ifname)
 
 
 def peer_dict(c: codec.PeerChange) -> dict[str, Any]:
@@ -131,17 +122,15 @@ class KernelBackend:
         self._created = False  # close() deletes only an interface this backend created
 
     def _up(self, private_key: PrivateKey, listen_port: int, mtu: int) -> None:
-        with _iproute() as ip:
-            if ip.link_lookup(ifname=self.ifname):
-                raise foreign_interface(self.ifname)
-            if self._journal is not None:
-                self._journal.record_kernel_interface(self.ifname)
-            ip.link("add", ifname=self.ifname, kind="wireguard")
-            self._created = True
-            idx = ip.link_lookup(ifname=self.ifname)[0]
-            with _wireguard() as wg:
-                wg.set(self.ifname, private_key=private_key.base64(), listen_port=listen_port)
-            ip.link("set", index=idx, mtu=mtu, state="up")
+        if iproute.link_exists(self.ifname):
+            raise foreign_interface(self.ifname)
+        if self._journal is not None:
+            self._journal.record_kernel_interface(self.ifname)
+        iproute.add_link(self.ifname, "wireguard")
+        self._created = True
+        with _wireguard() as wg:
+            wg.set(self.ifname, private_key=private_key.base64(), listen_port=listen_port)
+        iproute.set_up(self.ifname, mtu)
 
     async def up(
         self,
@@ -153,7 +142,7 @@ class KernelBackend:
         # ``on_restart`` is never called: the kernel's interface does not die with a process.
         try:
             await asyncio.to_thread(self._up, private_key, listen_port, mtu)
-        except OSError as exc:  # NetlinkError is an OSError
+        except OSError as exc:  # IpError and pyroute2's NetlinkError are OSErrors
             raise Unavailable(
                 f"cannot create kernel WireGuard interface {self.ifname}: {exc}; try --backend wireguard-go"
             ) from None
@@ -184,11 +173,10 @@ class KernelBackend:
 
     def _close(self) -> None:
         if self._created:
-            with _iproute() as ip:
-                with contextlib.suppress(Exception):
-                    ip.link("del", ifname=self.ifname)
-                if ip.link_lookup(ifname=self.ifname):
-                    return  # still there: it stays journaled, for the next start
+            with contextlib.suppress(OSError):
+                iproute.delete_link(self.ifname)
+            if iproute.link_exists(self.ifname):
+                return  # still there: it stays journaled, for the next start
             self._created = False
         if self._journal is not None:  # also when the add itself failed after the entry was written
             self._journal.record_kernel_interface("")

@@ -4,7 +4,7 @@ Lifecycle (wireguard-go creates a TUN device and ``/var/run/wireguard/<ifname>.s
 
 * ``up``: start the child in the foreground (``-f`` and ``WG_PROCESS_FOREGROUND=1``) with its output
   piped into our logger, wait (bounded) until the UAPI socket answers ``get=1``, set ``private_key`` and
-  ``listen_port`` over UAPI, then set the MTU and bring the link up via netlink (pyroute2).
+  ``listen_port`` over UAPI, then set the MTU and bring the link up (:mod:`ghostlink.iproute`).
 * ``apply``: one incremental ``set=1`` with only the plan's peers (``uapi_codec``).
 * supervision: if the child dies while we did not ask it to, it is restarted (bounded: at most
   ``MAX_RESTARTS`` in ``RESTART_WINDOW`` s), the device is re-programmed from what we applied, and the
@@ -20,7 +20,7 @@ Lifecycle (wireguard-go creates a TUN device and ``/var/run/wireguard/<ifname>.s
   reaped by then): a WireGuard process serving the socket, or an interface that exists already.
 
 ``netns``: only for tests that keep the test process outside a namespace: the child is started with
-``ip netns exec <ns>`` and netlink calls use ``IPRoute(netns=ns)``. Production leaves it ``None``: the
+``ip netns exec <ns>`` and the link calls use ``ip -n <ns>``. Production leaves it ``None``: the
 whole ghostlink process runs in the namespace it should configure.
 """
 
@@ -35,10 +35,10 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from ghostcore.errors import ConfigError, Unavailable
 from ghostcore.keys import PrivateKey
+from ghostlink import iproute
 from ghostlink.engine import Plan
 from ghostlink.hostjournal import HostJournal, WireGuardGoRecord
 from ghostlink.wg import uapi_codec as codec
@@ -51,17 +51,6 @@ START_TIMEOUT = 5.0  # seconds for the UAPI socket to appear after spawning
 STOP_TIMEOUT = 3.0  # seconds between SIGTERM and SIGKILL
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
-
-
-def _iproute(netns: str | None) -> Any:
-    from pyroute2 import IPRoute  # noqa: PLC0415 - imported lazily: unit tests never need netlink
-
-    return IPRoute(netns=netns) if netns else IPRoute()
-
-
-def _link_exists(ifname: str, netns: str | None) -> bool:
-    with _iproute(netns) as ip:
-        return bool(ip.link_lookup(ifname=ifname))
 
 
 def process_identity(pid: int) -> tuple[int, tuple[str, ...]] | None:
@@ -149,11 +138,9 @@ async def reap_leftover(rec: WireGuardGoRecord) -> None:
 
 
 def _link_up(ifname: str, mtu: int, netns: str | None) -> None:
-    with _iproute(netns) as ip:
-        idx = ip.link_lookup(ifname=ifname)
-        if not idx:
-            raise Unavailable(f"wireguard-go did not create interface {ifname}; see its log above")
-        ip.link("set", index=idx[0], mtu=mtu, state="up")
+    if not iproute.link_exists(ifname, netns):
+        raise Unavailable(f"wireguard-go did not create interface {ifname}; see its log above")
+    iproute.set_up(ifname, mtu, netns)
 
 
 class WireGuardGoBackend:
@@ -278,7 +265,7 @@ class WireGuardGoBackend:
         self._on_restart = on_restart
         self._closing = False
         await self._check_stale_socket()
-        if await asyncio.to_thread(_link_exists, self.ifname, self.netns):
+        if await asyncio.to_thread(iproute.link_exists, self.ifname, self.netns):
             raise foreign_interface(self.ifname)
         await self._spawn()
         try:

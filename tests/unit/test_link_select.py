@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ghostcore.errors import ConfigError, Unavailable
 from ghostcore.keys import PrivateKey
+from ghostlink import iproute
 from ghostlink.hostjournal import HostJournal, Origin, read_journal
 from ghostlink.wg import kernel
 from ghostlink.wg.kernel import KernelBackend, peer_dict
@@ -113,16 +113,9 @@ def test_kernel_info_parsing() -> None:
 
 
 @dataclass
-class FakeLink:
-    kind: str
-
-    def get_attr(self, name: str) -> Any:
-        return {"IFLA_LINKINFO": self, "IFLA_INFO_KIND": self.kind}[name]
-
-
-@dataclass
 class FakeNetlink:
-    """pyroute2's IPRoute and WireGuard as the kernel backend uses them, over a dict name -> kind."""
+    """ghostlink.iproute's link calls and pyroute2's WireGuard, as the kernel backend uses them, over a
+    dict name -> kind."""
 
     links: dict[str, str]
     journal: HostJournal
@@ -135,25 +128,26 @@ class FakeNetlink:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def _names(self) -> list[str]:
-        return sorted(self.links)
+    def link_exists(self, ifname: str, netns: str | None = None) -> bool:
+        return ifname in self.links
 
-    def link_lookup(self, ifname: str) -> list[int]:
-        return [self._names().index(ifname) + 1] if ifname in self.links else []
+    def link_kind(self, ifname: str, netns: str | None = None) -> str | None:
+        return self.links.get(ifname)
 
-    def get_links(self, index: int) -> list[FakeLink]:
-        return [FakeLink(self.links[self._names()[index - 1]])]
+    def add_link(self, ifname: str, kind: str, netns: str | None = None) -> None:
+        on_disk = read_journal(self.journal.path)
+        self.added_while_journaled.append(on_disk.kernel_interface if on_disk else "")
+        if self.refuse_add:
+            raise OSError(95, "Operation not supported")
+        self.links[ifname] = kind
 
-    def link(self, cmd: str, ifname: str = "", index: int = 0, **_: object) -> None:
-        name = ifname or self._names()[index - 1]
-        if cmd == "add":
-            on_disk = read_journal(self.journal.path)
-            self.added_while_journaled.append(on_disk.kernel_interface if on_disk else "")
-            if self.refuse_add:
-                raise OSError(95, "Operation not supported")
-            self.links[name] = "wireguard"
-        elif cmd == "del":
-            del self.links[name]
+    def delete_link(self, ifname: str, netns: str | None = None) -> None:
+        if ifname not in self.links:
+            raise OSError(19, "Cannot find device")
+        del self.links[ifname]
+
+    def set_up(self, ifname: str, mtu: int, netns: str | None = None) -> None:
+        assert ifname in self.links
 
     def set(self, ifname: str, **_: object) -> None:
         return None
@@ -162,7 +156,8 @@ class FakeNetlink:
 @pytest.fixture
 def netlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeNetlink:
     fake = FakeNetlink({}, HostJournal(tmp_path / "host.json", "gl0", Origin("boot", "net:[1]")))
-    monkeypatch.setattr(kernel, "_iproute", lambda: fake)
+    for name in ("link_exists", "link_kind", "add_link", "delete_link", "set_up"):
+        monkeypatch.setattr(iproute, name, getattr(fake, name))
     monkeypatch.setattr(kernel, "_wireguard", lambda: fake)
     return fake
 
