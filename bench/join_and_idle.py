@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from lab import Lab, netns_unavailable
 from lab.mesh import Mesh, Node
 
 REPO = Path(__file__).resolve().parent.parent
+JOINED = re.compile(r"joined as \S+ \((\d+\.\d+\.\d+\.\d+),")
 
 
 def rss_kib(pid: int) -> int:
@@ -35,13 +37,26 @@ def rss_kib(pid: int) -> int:
 
 
 def _join_once(lab: Lab, mesh: Mesh, anchor: Node, key: str, name: str) -> float:
-    """Seconds from starting ``ghostlink join`` on a new node until ``anchor`` pings it over the overlay."""
+    """Seconds from starting ``ghostlink join`` on a new node until ``anchor`` pings it over the overlay.
+
+    The new node's address is read from the line ``ghostlink join`` prints for its user ("joined as NAME
+    (V4, V6) …"), in its log: polling ``ghostctl status`` instead would start a Python process every few
+    milliseconds, competing with the join for this machine's cores."""
     node = mesh.prepare_node(name, "lan_b")
     t0 = time.monotonic()
-    mesh.start_node(node, "join", "--auth", key)
-    v4 = lab.wait_for(lambda n=node: _v4(mesh, n), timeout=20, interval=0.02, what="joined")
+    proc = mesh.start_node(node, "join", "--auth", key)
+    v4 = lab.wait_for(lambda: _joined_v4(proc.log_path), timeout=20, interval=0.005, what="joined")
     lab.wait_for(lambda v=v4: anchor.host.ping(v, timeout=1), timeout=20, interval=0.02, what="ping")
     return time.monotonic() - t0
+
+
+def _joined_v4(log: Path) -> str | None:
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return None
+    m = JOINED.search(text)
+    return m[1] if m else None
 
 
 def _ref_once(lab: Lab, mesh: Mesh, r: int) -> float:
@@ -129,16 +144,6 @@ def main() -> int:
 def _children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(c) for c in text.split()]
-
-
-def _v4(mesh: Mesh, node: Node) -> str | None:
-    try:
-        st = node.status(mesh)
-    except AssertionError:
-        return None
-    if not st.get("connected"):
-        return None
-    return next((a for a in st["addresses"] if ":" not in a), None)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def run_diff(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def run_test(ctx: Context, args: argparse.Namespace) -> int:
-    from ghostcore.policy.protocols import NUMBERS  # noqa: PLC0415 - see the module imports
+    from ghostcore.ipproto import NUMBERS  # noqa: PLC0415 - see the module imports
 
     text = _read(args.file) if args.file else ""
     if args.proto not in NUMBERS and not (args.proto.isdigit() and 1 <= int(args.proto) <= 255):

@@ -28,7 +28,7 @@ still applies):
   admitted record carries each of its addresses; on the gateway itself, only if this node's own record
   lists them. Nobody but the gateway installs it as a WireGuard peer (:func:`ghostlink.engine.desired_state`).
 * **A filter rule** with a non-canonical prefix, a port out of range or a protocol that is not the
-  canonical text of :mod:`ghostcore.policy.protocols` (``tcp``, ``ipv6-icmp``, ``gre``, ``99``...) is dropped
+  canonical text of :mod:`ghostcore.ipproto` (``tcp``, ``ipv6-icmp``, ``gre``, ``99``...) is dropped
   whole (the filter fails closed: fewer packets are accepted, never more).
 * **A relay region** whose host is not a canonical IP address or whose ports are out of range is dropped,
   and so is one with relay ports but no 32-byte TLS pin, or with relay ports while the map's relay static
@@ -46,9 +46,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ghostcore import addr, lock
+from ghostcore import ipproto as protocols
 from ghostcore.errors import InvalidArgument
 from ghostcore.keys import PublicKey
-from ghostcore.policy import protocols
 from ghostlink.engine import EXIT_PREFIXES, FilterSpec, NetMap, NodeInfo, RegionInfo, RelayInfo, chosen_exit
 
 MIN_ROUTE_PREFIX = {4: 8, 6: 16}  # a subnet route must be at least this long
@@ -276,7 +276,7 @@ def _rule_problem(rule: FilterSpec) -> str | None:
         return str(exc)
     if not all(0 <= first <= last <= 65535 for _, first, last in rule.dst):
         return "a port range is not within 0..65535"
-    # canonical protocol text only (ghostcore.policy.protocols: a name, or a number 1-255 without one)
+    # canonical protocol text only (ghostcore.ipproto: a name, or a number 1-255 without one)
     unknown = sorted(p for p in rule.protocols if not protocols.is_canonical(p))
     return f"unknown protocol {unknown[0][:20]!r}" if unknown else None
 

@@ -30,7 +30,7 @@ whose source is this node's overlay address or a device's is dropped: a host on 
 their rights at the peers, which accept those sources from this node's tunnel.
 
 The policy compiler on ghostmesh is the judge of who may reach what; this module only renders its
-``FilterRule``s, protocol by protocol as written (:mod:`ghostcore.policy.protocols`): TCP, UDP and SCTP
+``FilterRule``s, protocol by protocol as written (:mod:`ghostcore.ipproto`): TCP, UDP and SCTP
 on the rule's ports, ICMP (IPv4) and ICMPv6 (IPv6) whatever the ports (they have none), any other
 protocol (GRE, ESP, a number) only when the rule covers every port. A rule without protocols admits
 Tailscale's default set, TCP, UDP, ICMP and ICMPv6: never GRE, SCTP or anything else.
@@ -53,8 +53,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 from ghostcore import addr
+from ghostcore import ipproto as protocols
 from ghostcore.errors import InvalidArgument
-from ghostcore.policy import protocols
 from ghostlink.engine import FilterSpec
 from ghostlink.hostjournal import HostJournal
 
@@ -96,7 +96,7 @@ def _ports(lo: int, hi: int) -> str:
 
 
 def _proto_line(head: str, proto: str, version: int, lo: int, hi: int) -> str | None:
-    """One accept statement for ``proto`` (canonical, :mod:`ghostcore.policy.protocols`), or None when
+    """One accept statement for ``proto`` (canonical, :mod:`ghostcore.ipproto`), or None when
     the protocol cannot match here: ICMP is IPv4's and ICMPv6 is IPv6's, and a protocol without ports
     matches only a rule covering every port (as Tailscale's filter does)."""
     if proto in protocols.WITH_PORTS:

@@ -6,10 +6,11 @@ Shared by ghostmesh (which compiles the policy in force into each node's peers a
 sqlite3 or subprocess here (an import-linter contract keeps it so); loading the file, storing the policy
 and shipping the results live in :mod:`ghostmesh.policy_source` and the mapper.
 
-Modules: ``protocols`` (IP protocol names and numbers), ``model`` (the types and Tailscale's semantics),
-``parse`` (the TOML grammar), ``compiler`` (incremental peers + filters), ``evaluate`` (access questions
-and ``[[tests]]``), ``tsimport`` (Tailscale / Headscale HuJSON -> TOML), ``diff`` (who gains or loses
-access between two policies).
+Modules: ``model`` (the types and Tailscale's semantics), ``parse`` (the TOML grammar), ``compiler``
+(incremental peers + filters), ``evaluate`` (access questions and ``[[tests]]``), ``tsimport`` (Tailscale
+/ Headscale HuJSON -> TOML), ``diff`` (who gains or loses access between two policies). IP protocol names
+are :mod:`ghostcore.ipproto`, outside this package: ghostlink's filter needs that table, not the compiler
+this package's import brings.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ghostcore.policy import protocols
+from ghostcore import ipproto as protocols
 from ghostcore.policy.compiler import Compiler, Filter, NodeIdent
 from ghostcore.policy.model import Policy
 

@@ -12,7 +12,7 @@ A question names a source and a ``<host>:<port>`` destination, as Tailscale's po
 - an address that belongs to a known node stands for that node.
 
 Ports do not matter for ICMP and ICMPv6; another protocol without ports (GRE, ESP...) is accepted only
-by a rule covering every port (:mod:`ghostcore.policy.protocols`).
+by a rule covering every port (:mod:`ghostcore.ipproto`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ghostcore import ipproto as protocols
 from ghostcore.errors import ConfigError
-from ghostcore.policy import protocols
 from ghostcore.policy.compiler import NodeIdent
 from ghostcore.policy.model import OIDC_PREFIX, IPAddr, Policy, PolicyError, Principal, Proto, Rule
 from ghostcore.policy.parse import parse_net, parse_policy, resolve, split_dst

@@ -24,12 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ghostcore import ipproto as protocols
 from ghostcore.errors import InvalidArgument
-from ghostcore.policy import protocols
 
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-Proto = str  # canonical protocol text (ghostcore.policy.protocols)
+Proto = str  # canonical protocol text (ghostcore.ipproto)
 PROTOS: tuple[str, ...] = tuple(sorted(protocols.NUMBERS))  # the names a policy may use (or numbers)
 
 # Tailscale's mesh: its CGNAT range less the /23 it reserves, and its ULA /48.

@@ -69,7 +69,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ghostcore import addr
-from ghostcore.policy import protocols
+from ghostcore import ipproto as protocols
 from ghostcore.policy.model import (
     ALL_PORTS,
     AUTOGROUPS,

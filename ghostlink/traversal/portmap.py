@@ -6,17 +6,20 @@ and the deletion of the mapping on exit (bounded: ``CLOSE_TIMEOUT``). The gatewa
 route's next hop (``/proc/net/route``, which is per network namespace); our address toward it is what
 the kernel picks as source (a ``connect()`` of the UDP socket), which PCP requires in its request.
 
-UPnP IGD uses ``async-upnp-client`` (the asyncio UPnP library Home Assistant maintains): SSDP search for
-an InternetGatewayDevice, its description, then the WANIPConnection (or WANPPPConnection) service's
-``AddPortMapping`` / ``DeletePortMapping`` / ``GetExternalIPAddress`` SOAP actions, called directly (its
-IGD profile's helper sends ``NewRemoteHost`` as ``0.0.0.0``, which routers without remote-host support,
-miniupnpd among them, refuse; the wildcard is the empty string, UPnP IGD:1 WANIPConnection §2.2.19).
+UPnP IGD: an SSDP search for an InternetGatewayDevice (our own, :func:`portmap_wire.ssdp_search`: the
+library below imports aiohttp with any of its modules, ~13 MiB and ~0.13 s that a node behind a router
+without UPnP, most of them, would carry for nothing), then ``async-upnp-client`` (the asyncio UPnP library
+Home Assistant maintains) for the device's description and the WANIPConnection (or WANPPPConnection)
+service's ``AddPortMapping`` / ``DeletePortMapping`` / ``GetExternalIPAddress`` SOAP actions, called
+directly (its IGD profile's helper sends ``NewRemoteHost`` as ``0.0.0.0``, which routers without
+remote-host support, miniupnpd among them, refuse; the wildcard is the empty string, UPnP IGD:1
+WANIPConnection §2.2.19).
 Only a device whose description URL is on the gateway's address is used: another LAN host answering
 SSDP could otherwise make us report its address. A lease the router refuses (725
 OnlyPermanentLeasesSupported, IGD:1 routers) is retried once as permanent (lease 0); a taken port (718
 ConflictInMappingEntry) once with the router choosing (the suggestion + 1..). The library (and the aiohttp
-client it brings) is imported when UPnP is first tried, not with this module: a gateway that speaks PCP or
-NAT-PMP, or a node without a default gateway, never loads it.
+client it brings) is imported once an IGD answered the search: a gateway that speaks PCP or NAT-PMP, or
+no UPnP at all, and a node without a default gateway never load it.
 
 Nothing here raises into the daemon: failures are logged once per state change (the core's ``status``)
 and the core backs off. Without a default route (or with ``enabled`` off) it does nothing at all.
@@ -32,7 +35,7 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ghostcore.addr import HostPort
@@ -41,7 +44,6 @@ from ghostlink.traversal.portmap_core import PortMapCore, Send, UpnpMap, UpnpUnm
 
 if TYPE_CHECKING:
     from async_upnp_client.client import UpnpService
-    from async_upnp_client.utils import CaseInsensitiveDict
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,42 @@ IGD_SEARCH_TARGET = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
 WAN_SERVICES = ("WANIPConnection", "WANPPPConnection")
 DESCRIPTION = "ghostlink"
 ROUTE_TABLE = Path("/proc/net/route")
+
+
+class _SsdpAnswers(asyncio.DatagramProtocol):
+    """Collects the first SSDP search response naming an IGD description on the gateway's address:
+    another LAN host answering could otherwise make us map a port on it and report its address."""
+
+    def __init__(self, gateway: str, found: asyncio.Future[str]) -> None:
+        self._gateway = gateway
+        self._found = found
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        location = wire.parse_ssdp_location(data, IGD_SEARCH_TARGET)
+        if location is not None and urlsplit(location).hostname == self._gateway and not self._found.done():
+            self._found.set_result(location)
+
+
+async def igd_location(source: str, gateway: str, wait: float = SSDP_SECONDS + 0.5) -> str | None:
+    """The description URL of ``gateway``'s Internet Gateway Device: an SSDP search (UDA 1.1 §1.3) sent
+    from ``source`` (our address toward the gateway); None when none answered within ``wait`` seconds."""
+    loop = asyncio.get_running_loop()
+    found: asyncio.Future[str] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _SsdpAnswers(gateway, found), local_addr=(source, 0)
+    )
+    try:
+        sock = transport.get_extra_info("socket")
+        # UDA 1.1 §1.3.2: TTL 2; out of the interface toward the gateway, whatever 239/4's route says
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source))
+        transport.sendto(wire.ssdp_search(IGD_SEARCH_TARGET, SSDP_SECONDS), wire.SSDP_GROUP)
+        try:
+            return await asyncio.wait_for(found, wait)
+        except TimeoutError:
+            return None
+    finally:
+        transport.close()
 
 
 def default_gateway(table: str) -> str | None:
@@ -96,6 +134,7 @@ class PortMapper:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._upnp: asyncio.Task[None] | None = None
+        self._igd: str | None = None  # the description URL of the IGD that answered the search
         self._status = ""
 
     @property
@@ -170,26 +209,19 @@ class PortMapper:
 
     # --- UPnP IGD ------------------------------------------------------------------------------------
 
-    async def _upnp_service(self) -> UpnpService | None:
-        """The gateway's WANIPConnection/WANPPPConnection service, or None (no IGD answered)."""
+    async def _igd_location(self) -> str | None:
+        if self._transport is None or not self._gateway:
+            return None
+        return await igd_location(str(self._transport.get_extra_info("sockname")[0]), self._gateway)
+
+    async def _upnp_service(self, location: str) -> UpnpService | None:
+        """The WANIPConnection/WANPPPConnection service of the IGD described at ``location``, or None."""
         # lazy, as every import of async_upnp_client here (the module docstring)
         from async_upnp_client.aiohttp import AiohttpRequester  # noqa: PLC0415
         from async_upnp_client.client_factory import UpnpFactory  # noqa: PLC0415
-        from async_upnp_client.search import async_search  # noqa: PLC0415
 
-        locations: list[str] = []
-
-        async def on_response(headers: CaseInsensitiveDict) -> None:
-            location = str(headers.get("location") or "")
-            if location and urlsplit(location).hostname == self._gateway and location not in locations:
-                locations.append(location)
-
-        source = (self._transport.get_extra_info("sockname")[0], 0) if self._transport is not None else None
-        await async_search(on_response, timeout=SSDP_SECONDS, search_target=IGD_SEARCH_TARGET, source=source)
-        if not locations:
-            return None
         factory = UpnpFactory(AiohttpRequester(timeout=5))
-        device = await factory.async_create_device(locations[0])
+        device = await factory.async_create_device(location)
         for svc in device.all_services:
             if any(f":service:{name}:" in svc.service_type for name in WAN_SERVICES):
                 return svc
@@ -199,14 +231,27 @@ class PortMapper:
         core = self._core
         if core is None:
             return
-        from async_upnp_client.exceptions import UpnpError  # noqa: PLC0415
-
         external: HostPort | None = None
         lifetime, why = req.lifetime, ""
         try:
-            svc = await asyncio.wait_for(self._upnp_service(), 8.0)
+            location = await self._igd_location()
+        except OSError as exc:
+            location, why = None, f"SSDP search: {exc}"
+        if location is None:
+            if core.upnp_result(
+                None, lifetime, self._loop.time(), why or "no Internet Gateway Device answered"
+            ):
+                self._changed()
+            self._wake.set()
+            return
+        self._igd = location
+        # an IGD answered: the library is loaded now (the module docstring)
+        from async_upnp_client.exceptions import UpnpError  # noqa: PLC0415
+
+        try:
+            svc = await asyncio.wait_for(self._upnp_service(location), 8.0)
             if svc is None:
-                why = "no Internet Gateway Device answered"
+                why = "the gateway's UPnP device has no WANIPConnection or WANPPPConnection service"
             else:
                 external, lifetime, why = await asyncio.wait_for(self._upnp_add(svc, req), 8.0)
         except (OSError, TimeoutError, UpnpError, ValueError) as exc:  # aiohttp errors are OSErrors
@@ -251,7 +296,8 @@ class PortMapper:
         return None, 0, "AddPortMapping refused"
 
     async def _upnp_delete(self, external_port: int) -> None:
-        svc = await self._upnp_service()
+        location = self._igd or await self._igd_location()  # the one that took the mapping, if known
+        svc = await self._upnp_service(location) if location is not None else None
         if svc is None:
             return
         await svc.action("DeletePortMapping").async_call(

@@ -1,6 +1,6 @@
-"""PCP and NAT-PMP messages, the pure codec: the bytes ghostlink sends to its gateway for a port mapping.
+"""PCP, NAT-PMP and SSDP messages, the pure codec: what ghostlink sends to its gateway for a port mapping.
 
-It owns the wire layout of the two UDP protocols home routers speak on port 5351 and nothing else (what to
+It owns the wire layout of the two UDP protocols home routers speak on port 5351 (and UPnP's search) (what to
 send when is :mod:`ghostlink.traversal.portmap_core`; the socket is :mod:`ghostlink.traversal.portmap`).
 Only what a WireGuard port needs: a UDP mapping of one internal port, its renewal and deletion, and
 NAT-PMP's external address request. Parsing never raises: anything malformed is None.
@@ -32,6 +32,20 @@ PCP (RFC 6887), common header (§7.1 request, §7.2 response) then the MAP opcod
 A request suggests ``::ffff:0.0.0.0`` for "no preference" (§11.1); a deletion is a MAP with lifetime 0
 and the mapping's nonce (§15). Result codes: §7.4. A NAT-PMP-only server answers a PCP request with a
 NAT-PMP "unsupported version" response (RFC 6887 §9), which :func:`parse_natpmp` reads.
+
+SSDP search (UPnP Device Architecture 1.1 §1.3.2-1.3.3), which finds a UPnP Internet Gateway Device
+before any UPnP library is loaded (that library, and the aiohttp it imports, cost ~13 MiB and ~0.13 s
+on every node behind a router that speaks no UPnP)::
+
+    M-SEARCH * HTTP/1.1            to 239.255.255.250:1900, multicast
+    HOST: 239.255.255.250:1900
+    MAN: "ssdp:discover"
+    MX: <seconds a device may wait before answering>
+    ST: <search target: the IGD device type>
+
+    HTTP/1.1 200 OK                unicast back, one datagram; LOCATION is the device description's URL
+    ST: <the target searched>
+    LOCATION: http://192.168.1.1:5000/rootDesc.xml
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 SERVER_PORT = 5351  # RFC 6886 §3.1, RFC 6887 §19.1
 NATPMP_VERSION = 0
@@ -204,3 +219,56 @@ def parse_pcp(data: bytes) -> PcpResponse | None:
     return PcpResponse(
         opcode, result, lifetime, epoch, nonce, protocol, internal, external, from_ip16(data[44:60])
     )
+
+
+SSDP_GROUP = ("239.255.255.250", 1900)
+SSDP_MAX = 2048  # one response datagram (UDA 1.1 §1.3.3: a few hundred bytes); more is not an answer
+
+
+def ssdp_search(search_target: str, mx: int) -> bytes:
+    if not 1 <= mx <= 5:  # UDA 1.1 §1.3.2: MX is 1 to 5
+        raise ValueError(f"SSDP MX {mx}: 1 to 5 seconds")
+    if not search_target or any(c in search_target for c in "\r\n"):
+        raise ValueError("SSDP search target: one non-empty line")
+    lines = (
+        "M-SEARCH * HTTP/1.1",
+        f"HOST: {SSDP_GROUP[0]}:{SSDP_GROUP[1]}",
+        'MAN: "ssdp:discover"',
+        f"MX: {mx}",
+        f"ST: {search_target}",
+    )
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def parse_ssdp_location(data: bytes, search_target: str) -> str | None:
+    """The LOCATION of a search response for ``search_target`` (an ``http://`` URL), or None."""
+    if len(data) > SSDP_MAX:
+        return None
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    head, sep, _ = text.partition("\r\n\r\n")
+    if not sep:
+        return None
+    status, *fields = head.split("\r\n")
+    parts = status.split(None, 2)
+    if len(parts) < 2 or parts[0].upper() != "HTTP/1.1" or parts[1] != "200":
+        return None
+    headers: dict[str, str] = {}
+    for line in fields:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            return None
+        headers.setdefault(name.strip().lower(), value.strip())
+    location = headers.get("location", "")
+    if headers.get("st") != search_target or not location:
+        return None
+    try:
+        url = urlsplit(location)
+        url.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        return None
+    if url.scheme != "http" or not url.hostname:
+        return None
+    return location

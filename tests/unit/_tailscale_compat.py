@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ghostcore import ipproto as ip_protos
 from ghostcore.policy import Compiler, NodeIdent, PolicyError, parse_policy, run_tests, tsimport
-from ghostcore.policy import protocols as ip_protos
 from ghostcore.policy.compiler import Filter
 from ghostcore.policy.model import Policy, Principal
 

@@ -1,9 +1,9 @@
 """ghostlink loads a heavy library only when the node uses what needs it.
 
 Importing the daemon (``ghostlink.app``, all of the wiring in ``ghostlink.node``) and building the parts a
-node without relay regions, MagicDNS settings, metrics or a UPnP gateway uses must leave these out of
-``sys.modules``: each costs megabytes of resident memory and start-up time on every node. Checked in a
-fresh interpreter, since this test process has imported them all already.
+node without relay regions, MagicDNS settings, metrics, a UPnP gateway or kernel WireGuard uses must leave
+these out of ``sys.modules``: each costs megabytes of resident memory and start-up time on every node.
+Checked in a fresh interpreter, since this test process has imported them all already.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ LAZY = {
     "dns": "dnspython (ghostlink.dns_core, dns_server): the first DNS query",
     "prometheus_client": "metrics (ghostlink.metrics): metrics.listen set",
     "aiohttp": "the metrics listener, and UPnP's HTTP client",
-    "async_upnp_client": "UPnP IGD (ghostlink.traversal.portmap): PCP and NAT-PMP got no answer",
+    "async_upnp_client": "UPnP IGD (ghostlink.traversal.portmap): an IGD answered the SSDP search",
+    "pyroute2": "kernel WireGuard's generic netlink (ghostlink.wg.kernel): the kernel backend",
     "ghostlink.traversal.relayclient": "a map with a relay region",
     "ghostlink.traversal.turnclient": "a TURN allocation",
     "ghostlink.metrics": "metrics.listen set",
@@ -40,6 +41,7 @@ from ghostlink.magicdns import MagicDns
 from ghostlink.nodekey import NodeKey
 from ghostlink.traversal.proxy import RelayProxy
 from ghostlink.traversal.stun_core import is_stun, well_formed
+from ghostlink.traversal import portmap_wire
 from ghostcore.keys import PrivateKey
 
 async def parts():
@@ -49,6 +51,8 @@ async def parts():
     proxy = RelayProxy(wg_port=41641, keys=NodeKey(PrivateKey.generate()))
     await proxy.close()
     is_stun(bytes(20)) and well_formed(bytes(20))
+    # the SSDP search that decides whether UPnP's library is needed at all
+    portmap_wire.parse_ssdp_location(portmap_wire.ssdp_search("ssdp:all", 2), "ssdp:all")
 
 asyncio.run(parts())
 wanted = json.loads(sys.argv[1])

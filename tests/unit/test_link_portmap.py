@@ -234,3 +234,63 @@ def test_private_or_carrier_grade_external_addresses_are_not_offered() -> None:
     core.poll(0.0)
     core.receive(pcp_response(ip="100.64.0.7"), 0.0)
     assert core.mapping is None
+
+
+# --- wire: SSDP search (UPnP Device Architecture 1.1 §1.3) ----------------------------------------------
+
+IGD = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+
+
+def test_ssdp_search_is_uda_m_search() -> None:
+    assert wire.ssdp_search(IGD, 2) == (
+        b'M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: "ssdp:discover"\r\nMX: 2\r\n'
+        b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n"
+    )
+    for mx in (0, 6):
+        with pytest.raises(ValueError, match="MX"):
+            wire.ssdp_search(IGD, mx)
+    with pytest.raises(ValueError, match="one non-empty line"):
+        wire.ssdp_search("a\r\nMAN: x", 2)
+
+
+def _answer(*headers: str, status: str = "HTTP/1.1 200 OK") -> bytes:
+    return ("\r\n".join((status, *headers)) + "\r\n\r\n").encode()
+
+
+# miniupnpd's answer (its headers, in its order)
+MINIUPNPD = _answer(
+    "CACHE-CONTROL: max-age=120",
+    f"ST: {IGD}",
+    f"USN: uuid:73616d61-6a6b-7a74-650a-0d24d4a5d636::{IGD}",
+    "EXT:",
+    "SERVER: Debian/12 UPnP/1.1 MiniUPnPd/2.3.1",
+    "LOCATION: http://198.51.100.1:5000/rootDesc.xml",
+    'OPT: "http://schemas.upnp.org/upnp/1/0/"; ns=01',
+)
+
+
+def test_an_ssdp_answer_gives_its_location() -> None:
+    assert wire.parse_ssdp_location(MINIUPNPD, IGD) == "http://198.51.100.1:5000/rootDesc.xml"
+    lower = _answer(f"st: {IGD}", "location:http://198.51.100.1/d.xml", status="http/1.1 200 ok")
+    assert wire.parse_ssdp_location(lower, IGD) == "http://198.51.100.1/d.xml"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _answer(f"ST: {IGD}", "LOCATION: http://198.51.100.1:5000/d.xml", status="HTTP/1.1 404 Not Found"),
+        _answer("ST: upnp:rootdevice", "LOCATION: http://198.51.100.1:5000/d.xml"),  # another target
+        _answer(f"ST: {IGD}"),  # no location
+        _answer(f"ST: {IGD}", "LOCATION: https://198.51.100.1/d.xml"),  # not http
+        _answer(f"ST: {IGD}", "LOCATION: http://198.51.100.1:99999/d.xml"),  # port out of range
+        _answer(f"ST: {IGD}", "LOCATION: http:///d.xml"),  # no host
+        _answer(f"ST: {IGD}", "a line without a colon", "LOCATION: http://198.51.100.1/d.xml"),
+        _answer(f"ST: {IGD}", "LOCATION: http://198.51.100.1/d.xml")[:-4],  # no end of headers
+        _answer(f"ST: {IGD}", "LOCATION: http://198.51.100.1/d.xml", "X-PAD: " + "x" * 2048),  # too big
+        _answer(f"ST: {IGD}", "LOCATION: http://198.51.100.1/\u00e9.xml"),  # not ASCII
+        b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n\r\n",  # another node's search
+        b"",
+    ],
+)
+def test_anything_else_is_no_answer(data: bytes) -> None:
+    assert wire.parse_ssdp_location(data, IGD) is None
