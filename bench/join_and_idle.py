@@ -3,6 +3,8 @@
 * join -> first answered ping: from starting `ghostlink join` on a new node until an existing mesh node gets a
   ping answered over the overlay; reference: from starting a hand-configured wireguard-go tunnel (`wg set`
   with keys and endpoints typed in) until its first ping is answered, on the same kind of hosts.
+* join -> first answered ping through a relay: the same, for a node behind a firewall that blocks UDP (its
+  only path is the TLS relay of a region), pinged by a public node; same reference (``--relay-rounds``).
 * idle RSS of ghostmesh (with the nodes connected) and of ghostlink (not counting wireguard-go, a separate
   process reported beside it); reference: a bare `python -c "sleep"` interpreter.
 * with ``--baseline REV``: the same join measured on that git revision's code (``bench.baseline``) in the
@@ -24,6 +26,7 @@ from pathlib import Path
 from bench.baseline import checkout
 from lab import Lab, netns_unavailable
 from lab.mesh import Mesh, Node
+from lab.natmesh import NatMesh
 
 REPO = Path(__file__).resolve().parent.parent
 JOINED = re.compile(r"joined as \S+ \((\d+\.\d+\.\d+\.\d+),")
@@ -68,9 +71,30 @@ def _ref_once(lab: Lab, mesh: Mesh, r: int) -> float:
     return time.monotonic() - t0
 
 
+def _relayed_times(lab: Lab, workdir: Path, rounds: int) -> list[float]:
+    """Seconds from starting ``ghostlink join`` on a node behind a firewall that blocks UDP (so its only
+    path is a relay: TLS over TCP to the relay region) until a public node pings it, per round."""
+    nm = NatMesh.build(lab, workdir, per_kind={"none": 1})
+    nm.start()
+    nm.join_all()
+    (anchor,) = nm.of_kind("none")
+    out = []
+    for _ in range(rounds):
+        n = nm.add_host("udp_blocked")
+        t0 = time.monotonic()
+        nm.join(n, wait=False)
+        proc = n.node.proc
+        assert proc is not None
+        v4 = lab.wait_for(lambda p=proc: _joined_v4(p.log_path), timeout=20, interval=0.005, what="joined")
+        lab.wait_for(lambda v=v4: anchor.host.ping(v, timeout=1), timeout=20, interval=0.02, what="ping")
+        out.append(time.monotonic() - t0)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--relay-rounds", type=int, default=3, help="joins of a node whose only path is a relay")
     ap.add_argument(
         "--baseline",
         metavar="REV",
@@ -101,6 +125,8 @@ def main() -> int:
             ref_times.append(_ref_once(lab, mesh, r))
             for label, m in meshes.items():  # interleaved, so drift in the machine's load hits both alike
                 times[label].append(_join_once(m.lab, m, anchors[label], keys[label], f"j{r}"))
+        relay_lab = stack.enter_context(Lab("benchr", REPO / "test-artifacts" / "bench-relay"))
+        relayed = _relayed_times(relay_lab, tmp / "relay", args.relay_rounds) if args.relay_rounds else []
         time.sleep(3)  # settle: idle means no map traffic
         anchor = anchors["this code"]
         assert mesh.server is not None
@@ -114,6 +140,11 @@ def main() -> int:
         rows = [
             ("join -> first ping (median s)", f"{join_med:.3f}", f"{ref_med:.3f} (hand-made wg)",
              join_med / ref_med),
+            *(
+                [("join -> first ping, relayed (median s)", f"{statistics.median(relayed):.3f}",
+                  f"{ref_med:.3f} (hand-made wg)", statistics.median(relayed) / ref_med)]
+                if relayed else []
+            ),
             ("ghostmesh idle RSS (MiB)", f"{mesh_rss / 1024:.1f}", f"{py_rss / 1024:.1f} (bare python)",
              mesh_rss / py_rss),
             ("ghostlink idle RSS (MiB)", f"{link_rss / 1024:.1f}", f"{py_rss / 1024:.1f} (bare python)",
@@ -137,6 +168,8 @@ def main() -> int:
         for label, ts in times.items():
             print(f"\njoin times, {label} (s): {[round(t, 3) for t in ts]}")
         print(f"reference (s):  {[round(t, 3) for t in ref_times]}")
+        if relayed:
+            print(f"relayed joins, this code (s): {[round(t, 3) for t in relayed]}")
         ref.stop()
     return 0
 

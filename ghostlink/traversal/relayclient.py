@@ -1,8 +1,12 @@
 """One authenticated connection from this node to one ghost relay region, kept up until closed.
 
 Speaks :mod:`ghostcore.relaywire` (read its docstring for the frames and the auth) over a
-:mod:`ghostlink.traversal.relaylink` transport: QUIC first, TLS over TCP on the region's ``tcp_port`` when
-QUIC does not complete its handshake within ``QUIC_CONNECT_TIMEOUT`` (UDP blocked, or no QUIC port).
+:mod:`ghostlink.traversal.relaylink` transport: QUIC preferred, TLS over TCP on the region's ``tcp_port``
+raced against it (RFC 8305's "Happy Eyeballs", §5: the second attempt starts ``TCP_HEAD_START`` after the
+first, not after the first gave up). QUIC done within its head start wins outright (any network passing
+UDP); a QUIC handshake that cannot complete (UDP blocked) no longer costs its whole
+``QUIC_CONNECT_TIMEOUT`` before TCP is even tried, which is what a UDP-blocked node's first relayed
+packet used to wait for. When both connect, QUIC is kept and TCP closed.
 
 Handshake: the transport's certificate is checked against the region's pin (:mod:`ghostlink.traversal
 .relaylink`), then HELLO -> CHALLENGE -> AUTH (``relaywire.encode_auth``: the map's expiry and relay token,
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 PING_INTERVAL = 0.5
 DEAD_AFTER = 2.0
 QUIC_CONNECT_TIMEOUT = 1.0
+TCP_HEAD_START = 0.15  # QUIC's head start (RFC 8305 §5 suggests 250 ms, and 100 ms at the least)
 TCP_CONNECT_TIMEOUT = 3.0
 AUTH_TIMEOUT = 3.0
 BACKOFF_INITIAL = 0.2
@@ -150,14 +155,12 @@ class RelayClient:
         self._lost.clear()
         self._reader = rw.FrameReader()
         self._authed = False
-        ok = False
-        if self.quic_port:
-            ok = await self._open_quic()
-        if not ok and self.tcp_port:
-            ok = await self._open_tcp()
-        if not ok:
+        link = await self._open()
+        if link is None:
             self._drop("")
             return "no transport connected"
+        self._link = link
+        self.transport = "quic" if isinstance(link, QuicLink) else "tcp"
         self._lost.clear()
         stage: asyncio.Future[str] = self._loop.create_future()
         self._stage = stage
@@ -183,11 +186,41 @@ class RelayClient:
         await self._lost.wait()
         return "connection lost"
 
-    async def _open_quic(self) -> bool:
+    async def _open(self) -> Link | None:
+        """The first transport to connect (see the module docstring), or None."""
+        if not self.quic_port:
+            return await self._open_tcp() if self.tcp_port else None
+        quic = asyncio.create_task(self._open_quic())
+        await asyncio.wait({quic}, timeout=TCP_HEAD_START)
+        if not self.tcp_port or (quic.done() and quic.result() is not None):
+            return await quic
+        tcp = asyncio.create_task(self._open_tcp())
+        chosen: Link | None = None
+        try:
+            await asyncio.wait({quic, tcp}, return_when=asyncio.FIRST_COMPLETED)
+            if quic.done() and quic.result() is None:
+                await tcp  # QUIC gave up: TCP is the answer, whatever it is
+            elif tcp.done() and tcp.result() is None:
+                await quic
+            # QUIC first: when both are connected, it is the one kept
+            chosen = next((t.result() for t in (quic, tcp) if t.done() and t.result() is not None), None)
+            return chosen
+        finally:  # the loser: an attempt still running is stopped, a connected one closed
+            for task in (quic, tcp):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                elif not task.cancelled() and task.exception() is None:
+                    link = task.result()
+                    if link is not None and link is not chosen:
+                        link.close()
+
+    async def _open_quic(self) -> QuicLink | None:
         try:
             infos = await self._loop.getaddrinfo(self.host, self.quic_port, type=socket.SOCK_DGRAM)
         except OSError:
-            return False
+            return None
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         ready = self._loop.create_future()
@@ -199,7 +232,7 @@ class RelayClient:
             sock.connect(addr)
         except OSError:
             sock.close()
-            return False
+            return None
 
         def on_ready() -> None:
             if not ready.done():
@@ -221,13 +254,14 @@ class RelayClient:
             on_lost=on_lost,
             on_ready=on_ready,
         )
-        self._link = link
         try:
             ok = await asyncio.wait_for(ready, QUIC_CONNECT_TIMEOUT)
         except TimeoutError:
             ok = False
+        except asyncio.CancelledError:  # TCP won the race
+            link.close()
+            raise
         if not ok:
-            self._link = None
             link.close()
             self.counters["quic_failed"] += 1
             log.debug(
@@ -235,12 +269,15 @@ class RelayClient:
             )
             if link.pin_refused:
                 self._pin_refused("quic")
-            return False
-        self.transport = "quic"
-        return True
+            return None
+        return link
 
-    async def _open_tcp(self) -> bool:
-        link = TlsLink(self._pin, self._on_bytes, self._on_lost)
+    async def _open_tcp(self) -> TlsLink | None:
+        def on_lost(reason: str) -> None:
+            if self._link is link:
+                self._on_lost(reason)
+
+        link = TlsLink(self._pin, self._on_bytes, on_lost)
         try:
             await asyncio.wait_for(
                 self._loop.create_connection(
@@ -251,14 +288,12 @@ class RelayClient:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self.counters["tcp_failed"] += 1
             log.debug("relay %s: tcp to %s:%d: %s", self.name, self.host, self.tcp_port, exc or "timed out")
-            return False
+            return None
         if not link.pinned:
             self.counters["tcp_failed"] += 1
             self._pin_refused("tcp")
-            return False
-        self._link = link
-        self.transport = "tcp"
-        return True
+            return None
+        return link
 
     def _pin_refused(self, transport: str) -> None:
         self.counters["pin_mismatch"] += 1
