@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ghostcore.addr import AddressError, parse_endpoint, parse_ip
 from ghostcore.errors import InvalidArgument, ProtocolError
@@ -224,6 +224,7 @@ class PeerSpec:
     allowed_ips: tuple[str, ...]  # normalised, sorted
     endpoint: str | None
     keepalive: int
+    dials_in: bool = False  # a device: WireGuard learns its endpoint from its handshakes, never from us
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,13 @@ def desired_state(
             endpoint = None
         routed = prefixes - EXIT_PREFIXES
         allowed = tuple(sorted(prefixes if p is exit_peer else routed))
-        peers[key] = PeerSpec(public_key=key, allowed_ips=allowed, endpoint=endpoint, keepalive=nm.keepalive)
+        peers[key] = PeerSpec(
+            public_key=key,
+            allowed_ips=allowed,
+            endpoint=endpoint,
+            keepalive=nm.keepalive,
+            dials_in=p.is_device,
+        )
         routes.update(routed)
     return DesiredState(addresses=addresses, peers=peers, routes=frozenset(routes))
 
@@ -392,15 +399,25 @@ def plan(current: DesiredState, desired: DesiredState) -> Plan:
 
     An endpoint that becomes unknown (None) is not a change: UAPI cannot unset an endpoint, and
     WireGuard's own roaming (it learns a peer's address from authenticated packets) keeps it right.
+
+    A peer gets its persistent keepalive together with its first endpoint, not before: WireGuard (kernel
+    and wireguard-go) sends a keepalive, so a handshake initiation, the moment a peer's keepalive goes
+    from off to on. Without an endpoint that initiation goes nowhere, and WireGuard then sends the next
+    one only after REKEY_TIMEOUT (5 s, whitepaper §6.4): a peer whose endpoint came a moment after the
+    peer itself (a new node's, once its first status report reached the map) waited 5 s for its first
+    packet. With the endpoint, it is the initiation that opens the session at once.
     """
     add: list[PeerSpec] = []
     update: list[PeerUpdate] = []
     for key in sorted(desired.peers):
         want = desired.peers[key]
         have = current.peers.get(key)
+        unarmed = want.endpoint is None and not want.dials_in  # see the docstring
         if have is None:
-            add.append(want)
+            add.append(replace(want, keepalive=0) if unarmed else want)
             continue
+        if unarmed and have.endpoint is None and have.keepalive == 0:
+            want = replace(want, keepalive=0)
         changed = set()
         if want.allowed_ips != have.allowed_ips:
             changed.add("allowed_ips")
@@ -432,7 +449,7 @@ def applied_after(current: DesiredState, p: Plan) -> DesiredState:
     for u in p.peers_update:
         old = peers.get(u.spec.public_key)
         endpoint = u.spec.endpoint if "endpoint" in u.fields or old is None else old.endpoint
-        peers[u.spec.public_key] = PeerSpec(u.spec.public_key, u.spec.allowed_ips, endpoint, u.spec.keepalive)
+        peers[u.spec.public_key] = replace(u.spec, endpoint=endpoint)
     return DesiredState(
         addresses=(current.addresses - set(p.addresses_remove)) | set(p.addresses_add),
         peers=peers,

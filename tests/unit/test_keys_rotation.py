@@ -61,7 +61,8 @@ def test_a_rekeyed_peer_is_replaced_with_the_same_allowed_ips_and_a_keepalive() 
 
 
 def _with_ips(n: engine.NodeInfo) -> engine.NodeInfo:
-    return engine.NodeInfo(n.id, n.name, n.user, n.node_key, n.addresses, ("100.64.0.1/32",), (), True, 0, 0)
+    eps = ("192.0.2.1:41641",)  # a running node's: the keepalive comes with an endpoint
+    return engine.NodeInfo(n.id, n.name, n.user, n.node_key, n.addresses, ("100.64.0.1/32",), eps, True, 0, 0)
 
 
 class Recorder(StateDir):

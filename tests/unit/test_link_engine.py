@@ -174,10 +174,34 @@ def test_plan_remove_and_addresses() -> None:
 
 def test_applied_after_converges() -> None:
     cur = state(spec(1), spec(2))
-    want = state(spec(2, keepalive=5), spec(3), addrs=("100.64.0.1/32",))
+    want = state(spec(2, keepalive=5), spec(3, endpoint="192.0.2.3:41641"), addrs=("100.64.0.1/32",))
     after = engine.applied_after(cur, plan(cur, want))
     assert after == want
     assert plan(after, want).empty
+
+
+def test_a_peer_gets_its_keepalive_with_its_first_endpoint() -> None:
+    """WireGuard initiates a handshake when a keepalive is switched on: with no endpoint yet it would be
+    lost, and the next one would wait 5 s (REKEY_TIMEOUT)."""
+    p = plan(DesiredState(), state(spec(1)))
+    assert [(a.endpoint, a.keepalive) for a in p.peers_add] == [(None, 0)]
+    after = engine.applied_after(DesiredState(), p)
+    assert plan(after, state(spec(1))).empty  # still no endpoint: nothing to arm yet
+    p = plan(after, state(spec(1, endpoint="192.0.2.1:41641")))
+    (u,) = p.peers_update
+    assert u.fields == {"endpoint", "keepalive"}
+    assert (u.spec.endpoint, u.spec.keepalive) == ("192.0.2.1:41641", 25)
+    (c,) = changes_for(p)
+    assert (c.endpoint, c.keepalive) == ("192.0.2.1:41641", 25)  # one UAPI peer block: both at once
+    after = engine.applied_after(after, p)
+    assert after == state(spec(1, endpoint="192.0.2.1:41641"))
+    assert plan(after, state(spec(1))).empty  # the endpoint unknown again: the keepalive stays
+
+
+def test_a_device_dials_in_and_keeps_its_keepalive_without_an_endpoint() -> None:
+    device = spec(1, dials_in=True)
+    p = plan(DesiredState(), state(device))
+    assert [(a.endpoint, a.keepalive) for a in p.peers_add] == [(None, 25)]
 
 
 def test_a_replaced_peer_is_added_before_the_old_one_is_removed() -> None:

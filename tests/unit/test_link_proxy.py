@@ -201,6 +201,24 @@ def test_peer_gone_re_sends_the_last_handshakes_until_the_peer_answers() -> None
     assert core.counters["handshake_retries"] == 1
 
 
+def test_a_peer_gone_after_the_peer_answered_re_arms_the_re_sends() -> None:
+    """Crossing handshakes: our initiation got PEER_GONE (the peer was not on the relay yet), the peer's
+    own initiation then reached us, which stopped the re-sends; our response to it gets PEER_GONE in turn
+    (the peer's connection to that relay is still coming up): it is re-sent, not left to WireGuard's
+    5 s retry on both sides."""
+    core = ProxyCore()
+    core.relays({1: 5.0})
+    core.set_route(B, 1, "")
+    response = b"\x02\x00\x00\x00" + b"r" * 88  # a WireGuard handshake response (type 2)
+    core.from_wireguard(B, HANDSHAKE)
+    core.peer_gone(B, now=10.0)
+    assert core.from_relay(B, HANDSHAKE, now=10.1) == ToWireGuard(B, HANDSHAKE)  # its initiation
+    assert core.from_wireguard(B, response) == ToRelay(1, B, response)
+    core.peer_gone(B, now=10.2)
+    assert core.next_timer() == 10.2 + RETRY_INTERVAL
+    assert ToRelay(1, B, response) in core.timer(10.2 + RETRY_INTERVAL)
+
+
 def test_handshake_re_sends_stop_after_the_hold() -> None:
     core = ProxyCore()
     core.relays({1: 5.0})
