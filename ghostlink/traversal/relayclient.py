@@ -57,6 +57,13 @@ _RTT_ALPHA = 0.3  # EWMA weight of a new RTT sample (smooth enough for the stick
 _PING = struct.Struct("!Q")
 
 
+def _link_of(task: asyncio.Task[QuicLink | None] | asyncio.Task[TlsLink | None]) -> Link | None:
+    """The link a finished connect attempt made (None: still running, cancelled, failed or refused)."""
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return task.result()
+    return None
+
+
 class RelayClient:
     """A connection to one relay region, kept up until :meth:`close`. See the module docstring.
 
@@ -110,6 +117,7 @@ class RelayClient:
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff(initial=BACKOFF_INITIAL, maximum=BACKOFF_MAX)
+        self._stray: set[asyncio.Task[TlsLink | None]] = set()  # losing TLS attempts, closed once done
 
     def __repr__(self) -> str:  # the token stays out
         return f"RelayClient({self.name!r}, {self.host}, transport={self.transport!r}, alive={self.alive})"
@@ -205,16 +213,27 @@ class RelayClient:
             # QUIC first: when both are connected, it is the one kept
             chosen = next((t.result() for t in (quic, tcp) if t.done() and t.result() is not None), None)
             return chosen
-        finally:  # the loser: an attempt still running is stopped, a connected one closed
+        finally:  # the loser: a connected one is closed, a QUIC attempt still running is stopped
+            if not quic.done():
+                quic.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await quic
+            if not tcp.done():
+                # A TLS handshake in flight is left to finish (TCP_CONNECT_TIMEOUT bounds it) and closed
+                # then: cancelling it mid-handshake makes uvloop's SSL protocol write to the transport
+                # the cancellation closed, and log a "Fatal error on SSL protocol" with its trace.
+                self._stray.add(tcp)
+                tcp.add_done_callback(self._close_stray)
             for task in (quic, tcp):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                elif not task.cancelled() and task.exception() is None:
-                    link = task.result()
-                    if link is not None and link is not chosen:
-                        link.close()
+                link = _link_of(task)
+                if link is not None and link is not chosen:
+                    link.close()
+
+    def _close_stray(self, task: asyncio.Task[TlsLink | None]) -> None:
+        self._stray.discard(task)
+        link = _link_of(task)
+        if link is not None:
+            link.close()
 
     async def _open_quic(self) -> QuicLink | None:
         try:
@@ -445,6 +464,10 @@ class RelayClient:
         self._notify()
 
     async def close(self) -> None:
+        if self._stray:  # a losing TLS attempt still in its handshake: let it end (see _open), bounded
+            await asyncio.wait(set(self._stray), timeout=TCP_CONNECT_TIMEOUT)
+            for stray in list(self._stray):
+                stray.cancel()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

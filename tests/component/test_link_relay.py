@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -338,6 +340,62 @@ async def test_tls_wins_over_a_slow_quic_whose_attempt_then_stops() -> None:
         hole.close()
 
 
+async def _slow_tcp(target: tuple[str, int], delay: float) -> tuple[asyncio.Server, list[float]]:
+    """A TCP forwarder to ``target`` that holds each connection ``delay`` s before forwarding (a TLS
+    handshake still in flight when QUIC wins); the times its connections closed, for the test."""
+    closed: list[float] = []
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(delay)
+        ur, uw = await asyncio.open_connection(*target)
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        closed.append(time.monotonic())
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0), closed
+
+
+async def _quic_wins_over_a_tls_handshake_in_flight(caplog: pytest.LogCaptureFixture) -> None:
+    server = await start_relay_server()
+    assert server.quic_address is not None
+    slow, closed = await _slow_tcp(server.tcp_address, 0.3)
+    hole = Blackhole(server.quic_address)
+    hole.delay = 0.1  # QUIC completes after its head start: the TLS attempt has begun
+    try:
+        async with nodes(1) as (a,):
+            tcp_port = slow.sockets[0].getsockname()[1]
+            await a.proxy.configure(
+                [region(1, hole.port, tcp_port)], creds(a.key), node_key=a.key, use_turn=False
+            )
+            await until(lambda: a.proxy.home_region == 1, "connected")
+            assert a.proxy.regions()[0][2] == "quic"
+            await until(lambda: bool(closed), "the losing TLS connection closed, once its handshake ended")
+    finally:
+        await server.close()
+        hole.close()
+        slow.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_quic_wins_over_a_tls_handshake_in_flight_which_is_closed_once_done_on_uvloop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On uvloop, as the daemon runs: QUIC wins, and the TLS attempt still in its handshake is closed once
+    that ends, with nothing logged at error. (Cancelling it instead made uvloop's SSL protocol log "Fatal
+    error on SSL protocol" with a trace when the server's answer arrived just then, seen once in a netns
+    run; this test cannot force that timing, it checks the path that replaced the cancel.)"""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_quic_wins_over_a_tls_handshake_in_flight(caplog))
+
+
 async def test_first_packets_buffered_until_a_relay_connects() -> None:
     server = await start_relay_server()
     try:
@@ -385,12 +443,21 @@ class Blackhole:
             self.loop.add_reader(up.fileno(), self._up, up, addr)
         if not self.silent:
             self.forwarded += 1
-            self.loop.call_later(self.delay, up.send, data)
+            self.loop.call_later(self.delay, self._send, up, data, None)
 
     def _up(self, up: socket.socket, addr: tuple[str, int]) -> None:
-        data = up.recv(65535)
-        if not self.silent:
-            self.loop.call_later(self.delay, self.sock.sendto, data, addr)
+        with contextlib.suppress(OSError):  # the relay went away (ICMP refused): nothing to pass on
+            data = up.recv(65535)
+            if not self.silent:
+                self.loop.call_later(self.delay, self._send, self.sock, data, addr)
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes, addr: tuple[str, int] | None) -> None:
+        with contextlib.suppress(OSError):  # a datagram held past the close of either end is lost
+            if addr is None:
+                sock.send(data)
+            else:
+                sock.sendto(data, addr)
 
     def close(self) -> None:
         for s in (self.sock, *self.ups.values()):
