@@ -46,6 +46,7 @@ from ghostlink.traversal.proxy_core import (
     ToWireGuard,
     TurnBinding,
     TurnChanged,
+    is_handshake,
 )
 
 if TYPE_CHECKING:
@@ -277,9 +278,11 @@ class RelayProxy:
             if src[0] != _LOCAL or src[1] != self._wg_port:
                 self._counters["drop_not_wireguard"] += 1
                 continue
-            action = self._core.from_wireguard(peer_key, data)
+            action = self._core.from_wireguard(peer_key, data, self._loop.time())
             if action is not None:
                 self._act(action)
+            if is_handshake(data):  # it armed re-sends (proxy_core's "first contact")
+                self._schedule()
 
     def _on_relay_recv(self, src: bytes, packet: bytes) -> None:
         action = self._core.from_relay(src, packet, self._loop.time())

@@ -18,12 +18,17 @@ that is no peer are dropped and counted.
 
 First contact (why two small holds): WireGuard retries a lost handshake initiation only after 5 s
 (REKEY_TIMEOUT, whitepaper §6.4), so losing the first one costs a new peer 5 s. Two races lose it: the peer
-has not connected to the relay yet (the relay answers PEER_GONE), or its map does not name us yet (it
-would drop our packet as from an unknown key). So the last handshake messages (WireGuard message types 1
-and 2) to each peer are kept, and re-sent every ``RETRY_INTERVAL`` for ``HOLD_SECONDS`` after a PEER_GONE
-until the peer answers; and handshake messages from a key that is not a peer yet are held for
-``HOLD_SECONDS`` and delivered by :meth:`ProxyCore.deliver_held` once the daemon has added that peer to
-WireGuard.
+has not connected to the relay yet (the relay drops the packet and answers PEER_GONE, at most once a
+second per destination), or its map does not name us yet (it would drop our packet as from an unknown
+key). So the last handshake messages to each peer (WireGuard message types 1 and 2, known by type and
+size) are kept and re-sent every ``RETRY_INTERVAL`` from the moment one is sent until the peer answers, at
+most ``HOLD_SECONDS`` (again after a PEER_GONE). An answer is what shows a session: a handshake
+response, a cookie reply or transport data from the peer (types 2, 3, 4). The peer's own initiation is
+none (our response to it may be the message lost: two nodes joining at once cross their initiations, and
+the relay's PEER_GONE for the second loss within a second is not sent); it only replaces our kept
+initiation, which WireGuard no longer waits on. Handshake messages from a key that is not a peer yet are
+held for ``HOLD_SECONDS`` and delivered by :meth:`ProxyCore.deliver_held` once the daemon has added that
+peer to WireGuard.
 
 Home region (:func:`pick_home`): the live region with the lowest RTT, sticky: it changes only when the
 home dies or another region is more than ``HOME_MIN_GAIN_MS`` better *and* less than half the home's RTT,
@@ -47,7 +52,11 @@ MAX_BUFFERED = 32
 HOLD_SECONDS = 5.0  # WireGuard's REKEY_TIMEOUT: after that it retries by itself
 RETRY_INTERVAL = 0.5
 MAX_HELD_KEYS = 256  # handshakes from unknown keys kept at most (a flood cannot grow it)
-HANDSHAKE_TYPES = (1, 2)  # WireGuard handshake initiation and response (first byte, little-endian u32)
+# WireGuard's messages (whitepaper §5.4): the type is the first byte (a little-endian u32), and each handshake
+# message has one size: initiation 148 bytes, response 92, cookie reply 64; transport data is 32 or more.
+INITIATION, RESPONSE, COOKIE_REPLY, TRANSPORT = 1, 2, 3, 4
+_SIZES = {INITIATION: 148, RESPONSE: 92, COOKIE_REPLY: 64}
+MIN_TRANSPORT = 32
 HOME_MIN_GAIN_MS = 20.0
 HOME_MIN_RATIO = 2.0
 
@@ -172,12 +181,22 @@ class _Peer:
     turn_addr: HostPort | None = None
     buffered: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_BUFFERED))
     handshakes: deque[bytes] = field(default_factory=lambda: deque(maxlen=2))  # last sent, for retries
-    retry_until: float = 0.0  # re-send ``handshakes`` until then (a PEER_GONE came back)
+    retry_until: float = 0.0  # re-send ``handshakes`` until then, unless the peer answers first
     next_retry: float | None = None
 
 
-def _is_handshake(packet: bytes) -> bool:
-    return bool(packet[:1]) and packet[0] in HANDSHAKE_TYPES
+def is_handshake(packet: bytes) -> bool:
+    """A WireGuard handshake initiation or response (what first contact keeps and re-sends)."""
+    return bool(packet) and packet[0] in (INITIATION, RESPONSE) and len(packet) == _SIZES[packet[0]]
+
+
+def _is_answer(packet: bytes) -> bool:
+    """From a peer: a response, a cookie reply or transport data, each only sent to one who reached it."""
+    if not packet:
+        return False
+    if packet[0] == TRANSPORT:
+        return len(packet) >= MIN_TRANSPORT
+    return packet[0] in (RESPONSE, COOKIE_REPLY) and len(packet) == _SIZES[packet[0]]
 
 
 class ProxyCore:
@@ -276,11 +295,14 @@ class ProxyCore:
 
     # ----- packets
 
-    def from_wireguard(self, key: bytes, packet: bytes) -> ToRelay | ToTurn | None:
+    def from_wireguard(self, key: bytes, packet: bytes, now: float) -> ToRelay | ToTurn | None:
         """WireGuard sent ``packet`` to peer ``key``'s local socket: where it goes (None: buffered)."""
         p = self._peers.get(key)
         if p is None:
             return None
+        if is_handshake(packet):
+            p.handshakes.append(packet)
+            self._arm(p, now)
         action = self._send(p, packet)
         if action is None:
             if len(p.buffered) == MAX_BUFFERED:
@@ -295,7 +317,12 @@ class ProxyCore:
         if p is None:
             self._hold(src, packet, now)
             return None
-        p.retry_until, p.next_retry = 0.0, None  # it answers: no more retries
+        if _is_answer(packet):
+            p.retry_until, p.next_retry = 0.0, None  # it answers: no more retries
+        elif is_handshake(packet) and packet[0] == INITIATION:  # WireGuard answers it; ours is moot
+            kept = [h for h in p.handshakes if h[0] != INITIATION]
+            p.handshakes.clear()
+            p.handshakes.extend(kept)
         self.counters["from_relay"] += 1
         return ToWireGuard(src, packet)
 
@@ -308,11 +335,9 @@ class ProxyCore:
         self.counters["from_turn"] += 1
         return ToWireGuard(key, packet)
 
-    def _send(self, p: _Peer, packet: bytes, *, retry: bool = False) -> ToRelay | ToTurn | None:
+    def _send(self, p: _Peer, packet: bytes) -> ToRelay | ToTurn | None:
         """The way for one packet from WireGuard to peer ``p``; None when no path is up."""
         kind, rid = self._route(p)
-        if not retry and _is_handshake(packet):
-            p.handshakes.append(packet)
         if kind == "relay":
             return ToRelay(rid, p.key, packet)
         if kind == "turn" and p.turn_addr is not None:
@@ -336,7 +361,7 @@ class ProxyCore:
 
     def _hold(self, src: bytes, packet: bytes, now: float) -> None:
         """A packet from a key that is no peer (yet): keep a handshake a while, drop anything else."""
-        if not _is_handshake(packet):
+        if not is_handshake(packet):
             self.counters["drop_unknown_key"] += 1
             return
         for key in [k for k, (at, _) in self._held.items() if now - at > HOLD_SECONDS]:
@@ -363,9 +388,13 @@ class ProxyCore:
     def peer_gone(self, key: bytes, now: float) -> None:
         """The relay says ``key`` is not connected there: re-send its last handshakes for a while."""
         p = self._peers.get(key)
-        if p is None or not p.handshakes:
-            return
-        if p.retry_until < now:
+        if p is not None and p.handshakes:
+            self._arm(p, now)
+
+    @staticmethod
+    def _arm(p: _Peer, now: float) -> None:
+        """Re-send ``p``'s kept handshakes from ``RETRY_INTERVAL`` on, for ``HOLD_SECONDS`` (unless armed)."""
+        if p.retry_until < now or p.next_retry is None:
             p.retry_until = now + HOLD_SECONDS
             p.next_retry = now + RETRY_INTERVAL
 
@@ -386,7 +415,7 @@ class ProxyCore:
                 continue
             for packet in list(p.handshakes):
                 self.counters["handshake_retries"] += 1
-                action = self._send(p, packet, retry=True)
+                action = self._send(p, packet)
                 if action is not None:
                     out.append(action)
             p.next_retry = now + RETRY_INTERVAL

@@ -208,6 +208,7 @@ async def test_unknown_and_removed_peers_are_dropped() -> None:
 
 
 HANDSHAKE = b"\x01\x00\x00\x00" + b"i" * 144  # a WireGuard handshake initiation's shape (type 1, 148 bytes)
+RESPONSE = b"\x02\x00\x00\x00" + b"r" * 88  # a handshake response's shape (type 2, 92 bytes)
 
 
 async def test_handshake_from_a_key_not_yet_a_peer_is_held_until_wireguard_knows_it() -> None:
@@ -250,7 +251,7 @@ async def test_handshake_to_a_peer_not_on_the_relay_yet_is_retried_after_peer_go
             data, _ = await b.recv()
             assert data == HANDSHAKE
             assert a.proxy.counters["handshake_retries"] >= 1
-            b.send_to(a, b"\x02response")  # the peer answers: retries stop
+            b.send_to(a, RESPONSE)  # the peer answers: retries stop
             await a.recv()
             sent = a.proxy.counters["handshake_retries"]
             await asyncio.sleep(1.2)  # two retry intervals: none may follow an answer

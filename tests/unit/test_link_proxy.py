@@ -113,19 +113,19 @@ def test_credentials_stay_out_of_the_repr() -> None:
 
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
 HANDSHAKE = b"\x01\x00\x00\x00" + b"i" * 144  # a WireGuard handshake initiation (type 1)
-DATA = b"\x04\x00\x00\x00data"  # a WireGuard transport data message (type 4)
+DATA = b"\x04\x00\x00\x00" + bytes(28)  # a WireGuard transport data message (type 4, 32 bytes at least)
 
 
 def test_packets_wait_for_a_path_then_flush_in_order() -> None:
     core = ProxyCore()
     core.add_peer(B)
-    assert core.from_wireguard(B, b"early-0") is None
-    assert core.from_wireguard(B, b"early-1") is None
+    assert core.from_wireguard(B, b"early-0", 0.0) is None
+    assert core.from_wireguard(B, b"early-1", 0.0) is None
     assert core.counters["buffered"] == 2
     out = core.relays({1: 10.0})
     assert out == [HomeChanged(0, 1), ToRelay(1, B, b"early-0"), ToRelay(1, B, b"early-1")]
     assert core.home_region == 1
-    assert core.from_wireguard(B, DATA) == ToRelay(1, B, DATA)
+    assert core.from_wireguard(B, DATA, 0.0) == ToRelay(1, B, DATA)
     assert core.relays({1: 12.0}) == []  # an RTT sample: same home, nothing buffered
 
 
@@ -133,7 +133,7 @@ def test_the_buffer_is_bounded() -> None:
     core = ProxyCore()
     core.add_peer(B)
     for i in range(MAX_BUFFERED + 3):
-        core.from_wireguard(B, bytes([i]))
+        core.from_wireguard(B, bytes([i]), 0.0)
     assert core.counters["drop_buffer_full"] == 3
     sent = [a for a in core.relays({1: 5.0}) if isinstance(a, ToRelay)]
     assert [a.packet for a in sent] == [bytes([i]) for i in range(3, MAX_BUFFERED + 3)]  # the oldest went
@@ -143,7 +143,7 @@ def test_the_peers_home_relay_carries_its_packets() -> None:
     core = ProxyCore()
     core.relays({1: 5.0, 2: 30.0})
     assert core.set_route(B, 2, "") == []
-    assert core.from_wireguard(B, DATA) == ToRelay(2, B, DATA)
+    assert core.from_wireguard(B, DATA, 0.0) == ToRelay(2, B, DATA)
     assert core.route(B) == ("relay", 2)
     assert core.route(C) == ("", 0)
 
@@ -152,7 +152,7 @@ def test_turn_when_no_relay_and_bindings_follow_the_allocation() -> None:
     core = ProxyCore()
     peer_turn = ("192.0.2.7", 49152)
     assert core.set_route(B, 0, "192.0.2.7:49152") == []  # no allocation yet: nothing to bind
-    assert core.from_wireguard(B, DATA) is None  # buffered
+    assert core.from_wireguard(B, DATA, 0.0) is None  # buffered
     out = core.turn_up("198.51.100.1:50000")
     assert out == [TurnBinding(peer_turn, True), TurnChanged("198.51.100.1:50000"), ToTurn(peer_turn, DATA)]
     assert core.turn_relay == "198.51.100.1:50000"
@@ -164,7 +164,7 @@ def test_turn_when_no_relay_and_bindings_follow_the_allocation() -> None:
         TurnBinding(("192.0.2.9", 49153), True),
     ]
     core.turn_lost()  # a failed Refresh: no more TURN until the next allocation
-    assert core.from_wireguard(B, DATA) is None
+    assert core.from_wireguard(B, DATA, 0.0) is None
     assert core.turn_down() == [TurnChanged("")]
     assert core.remove_peer(B) == []  # no allocation held: nothing to unbind
     assert core.turn_down() == []
@@ -185,46 +185,57 @@ def test_a_handshake_from_an_unknown_key_is_held_until_it_is_a_peer() -> None:
     assert core.deliver_held(now=1.0 + HOLD_SECONDS + 0.1) == []  # too old: WireGuard has retried itself
 
 
-def test_peer_gone_re_sends_the_last_handshakes_until_the_peer_answers() -> None:
+def test_a_handshake_is_re_sent_until_the_peer_answers() -> None:
+    """A relay drops a packet for a peer not connected yet, and says PEER_GONE at most once a second per
+    destination: the re-sends start with the send, not with a PEER_GONE that may not come."""
     core = ProxyCore()
     core.relays({1: 5.0})
     core.set_route(B, 1, "")
-    assert core.from_wireguard(B, HANDSHAKE) == ToRelay(1, B, HANDSHAKE)
-    assert core.next_timer() is None
-    core.peer_gone(B, now=10.0)
+    assert core.from_wireguard(B, HANDSHAKE, 10.0) == ToRelay(1, B, HANDSHAKE)
     assert core.next_timer() == 10.0 + RETRY_INTERVAL
     assert core.timer(10.0 + RETRY_INTERVAL) == [ToRelay(1, B, HANDSHAKE)]
     assert core.timer(10.0 + RETRY_INTERVAL + 0.1) == []  # not due yet
     assert core.counters["handshake_retries"] == 1
-    assert core.from_relay(B, b"\x02response", now=11.1) == ToWireGuard(B, b"\x02response")
-    assert core.timer(11.5) == []  # it answered: retries stop
+    core.peer_gone(B, now=10.6)  # already re-sending: no second schedule
+    assert core.next_timer() == 10.0 + 2 * RETRY_INTERVAL
+    assert core.from_relay(B, DATA, now=11.1) == ToWireGuard(B, DATA)  # a session: it answered
+    assert core.timer(11.5) == []
+    assert core.next_timer() is None
     assert core.counters["handshake_retries"] == 1
 
 
-def test_a_peer_gone_after_the_peer_answered_re_arms_the_re_sends() -> None:
-    """Crossing handshakes: our initiation got PEER_GONE (the peer was not on the relay yet), the peer's
-    own initiation then reached us, which stopped the re-sends; our response to it gets PEER_GONE in turn
-    (the peer's connection to that relay is still coming up): it is re-sent, not left to WireGuard's
-    5 s retry on both sides."""
+def test_the_peers_initiation_is_no_answer_and_replaces_ours() -> None:
+    """Crossing initiations (two nodes joining at once): the peer's initiation reaching us does not show
+    that our messages reach it; our response to it is what is re-sent, not our moot initiation."""
     core = ProxyCore()
     core.relays({1: 5.0})
     core.set_route(B, 1, "")
     response = b"\x02\x00\x00\x00" + b"r" * 88  # a WireGuard handshake response (type 2)
-    core.from_wireguard(B, HANDSHAKE)
-    core.peer_gone(B, now=10.0)
+    core.from_wireguard(B, HANDSHAKE, 10.0)
     assert core.from_relay(B, HANDSHAKE, now=10.1) == ToWireGuard(B, HANDSHAKE)  # its initiation
-    assert core.from_wireguard(B, response) == ToRelay(1, B, response)
-    core.peer_gone(B, now=10.2)
+    assert core.from_wireguard(B, response, 10.1) == ToRelay(1, B, response)
+    assert core.timer(10.0 + RETRY_INTERVAL) == [ToRelay(1, B, response)]
+    assert core.from_relay(B, response, now=10.7) == ToWireGuard(B, response)  # an answer: done
+    assert core.next_timer() is None
+
+
+def test_a_peer_gone_after_the_peer_answered_re_arms_the_re_sends() -> None:
+    core = ProxyCore()
+    core.relays({1: 5.0})
+    core.set_route(B, 1, "")
+    core.from_wireguard(B, HANDSHAKE, 10.0)
+    core.from_relay(B, DATA, now=10.1)
+    assert core.next_timer() is None
+    core.peer_gone(B, now=10.2)  # the relay lost it after all (the peer reconnected elsewhere)
     assert core.next_timer() == 10.2 + RETRY_INTERVAL
-    assert ToRelay(1, B, response) in core.timer(10.2 + RETRY_INTERVAL)
+    assert core.timer(10.2 + RETRY_INTERVAL) == [ToRelay(1, B, HANDSHAKE)]
 
 
 def test_handshake_re_sends_stop_after_the_hold() -> None:
     core = ProxyCore()
     core.relays({1: 5.0})
     core.set_route(B, 1, "")
-    core.from_wireguard(B, HANDSHAKE)
-    core.peer_gone(B, now=100.0)
+    core.from_wireguard(B, HANDSHAKE, 100.0)
     sent = 0
     now = 100.0
     while (when := core.next_timer()) is not None:
