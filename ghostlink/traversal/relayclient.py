@@ -199,7 +199,11 @@ class RelayClient:
         if not self.quic_port:
             return await self._open_tcp() if self.tcp_port else None
         quic = asyncio.create_task(self._open_quic())
-        await asyncio.wait({quic}, timeout=TCP_HEAD_START)
+        try:
+            await asyncio.wait({quic}, timeout=TCP_HEAD_START)
+        except asyncio.CancelledError:  # closing: asyncio.wait leaves the attempt running
+            quic.cancel()
+            raise
         if not self.tcp_port or (quic.done() and quic.result() is not None):
             return await quic
         tcp = asyncio.create_task(self._open_tcp())
