@@ -24,7 +24,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ def _json(args: Sequence[str], netns: str | None) -> list[dict[str, Any]]:
 
 
 def link_exists(ifname: str, netns: str | None = None) -> bool:
-    return any(d.get("ifname") == ifname for d in _json(["link", "show"], netns))
+    return link_kind(ifname, netns) is not None
 
 
 def link_kind(ifname: str, netns: str | None = None) -> str | None:
@@ -96,24 +96,25 @@ def delete_link(ifname: str, netns: str | None = None) -> None:
     run(["link", "del", "dev", ifname], netns)
 
 
-def addresses(ifname: str | None = None, netns: str | None = None) -> list[tuple[str, str]]:
-    """(interface, address) for every address on the host (or on ``ifname``), without prefix lengths."""
-    args = ["addr", "show", *(("dev", ifname) if ifname else ())]
-    out = []
-    for link in _json(args, netns):
+def _address_infos(ifname: str | None, netns: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(interface, ``addr_info`` entry) for every address on the host, or on ``ifname``."""
+    for link in _json(["addr", "show", *(("dev", ifname) if ifname else ())], netns):
         for a in link.get("addr_info", ()):
             if isinstance(a, dict) and a.get("local"):
-                out.append((str(link.get("ifname", "")), str(a["local"])))
-    return out
+                yield str(link.get("ifname", "")), a
+
+
+def addresses(ifname: str | None = None, netns: str | None = None) -> list[tuple[str, str]]:
+    """(interface, address) for every address on the host (or on ``ifname``), without prefix lengths."""
+    return [(name, str(a["local"])) for name, a in _address_infos(ifname, netns)]
 
 
 def _interfaces(ifname: str, netns: str | None) -> set[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-    out: set[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = set()
-    for link in _json(["addr", "show", "dev", ifname], netns):
-        for a in link.get("addr_info", ()):
-            if isinstance(a, dict) and a.get("local") and "prefixlen" in a:
-                out.add(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}"))
-    return out
+    return {
+        ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")
+        for _, a in _address_infos(ifname, netns)
+        if "prefixlen" in a
+    }
 
 
 def _network(dst: str, family: int) -> str:

@@ -110,7 +110,7 @@ def host_addresses(netns: str | None = None) -> list[tuple[str, str]]:
 
 def local_endpoints(listen_port: int, exclude_ifname: str, netns: str | None = None) -> list[str]:
     """This host's usable ``ip:port`` endpoints (blocking; see ``LinkNet.local_endpoints``)."""
-    return usable_endpoints(host_addresses(netns), listen_port, exclude_ifname)
+    return usable_endpoints(iproute.addresses(netns=netns), listen_port, exclude_ifname)
 
 
 class LinkNet:

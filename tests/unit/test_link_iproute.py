@@ -118,7 +118,7 @@ def test_host_addresses_and_link_kinds_are_read_from_json(monkeypatch: pytest.Mo
         {"ifname": "eth0", "linkinfo": {"info_kind": "veth"}},
     ]
     lo = {"ifname": "lo", "addr_info": [{"local": "127.0.0.1", "prefixlen": 8}]}
-    fake = FakeIp({"-j -d link show": links, "-j link show": links, "-j addr show": [lo, *ADDRS]})
+    fake = FakeIp({"-j -d link show": links, "-j addr show": [lo, *ADDRS]})
     monkeypatch.setattr(iproute, "run", fake)
     assert iproute.link_kind("wg0") == "wireguard"
     assert iproute.link_kind("lo") == ""
