@@ -39,7 +39,10 @@ def check_server(text: str) -> HostPort:
 
 
 def validate_ifname(name: str, where: str = "wireguard.interface") -> str:
-    if not name or len(name) > IFNAME_MAX or any(c in name for c in "/ :\t\n") or name in (".", ".."):
+    # the kernel's rule (dev_valid_name: no '/', ':' or whitespace); also what keeps a name one word in
+    # the line-based scripts ghostlink hands to `ip -batch` and `nft -f`
+    bad = any(c in "/:" or c.isspace() for c in name)
+    if not name or len(name) > IFNAME_MAX or bad or name in (".", ".."):
         raise ConfigError(
             f"{where}: {name!r} is not a valid interface name; use 1-{IFNAME_MAX} characters "
             "without '/', ':' or spaces"

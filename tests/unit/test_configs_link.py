@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ghostcore.errors import ConfigError
-from ghostlink.config import LinkConfig, load_config
+from ghostlink.config import LinkConfig, load_config, validate_ifname
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "ghostlink.toml"
 
@@ -84,3 +84,18 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     assert cfg.wireguard.listen_port == 3000
     assert cfg.wireguard.interface == "gl1"
     assert cfg.node.server == "[::1]:7"
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "a:b", "a b", "a\tb", "a\nb", "a\rb", "a\vb", "x" * 16]
+)
+def test_an_interface_name_the_kernel_would_refuse_is_refused(name: str) -> None:
+    """The kernel's rule (no '/', ':' or whitespace, at most 15 bytes), which also keeps the name one word
+    in the line-based `ip -batch` and `nft -f` scripts ghostlink writes."""
+    with pytest.raises(ConfigError, match="is not a valid interface name"):
+        validate_ifname(name)
+
+
+def test_interface_names_the_kernel_takes_pass() -> None:
+    for name in ("ghost0", "wg-a_1.2", "x" * 15):
+        assert validate_ifname(name) == name
